@@ -1,0 +1,535 @@
+// C++ CPU kernels for both CTC lattices (backend "cpu"): the loss forward with the posteriors the
+// gradient needs, and the gradient pass. The recurrences, bands and the posterior layout are in
+// lattice.h (shared with the CUDA kernels); mdlm_ctc/reference.py is the readable oracle.
+//
+// Layouts (B = batch, T = frames, V = vocabulary, U = padded target length, W = band width):
+//   logits        [B, T, V]  float32/float64/bfloat16/float16, any strides on B and T, V contiguous
+//   targets       [B, U]     int64;  input_lengths, target_lengths [B] int64;  observed [B, T] int64
+//   nll           [B]        acc     -log p(target); +inf for an infeasible row
+//   lse           [B, T]     acc     logsumexp over V (0 where t >= input length or unnormalised)
+//   post_target   [B, T, W]  acc     posterior of target column column_lo(t+1) + j at frame t
+//   post_special  [B, T]     acc     posterior of the special token at frame t
+// acc is float64 for float64 logits and float32 otherwise.
+//
+// Parallelisation: the vocabulary passes (logsumexp, gradient) run over B*T rows, the lattice over
+// the B rows, all through at::parallel_for (OpenMP). Within a row the lattice is sequential in t and
+// vectorised over the band (`#pragma omp simd`; logspace.h's exp/log are branch-free for that).
+// Nothing depends on the thread count or schedule: results are bitwise reproducible.
+//
+// Robustness: lengths are clamped to the padded sizes and token ids to [0, V) before any memory
+// access, so even unvalidated input never reads or writes out of bounds.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "lattice.h"
+
+namespace mdlm_ctc {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+inline acc_t load_as(const scalar_t* p) {
+  return static_cast<acc_t>(*p);
+}
+
+template <>
+inline float load_as<c10::BFloat16, float>(const c10::BFloat16* p) {
+  return bits_to_float(static_cast<int32_t>(p->x) << 16);
+}
+
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// A row of lattice values indexed by absolute state, with two -inf guard cells on each side so the
+// recurrences can read s-2 .. s+2 without bounds checks.
+template <typename acc_t>
+struct StateRow {
+  std::vector<acc_t> data;
+  explicit StateRow(int64_t num_states) : data(num_states + 4, neg_inf<acc_t>()) {}
+  acc_t* at() { return data.data() + 2; }
+  void guard(int64_t lo, int64_t hi) {
+    acc_t* a = at();
+    a[lo - 1] = a[lo - 2] = neg_inf<acc_t>();
+    a[hi + 1] = a[hi + 2] = neg_inf<acc_t>();
+  }
+};
+
+// One row of the batch as the lattice sees it: the band emission table written by the vocabulary
+// pass (and overwritten with posteriors by the beta pass), and the clamped sizes.
+template <typename acc_t>
+struct Row {
+  acc_t* table;    // [T][W]: e_t(y_u) at [t-1][u - column_lo(t)], later the posteriors
+  acc_t* special;  // [T]:    e_t(k), later the posterior of k
+  const int64_t* target;  // y_1..y_U at target[0..U-1], clamped to the vocabulary
+  int64_t T, U, W, max_shift;
+
+  // Target emissions of frame t (1-based) into e[u] for the state band [lo, hi] (absolute index u).
+  // Columns outside the table (only the band's lower edge, whose predecessor is -inf) read as 0.
+  void load_targets(int64_t t, int64_t lo, int64_t hi, acc_t* e) const {
+    const int64_t c_lo = column_lo(t, T, U, max_shift);
+    const int64_t from = std::max(lo, c_lo), to = std::min({hi, column_hi(t, U), c_lo + W - 1});
+    for (int64_t u = std::max<int64_t>(lo, 0); u < from; ++u) e[u] = 0;
+    if (to >= from) std::copy(table + (t - 1) * W + (from - c_lo), table + (t - 1) * W + (to - c_lo) + 1, e + from);
+    for (int64_t u = std::max(to + 1, lo); u <= hi; ++u) e[u] = 0;
+  }
+};
+
+// The band of states for every frame t = 0..T, inclusive [lo[t], hi[t]].
+struct Bands {
+  std::vector<int64_t> lo, hi;
+  int64_t width = 0;
+  template <typename Lo, typename Hi>
+  Bands(int64_t T, Lo lo_of, Hi hi_of) : lo(T + 1), hi(T + 1) {
+    for (int64_t t = 0; t <= T; ++t) {
+      lo[t] = lo_of(t);
+      hi[t] = hi_of(t);
+      width = std::max(width, hi[t] - lo[t] + 1);
+    }
+  }
+};
+
+// A per-thread scratch buffer that is reused across calls: the alpha store of a long row is tens of
+// MB, and fresh pages cost more than the lattice itself. Buffers above the cap are not kept.
+template <typename acc_t>
+acc_t* thread_scratch(int slot, size_t count, std::unique_ptr<acc_t[]>& fallback) {
+  constexpr size_t kKeepBytes = size_t(256) << 20;
+  thread_local std::vector<acc_t> buffers[2];
+  if (count * sizeof(acc_t) > kKeepBytes) {
+    fallback.reset(new acc_t[count]);
+    return fallback.get();
+  }
+  std::vector<acc_t>& buffer = buffers[slot];
+  if (buffer.size() < count) buffer.resize(count);
+  return buffer.data();
+}
+
+// Lattice rows for t = 0..T, each addressable by absolute state over [lo[t] - 2, hi[t] + 2] (two -inf
+// guards each side, set by seal). keep_all stores every row, band-sized (the posteriors need every
+// alpha_{t-1}); otherwise two rows alternate.
+template <typename acc_t>
+class Rows {
+ public:
+  // keep_all rows live in the calling thread's scratch `slot` (one slot per live Rows object).
+  Rows(const Bands& bands, int64_t num_states, bool keep_all, int slot = 0) : bands_(bands), keep_all_(keep_all) {
+    stride_ = keep_all ? std::max<int64_t>(bands.width, 0) + 4 : num_states + 4;
+    if (keep_all) {
+      data_ = thread_scratch<acc_t>(slot, bands.lo.size() * stride_, owned_);
+    } else {
+      owned_.reset(new acc_t[2 * stride_]);
+      data_ = owned_.get();
+      std::fill(data_, data_ + 2 * stride_, neg_inf<acc_t>());
+    }
+  }
+  acc_t* row(int64_t t) {
+    return keep_all_ ? data_ + t * stride_ + 2 - bands_.lo[t] : data_ + (t & 1) * stride_ + 2;
+  }
+  void seal(int64_t t) {
+    acc_t* r = row(t);
+    const int64_t lo = bands_.lo[t], hi = std::max(bands_.hi[t], lo - 1);
+    r[lo - 1] = r[lo - 2] = r[hi + 1] = r[hi + 2] = neg_inf<acc_t>();
+  }
+
+ private:
+  const Bands& bands_;
+  bool keep_all_;
+  int64_t stride_;
+  acc_t* data_;
+  std::unique_ptr<acc_t[]> owned_;  // keep_all rows are uninitialised: only written cells are read
+};
+
+// ---------------------------------------------------------------------------------------------
+// vocabulary pass: logsumexp over V and the band's emissions, one (b, t) row (in L1 once read)
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+acc_t row_logsumexp(const scalar_t* x, int64_t V) {
+  acc_t mx = neg_inf<acc_t>();
+#pragma omp simd reduction(max : mx)
+  for (int64_t v = 0; v < V; ++v) {
+    const acc_t xv = load_as<scalar_t, acc_t>(x + v);
+    mx = xv > mx ? xv : mx;  // skips NaN; a NaN logit makes the sum below NaN instead
+  }
+  if (mx == neg_inf<acc_t>() || mx == std::numeric_limits<acc_t>::infinity()) return mx;
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t v = 0; v < V; ++v) sum += LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(x + v) - mx);
+  return mx + LogMath<acc_t>::log(sum);
+}
+
+// log p_t(token), with an observed frame forced to 0 (its token) / -inf (any other) (SPEC §3.4).
+template <typename scalar_t, typename acc_t>
+acc_t emission(const scalar_t* x, acc_t lse, int64_t observed, int64_t token, bool normalize) {
+  if (observed >= 0) return observed == token ? acc_t(0) : neg_inf<acc_t>();
+  const acc_t logit = load_as<scalar_t, acc_t>(x + token);
+  if (!normalize) return logit;
+  return lse == neg_inf<acc_t>() ? neg_inf<acc_t>() : logit - lse;
+}
+
+// ---------------------------------------------------------------------------------------------
+// preserve lattice (collapse deletes the special token only)
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+acc_t preserve_row(const Row<acc_t>& row, bool need_grad) {
+  const int64_t T = row.T, U = row.U, m = row.max_shift;
+  if (U > T) return std::numeric_limits<acc_t>::infinity();
+  const Bands bands(T, [&](int64_t t) { return preserve_state_lo(t, T, U, m); },
+                    [&](int64_t t) { return preserve_state_hi(t, U); });
+  Rows<acc_t> alpha(bands, U + 1, need_grad);
+  StateRow<acc_t> emit(U + 2);
+  acc_t* e = emit.at();
+  alpha.row(0)[0] = 0;
+  alpha.seal(0);
+  for (int64_t t = 1; t <= T; ++t) {
+    const int64_t lo = bands.lo[t], hi = bands.hi[t];
+    const acc_t e_special = row.special[t - 1];
+    row.load_targets(t, lo, hi, e);
+    e[0] = 0;  // u = 0 has no advance; alpha_{t-1}(-1) = -inf makes the term vanish
+    const acc_t* a = alpha.row(t - 1);
+    acc_t* c = alpha.row(t);
+#pragma omp simd
+    for (int64_t u = lo; u <= hi; ++u) c[u] = preserve_alpha_cell(a[u], a[u - 1], e_special, e[u]);
+    alpha.seal(t);
+  }
+  const acc_t loglik = alpha.row(T)[U];
+  if (!(loglik > neg_inf<acc_t>())) return loglik != loglik ? loglik : std::numeric_limits<acc_t>::infinity();
+  if (!need_grad) return -loglik;
+
+  // beta_{t-1} and the posteriors of frame t, for t = T .. 1; they overwrite frame t's emissions
+  Rows<acc_t> beta(bands, U + 1, false);
+  beta.row(T)[U] = 0;
+  beta.seal(T);
+  for (int64_t t = T; t >= 1; --t) {
+    const int64_t lo_t = bands.lo[t], hi_t = bands.hi[t], lo_p = bands.lo[t - 1], hi_p = bands.hi[t - 1];
+    const acc_t e_special = row.special[t - 1];
+    row.load_targets(t, std::max<int64_t>(lo_p + 1, 1), hi_p + 1, e);
+    e[0] = 0;
+    const acc_t* a = alpha.row(t - 1);
+    const acc_t* n = beta.row(t);
+
+    acc_t slack = 0;
+    const int64_t s_lo = std::max(lo_t, lo_p), s_hi = std::min(hi_t, hi_p);
+#pragma omp simd reduction(+ : slack)
+    for (int64_t u = s_lo; u <= s_hi; ++u) slack += LogMath<acc_t>::exp(a[u] + e_special + n[u] - loglik);
+    row.special[t - 1] = slack;
+
+    const int64_t c_lo = column_lo(t, T, U, m);
+    acc_t* post = row.table + (t - 1) * row.W;
+    std::fill(post, post + row.W, acc_t(0));
+    const int64_t u_lo = std::max({c_lo, lo_t, lo_p + 1});
+    const int64_t u_hi = std::min({column_hi(t, U), hi_t, hi_p + 1, c_lo + row.W - 1});
+    post -= c_lo;
+#pragma omp simd
+    for (int64_t u = u_lo; u <= u_hi; ++u) post[u] = LogMath<acc_t>::exp(a[u - 1] + e[u] + n[u] - loglik);
+
+    acc_t* b = beta.row(t - 1);
+#pragma omp simd
+    for (int64_t u = lo_p; u <= hi_p; ++u) b[u] = preserve_beta_cell(n[u], n[u + 1], e_special, e[u + 1]);
+    beta.seal(t - 1);
+  }
+  return -loglik;
+}
+
+// ---------------------------------------------------------------------------------------------
+// standard lattice (classic CTC: merge repeats, then delete the blank), split by state parity
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
+  const int64_t T = row.T, U = row.U;
+  if (U > T) return std::numeric_limits<acc_t>::infinity();
+  // skip[u] = 0 where label u-1 -> label u may skip the blank (y_u != y_{u-1}), else -inf
+  StateRow<acc_t> skip(U + 2);
+  acc_t* k = skip.at();
+  for (int64_t u = 2; u <= U; ++u)
+    if (row.target[u - 1] != row.target[u - 2]) k[u] = 0;
+
+  const Bands blanks(T, [&](int64_t t) { return standard_blank_lo(t, T, U); },
+                     [&](int64_t t) { return standard_blank_hi(t, U); });
+  const Bands labels(T, [&](int64_t t) { return standard_label_lo(t, T, U); },
+                     [&](int64_t t) { return standard_label_hi(t, U); });
+  Rows<acc_t> alpha_b(blanks, U + 1, need_grad, 0), alpha_l(labels, U + 1, need_grad, 1);
+  StateRow<acc_t> emit(U + 2);
+  acc_t* e = emit.at();
+  alpha_b.row(0)[0] = 0;
+  alpha_b.seal(0);
+  alpha_l.seal(0);
+  for (int64_t t = 1; t <= T; ++t) {
+    const acc_t e_special = row.special[t - 1];
+    const acc_t* ab = alpha_b.row(t - 1);
+    const acc_t* al = alpha_l.row(t - 1);
+    acc_t* cb = alpha_b.row(t);
+    acc_t* cl = alpha_l.row(t);
+    const int64_t b_lo = blanks.lo[t], b_hi = blanks.hi[t], l_lo = labels.lo[t], l_hi = labels.hi[t];
+#pragma omp simd
+    for (int64_t u = b_lo; u <= b_hi; ++u) cb[u] = standard_blank_alpha_cell(ab[u], al[u], e_special);
+    row.load_targets(t, l_lo, l_hi, e);
+#pragma omp simd
+    for (int64_t u = l_lo; u <= l_hi; ++u) cl[u] = standard_label_alpha_cell(al[u], ab[u - 1], al[u - 1] + k[u], e[u]);
+    alpha_b.seal(t);
+    alpha_l.seal(t);
+  }
+  const acc_t loglik = U == 0 ? alpha_b.row(T)[0] : logaddexp(alpha_b.row(T)[U], alpha_l.row(T)[U]);
+  if (!(loglik > neg_inf<acc_t>())) return loglik != loglik ? loglik : std::numeric_limits<acc_t>::infinity();
+  if (!need_grad) return -loglik;
+
+  Rows<acc_t> beta_b(blanks, U + 1, false), beta_l(labels, U + 1, false);
+  if (blanks.hi[T] >= U) beta_b.row(T)[U] = 0;
+  beta_b.seal(T);
+  if (U > 0) beta_l.row(T)[U] = 0;
+  beta_l.seal(T);
+  for (int64_t t = T; t >= 1; --t) {
+    const acc_t e_special = row.special[t - 1];
+    const acc_t* ab = alpha_b.row(t);
+    const acc_t* al = alpha_l.row(t);
+    const acc_t* nb = beta_b.row(t);
+    const acc_t* nl = beta_l.row(t);
+    const int64_t lp_lo = labels.lo[t - 1], lp_hi = labels.hi[t - 1];
+    row.load_targets(t, std::min(lp_lo, labels.lo[t]), std::max(lp_hi + 1, labels.hi[t]), e);
+
+    // posteriors of frame t: blank occupancies sum into the special token, labels go to the table
+    acc_t slack = 0;
+#pragma omp simd reduction(+ : slack)
+    for (int64_t u = blanks.lo[t]; u <= blanks.hi[t]; ++u) slack += LogMath<acc_t>::exp(ab[u] + nb[u] - loglik);
+    row.special[t - 1] = slack;
+    const int64_t c_lo = labels.lo[t];
+    acc_t* post = row.table + (t - 1) * row.W;
+    std::fill(post, post + row.W, acc_t(0));
+    post -= c_lo;
+    const int64_t c_hi = std::min(labels.hi[t], c_lo + row.W - 1);
+#pragma omp simd
+    for (int64_t u = c_lo; u <= c_hi; ++u) post[u] = LogMath<acc_t>::exp(al[u] + nl[u] - loglik);
+
+    acc_t* bb = beta_b.row(t - 1);
+    acc_t* bl = beta_l.row(t - 1);
+#pragma omp simd
+    for (int64_t u = blanks.lo[t - 1]; u <= blanks.hi[t - 1]; ++u)
+      bb[u] = standard_blank_beta_cell(nb[u], nl[u + 1], e_special, e[u + 1]);
+#pragma omp simd
+    for (int64_t u = lp_lo; u <= lp_hi; ++u)
+      bl[u] = standard_label_beta_cell(nl[u], nb[u], nl[u + 1] + k[u + 1], e_special, e[u], e[u + 1]);
+    beta_b.seal(t - 1);
+    beta_l.seal(t - 1);
+  }
+  return -loglik;
+}
+
+// ---------------------------------------------------------------------------------------------
+// launchers
+// ---------------------------------------------------------------------------------------------
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& input_lengths,
+                  const at::Tensor& target_lengths, const c10::optional<at::Tensor>& observed) {
+  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "logits must be [B, T, V] with a contiguous last dim");
+  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == logits.size(0), "targets must be [B, U]");
+  TORCH_CHECK(input_lengths.dim() == 1 && input_lengths.size(0) == logits.size(0), "input_lengths must be [B]");
+  TORCH_CHECK(target_lengths.dim() == 1 && target_lengths.size(0) == logits.size(0), "target_lengths must be [B]");
+  TORCH_CHECK(logits.size(2) > 0, "logits must have a non-empty vocabulary");
+  if (observed.has_value())
+    TORCH_CHECK(observed->dim() == 2 && observed->size(0) == logits.size(0) && observed->size(1) == logits.size(1),
+                "observed must be [B, T]");
+}
+
+at::Tensor as_long(const at::Tensor& x) { return x.to(at::kLong).contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lattice_forward_cpu(
+    const at::Tensor& logits, const at::Tensor& targets_in, const at::Tensor& input_lengths_in,
+    const at::Tensor& target_lengths_in, const c10::optional<at::Tensor>& observed_in, int64_t special_id,
+    int64_t mode, int64_t max_shift, int64_t band_width, bool need_grad, bool normalize) {
+  check_inputs(logits, targets_in, input_lengths_in, target_lengths_in, observed_in);
+  TORCH_CHECK(mode == kPreserve || mode == kStandard, "mode must be 0 (preserve) or 1 (standard)");
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), U_max = targets_in.size(1);
+  const at::Tensor targets = as_long(targets_in), input_lengths = as_long(input_lengths_in),
+                   target_lengths = as_long(target_lengths_in);
+  const c10::optional<at::Tensor> observed =
+      observed_in.has_value() ? c10::optional<at::Tensor>(as_long(*observed_in)) : c10::nullopt;
+  TORCH_CHECK(input_lengths.device().is_cpu() && target_lengths.device().is_cpu(), "lengths must be on the CPU");
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logits.options().dtype(acc_dtype);
+  const int64_t shift = mode == kPreserve ? max_shift : -1;
+  const int64_t* in_len = input_lengths.data_ptr<int64_t>();
+  const int64_t* tg_len = target_lengths.data_ptr<int64_t>();
+  auto T_of = [&](int64_t b) { return std::min<int64_t>(std::max<int64_t>(in_len[b], 0), T); };
+  auto U_of = [&](int64_t b) { return std::min<int64_t>(std::max<int64_t>(tg_len[b], 0), U_max); };
+  // The band table holds the emissions, then the posteriors; it must cover every row's column band.
+  int64_t needed = 1;
+  for (int64_t b = 0; b < B; ++b) needed = std::max(needed, column_band_width(T_of(b), U_of(b), shift));
+  TORCH_CHECK(band_width >= needed, "band_width=", band_width, " is smaller than the band of a row (", needed, ")");
+  const int64_t W = std::max<int64_t>(band_width, 1);
+  at::Tensor nll = at::empty({B}, opts);
+  at::Tensor lse = at::empty({B, T}, opts);
+  at::Tensor table = at::empty({B, T, W}, opts);  // becomes post_target when need_grad
+  at::Tensor special_col = at::empty({B, T}, opts);
+  if (B == 0 || T == 0) {
+    nll.fill_(0);
+    for (int64_t b = 0; b < B; ++b)
+      if (U_of(b) > 0) nll[b] = std::numeric_limits<double>::infinity();
+    return {nll, lse, need_grad ? table.zero_() : at::empty({B, T, 0}, opts),
+            need_grad ? special_col.zero_() : at::empty({B, 0}, opts)};
+  }
+  const int64_t special = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
+  const at::Tensor tokens = targets.clamp(0, V - 1).contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_lattice_forward", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    const int64_t sb = logits.stride(0), st = logits.stride(1);
+    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const int64_t* obs = observed.has_value() ? observed->data_ptr<int64_t>() : nullptr;
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    acc_t* table_p = table.data_ptr<acc_t>();
+    acc_t* special_p = special_col.data_ptr<acc_t>();
+
+    // (1) vocabulary pass, over B*T rows: logsumexp and the band's emissions (0 outside the band);
+    //     a NaN there marks the frame, and a marked frame makes its row's loss NaN
+    std::vector<uint8_t> nan_frame(B * T, 0);
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / T, t = i % T, T_b = T_of(b), U_b = U_of(b);
+        acc_t* row = table_p + i * W;
+        if (t >= T_b) {
+          lse_p[i] = 0;
+          special_p[i] = 0;
+          std::fill(row, row + W, acc_t(0));
+          continue;
+        }
+        const scalar_t* xr = x + b * sb + t * st;
+        const acc_t l = normalize ? row_logsumexp<scalar_t, acc_t>(xr, V) : acc_t(0);
+        const int64_t o = obs ? obs[i] : -1;
+        lse_p[i] = l;
+        special_p[i] = emission(xr, l, o, special, normalize);
+        const int64_t c_lo = column_lo(t + 1, T_b, U_b, shift);
+        const int64_t width = std::max<int64_t>(0, std::min(column_hi(t + 1, U_b) - c_lo + 1, W));
+        const int64_t* y = tok + b * U_max + (c_lo - 1);
+        bool nan = l != l || special_p[i] != special_p[i];
+        for (int64_t j = 0; j < width; ++j) {
+          row[j] = emission(xr, l, o, y[j], normalize);
+          nan |= row[j] != row[j];
+        }
+        std::fill(row + width, row + W, acc_t(0));
+        nan_frame[i] = nan;
+      }
+    });
+
+    // (2) the lattice, one row of the batch per task
+    acc_t* nll_p = nll.data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const Row<acc_t> row{table_p + b * T * W, special_p + b * T, tok + b * U_max, T_of(b), U_of(b), W, shift};
+        if (std::any_of(nan_frame.begin() + b * T, nan_frame.begin() + b * T + row.T, [](uint8_t f) { return f; })) {
+          nll_p[b] = std::numeric_limits<acc_t>::quiet_NaN();  // NaN in, NaN out (loss and gradient)
+          if (need_grad) {
+            std::fill(row.table, row.table + T * W, std::numeric_limits<acc_t>::quiet_NaN());
+            std::fill(row.special, row.special + T, std::numeric_limits<acc_t>::quiet_NaN());
+          }
+          continue;
+        }
+        nll_p[b] = mode == kPreserve ? preserve_row(row, need_grad) : standard_row(row, need_grad);
+        if (need_grad && !(nll_p[b] < std::numeric_limits<acc_t>::infinity())) {
+          std::fill(row.table, row.table + T * W, acc_t(0));  // an infeasible row has no posteriors
+          std::fill(row.special, row.special + T, acc_t(0));
+        }
+      }
+    });
+  });
+  if (!need_grad) return {nll, lse, at::empty({B, T, 0}, opts), at::empty({B, 0}, opts)};
+  return {nll, lse, table, special_col};
+}
+
+at::Tensor lattice_backward_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits, const at::Tensor& lse,
+                                const at::Tensor& targets_in, const at::Tensor& input_lengths_in,
+                                const at::Tensor& target_lengths_in, const c10::optional<at::Tensor>& observed_in,
+                                const at::Tensor& post_target, const at::Tensor& post_special, const at::Tensor& nll,
+                                int64_t special_id, int64_t mode, int64_t max_shift, bool zero_infinity,
+                                bool normalize) {
+  check_inputs(logits, targets_in, input_lengths_in, target_lengths_in, observed_in);
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), U_max = targets_in.size(1);
+  const int64_t W = post_target.size(2);
+  TORCH_CHECK(post_special.size(1) == T && post_target.size(1) == T, "posteriors were not computed (need_grad=False)");
+  const at::Tensor targets = as_long(targets_in), input_lengths = as_long(input_lengths_in),
+                   target_lengths = as_long(target_lengths_in);
+  const c10::optional<at::Tensor> observed =
+      observed_in.has_value() ? c10::optional<at::Tensor>(as_long(*observed_in)) : c10::nullopt;
+  at::Tensor grad = at::empty({B, T, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (grad.numel() == 0) return grad;
+  const int64_t special = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
+  const int64_t shift = mode == kPreserve ? max_shift : -1;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_lattice_backward", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    const at::Tensor g_t = grad_nll_in.to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
+    const at::Tensor lse_c = lse.contiguous(), pt_c = post_target.contiguous(), ps_c = post_special.contiguous(),
+                     nll_c = nll.contiguous();
+    const acc_t* g = g_t.data_ptr<acc_t>();
+    const acc_t* lse_p = lse_c.data_ptr<acc_t>();
+    const acc_t* pt_p = pt_c.data_ptr<acc_t>();
+    const acc_t* ps_p = ps_c.data_ptr<acc_t>();
+    const acc_t* nll_p = nll_c.data_ptr<acc_t>();
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    const int64_t sb = logits.stride(0), st = logits.stride(1);
+    const int64_t* in_len = input_lengths.data_ptr<int64_t>();
+    const int64_t* tg_len = target_lengths.data_ptr<int64_t>();
+    const int64_t* tg = targets.data_ptr<int64_t>();
+    const int64_t* obs = observed.has_value() ? observed->data_ptr<int64_t>() : nullptr;
+    scalar_t* out = grad.data_ptr<scalar_t>();
+
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(V);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / T, t = i % T;
+        scalar_t* o = out + i * V;
+        const int64_t T_b = std::min<int64_t>(std::max<int64_t>(in_len[b], 0), T);
+        const bool active = t < T_b && !(obs != nullptr && obs[i] >= 0);
+        if (!active) {
+          std::fill(o, o + V, scalar_t(0));
+          continue;
+        }
+        if (nll_p[b] == std::numeric_limits<acc_t>::infinity()) {  // infeasible row: PyTorch's convention
+          std::fill(o, o + V, zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN()));
+          continue;
+        }
+        const scalar_t* xr = x + b * sb + t * st;
+        const acc_t l = lse_p[i];
+        if (normalize && l != neg_inf<acc_t>()) {
+_Pragma("omp simd")  // (inside a dispatch macro: #pragma is not allowed)
+          for (int64_t v = 0; v < V; ++v) row[v] = LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(xr + v) - l);
+        } else {
+          std::fill(row.begin(), row.end(), acc_t(0));
+        }
+        row[special] -= ps_p[i];
+        const int64_t U = std::min<int64_t>(std::max<int64_t>(tg_len[b], 0), U_max);
+        const int64_t c_lo = column_lo(t + 1, T_b, U, shift), c_hi = std::min(column_hi(t + 1, U), c_lo + W - 1);
+        for (int64_t u = c_lo; u <= c_hi; ++u) {
+          const int64_t token = std::min<int64_t>(std::max<int64_t>(tg[b * U_max + u - 1], 0), V - 1);
+          row[token] -= pt_p[i * W + (u - c_lo)];
+        }
+        const acc_t gb = g[b];
+_Pragma("omp simd")
+        for (int64_t v = 0; v < V; ++v) o[v] = static_cast<scalar_t>(gb * row[v]);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mdlm_ctc_C, CPU, m) {
+  m.impl("lattice_forward", &lattice_forward_cpu);
+  m.impl("lattice_backward", &lattice_backward_cpu);
+}
+
+}  // namespace mdlm_ctc

@@ -1,0 +1,130 @@
+"""Which implementations exist on this machine, and which one a call uses.
+
+Backends (every one implements the same two-function contract, see ``csrc/ops.cpp``):
+
+* ``reference``: pure PyTorch (``mdlm_ctc/reference.py``), any device, float64-capable; slow.
+* ``cpu``: the C++ kernels of ``mdlm_ctc._C`` (OpenMP), CPU tensors.
+* ``cuda``: the CUDA kernels of ``mdlm_ctc._C``, CUDA tensors (built when a CUDA toolkit was found).
+* ``triton``: the Triton kernels of ``mdlm_ctc.triton_kernels``, CUDA tensors (CPU tensors too under
+  ``TRITON_INTERPRET=1``, for tests).
+
+Capabilities are probed lazily, on the first call that needs them: importing the package never
+touches CUDA. ``backend="auto"`` picks ``cpu`` for CPU tensors and, for CUDA tensors, the fastest
+GPU backend present (see :func:`resolve`), falling back to ``reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+_EXTENSION_ERROR: str | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def extension_loaded() -> bool:
+    """Import ``mdlm_ctc._C`` (the AOT build), or JIT-compile it when ``MDLM_CTC_JIT=1``."""
+    global _EXTENSION_ERROR
+    try:
+        importlib.import_module("mdlm_ctc._C")
+        return True
+    except ImportError as error:
+        _EXTENSION_ERROR = f"mdlm_ctc._C is not built ({error})"
+    if os.environ.get("MDLM_CTC_JIT", "0") == "1":
+        try:
+            from . import _jit
+
+            _jit.load()
+            return True
+        except Exception as error:  # a failed JIT build must leave the package usable
+            _EXTENSION_ERROR = f"JIT build of the kernels failed: {error}"
+            warnings.warn(_EXTENSION_ERROR, RuntimeWarning, stacklevel=2)
+    return False
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "mdlm_ctc_C::lattice_forward", dispatch_key)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        importlib.import_module("mdlm_ctc.triton_kernels.slack_ctc")
+        return True
+    except ImportError:
+        return False
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends usable for tensors on ``device`` (every device this machine has when ``None``).
+
+    >>> mdlm_ctc.available_backends("cpu")
+    ['reference', 'cpu']
+    """
+    device_type = None if device is None else torch.device(device).type
+    names = ["reference"]
+    if device_type in (None, "cpu") and _has_kernel("CPU"):
+        names.append("cpu")
+    cuda_ok = device_type in (None, "cuda") and torch.cuda.is_available()
+    if _triton_importable() and (cuda_ok or (device_type in (None, "cpu") and _triton_interpreted())):
+        names.append("triton")
+    if cuda_ok and _has_kernel("CUDA"):
+        names.append("cuda")
+    return names
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend a call with ``backend=...`` on ``device`` runs; a clear error if it cannot run there."""
+    if backend == "auto":
+        present = available_backends(device)
+        if device.type == "cpu":
+            return "cpu" if "cpu" in present else "reference"
+        for name in ("triton", "cuda"):  # GPU rule: see README "Backends"
+            if name in present:
+                return name
+        return "reference"
+    present = available_backends(device)
+    if backend not in present:
+        reason = ""
+        if backend in ("cpu", "cuda") and _EXTENSION_ERROR:
+            reason = f" ({_EXTENSION_ERROR})"
+        raise ValueError(f"`backend`={backend!r} is not available for tensors on {device}{reason}; "
+                         f"available there: {', '.join(present)}")
+    return backend
+
+
+def forward_kernel(backend: str):
+    if backend == "reference":
+        from .reference import lattice_forward_reference
+
+        return lattice_forward_reference
+    if backend in ("cpu", "cuda"):
+        return torch.ops.mdlm_ctc_C.lattice_forward
+    if backend == "triton":
+        from .triton_kernels import slack_ctc
+
+        return slack_ctc.lattice_forward
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def backward_kernel(backend: str):
+    if backend == "reference":
+        from .reference import lattice_backward_reference
+
+        return lattice_backward_reference
+    if backend in ("cpu", "cuda"):
+        return torch.ops.mdlm_ctc_C.lattice_backward
+    if backend == "triton":
+        from .triton_kernels import slack_ctc
+
+        return slack_ctc.lattice_backward
+    raise ValueError(f"unknown backend {backend!r}")

@@ -1,0 +1,131 @@
+"""The public losses: ``slack_ctc_loss`` / ``SlackCTCLoss`` and the drop-in ``ctc_loss`` / ``CTCLoss``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops, _validation, backends
+
+
+def _reduce(nll: Tensor, target_lengths: Tensor, reduction: str, zero_infinity: bool) -> Tensor:
+    if zero_infinity:
+        nll = torch.where(nll == float("inf"), torch.zeros_like(nll), nll)
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    return (nll / target_lengths.clamp(min=1).to(nll.dtype)).mean()
+
+
+def _run(args: _validation.LatticeArgs, *, normalize: bool, zero_infinity: bool, backend: str) -> Tensor:
+    x = args.logits
+    if x.stride(-1) != 1:
+        x = x.contiguous()  # kernels read the vocabulary dimension contiguously
+    name = backends.resolve(backend, x.device)
+    need_grad = torch.is_grad_enabled() and x.requires_grad
+    nll, _, _, _ = _ops.lattice_forward(x, args.targets, args.input_lengths, args.target_lengths, args.observed,
+                                        args.special_id, args.mode, args.max_shift, args.band_width, need_grad,
+                                        normalize, zero_infinity, name)
+    return nll
+
+
+def slack_ctc_loss(logits: Tensor, targets: Tensor, target_lengths: Tensor | None = None, *, slack_id: int,
+                   input_lengths: Tensor | None = None, collapse: str = "preserve", max_shift: int | None = None,
+                   observed: Tensor | None = None, reduction: str = "mean", zero_infinity: bool = False,
+                   backend: str = "auto", validate: bool = True) -> Tensor:
+    """CTC loss from unnormalised logits, with the surface-preserving collapse by default.
+
+    Args:
+        logits: ``[B, T, V]`` float32/bfloat16/float16/float64, batch-first. The log-softmax is applied
+            inside; no log-probabilities are materialised.
+        targets: ``[B, U]`` integer ids, right-padded.
+        target_lengths: ``[B]`` (default ``U`` for every row).
+        slack_id: the ``<slack>`` token (the blank for ``collapse="standard"``).
+        input_lengths: ``[B]`` (default ``T``); frames ``t >= input_lengths[b]`` are ignored and get
+            zero gradient.
+        collapse: ``"preserve"`` (delete ``<slack>`` only, keep repeats; SPEC §3.1) or ``"standard"``
+            (classic CTC, identical to ``torch.nn.functional.ctc_loss``; §3.2).
+        max_shift: preserve only: at most this many slack tokens precede any target token (§3.3);
+            ``0`` is position-wise cross-entropy, ``None`` the full lattice.
+        observed: ``[B, T]`` ids, ``-1`` where the position is free; only canvases agreeing with every
+            observed token count, and observed positions get zero gradient (§3.4).
+        reduction: ``"none"`` -> ``[B]``, ``"sum"``, or ``"mean"`` (each loss divided by its target
+            length clamped to >= 1, then averaged over the batch, as PyTorch).
+        zero_infinity: an infeasible row gives loss 0 and zero gradient instead of ``inf`` (and a NaN
+            gradient, as in PyTorch).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``;
+            :func:`mdlm_ctc.available_backends` lists what this machine has.
+        validate: check values (ids, lengths) with one host sync; skipped under ``torch.compile``.
+
+    Returns:
+        The loss: float32 (float64 for float64 logits), ``[B]`` for ``reduction="none"`` else a scalar.
+    """
+    args = _validation.check_slack_ctc_args(logits, targets, target_lengths, slack_id, input_lengths, collapse,
+                                            max_shift, observed, reduction, zero_infinity, backend, validate)
+    nll = _run(args, normalize=True, zero_infinity=zero_infinity, backend=backend)
+    return _reduce(nll, args.target_lengths, reduction, zero_infinity)
+
+
+class SlackCTCLoss(nn.Module):
+    """Module form of :func:`slack_ctc_loss`."""
+
+    def __init__(self, slack_id: int, collapse: str = "preserve", max_shift: int | None = None,
+                 reduction: str = "mean", zero_infinity: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.slack_id = slack_id
+        self.collapse = collapse
+        self.max_shift = max_shift
+        self.reduction = reduction
+        self.zero_infinity = zero_infinity
+        self.backend = backend
+
+    def forward(self, logits: Tensor, targets: Tensor, target_lengths: Tensor | None = None,
+                input_lengths: Tensor | None = None, observed: Tensor | None = None) -> Tensor:
+        return slack_ctc_loss(logits, targets, target_lengths, slack_id=self.slack_id, input_lengths=input_lengths,
+                              collapse=self.collapse, max_shift=self.max_shift, observed=observed,
+                              reduction=self.reduction, zero_infinity=self.zero_infinity, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"slack_id={self.slack_id}, collapse={self.collapse!r}, max_shift={self.max_shift}, "
+                f"reduction={self.reduction!r}, zero_infinity={self.zero_infinity}, backend={self.backend!r}")
+
+
+def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths, target_lengths, blank: int = 0,
+             reduction: str = "mean", zero_infinity: bool = False, *, backend: str = "auto") -> Tensor:
+    """Drop-in for ``torch.nn.functional.ctc_loss``: same arguments, same values.
+
+    ``log_probs`` is ``[T, B, C]`` (or unbatched ``[T, C]``); targets are padded ``[B, S]`` or
+    concatenated 1-D; lengths are tensors or lists. Also accepts bfloat16/float16 ``log_probs``.
+
+    One difference, on purpose: the gradient is the true derivative of the loss with respect to
+    ``log_probs`` (``-g * posterior``). PyTorch returns ``g * (exp(log_probs) - posterior)``, which is
+    only right after a ``log_softmax``; through a ``log_softmax`` both give the same gradient.
+    """
+    args, unbatched = _validation.check_ctc_loss_args(log_probs, targets, input_lengths, target_lengths, blank,
+                                                      reduction, zero_infinity)
+    _validation.check_choice(backend, "backend", _validation.BACKENDS)
+    nll = _run(args, normalize=False, zero_infinity=zero_infinity, backend=backend)
+    loss = _reduce(nll, args.target_lengths, reduction, zero_infinity)
+    if unbatched and reduction == "none":
+        loss = loss[0]
+    return loss
+
+
+class CTCLoss(nn.Module):
+    """Drop-in for ``torch.nn.CTCLoss`` (see :func:`ctc_loss`)."""
+
+    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False, *,
+                 backend: str = "auto"):
+        super().__init__()
+        self.blank = blank
+        self.reduction = reduction
+        self.zero_infinity = zero_infinity
+        self.backend = backend
+
+    def forward(self, log_probs: Tensor, targets: Tensor, input_lengths, target_lengths) -> Tensor:
+        return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
+                        self.zero_infinity, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"blank={self.blank}, reduction={self.reduction!r}, zero_infinity={self.zero_infinity}"

@@ -1,0 +1,410 @@
+"""The readable reference lattices: the oracle for every kernel, and the ``"reference"`` backend.
+
+Everything here is plain PyTorch in log space: a loop over frames t, vectorised over the batch and
+the lattice states, masking for ragged lengths, float64-capable. Read it next to SPEC §3.
+
+Per row b: T_b = input length, U_b = target length, y_1..y_U the target, k the special token
+(``<slack>`` for ``collapse="preserve"``, the blank for ``collapse="standard"``). The emission table
+``em[b, t, c]`` holds log p_t(k) at column c = 0 and log p_t(y_c) at columns c = 1..U (0 or -inf at
+observed frames, SPEC §3.4). The two lattices only ever read that table.
+
+* ``preserve``: states u = 0..U (target tokens emitted so far); at frame t a path either emits k and
+  stays, or emits y_{u+1} and advances. Repeats are never merged.
+* ``standard``: classic CTC over the extended label k y_1 k y_2 ... y_U k (states s = 0..2U).
+
+Besides the loss (:func:`slack_ctc_reference`, differentiable by autograd), this module implements
+the backend contract that the fast kernels implement too (:func:`lattice_forward_reference`,
+:func:`lattice_backward_reference`): the forward returns the negative log-likelihood, the per-frame
+logsumexp and the posteriors of the emitted tokens in the band layout of ``csrc/lattice.h``; the
+backward turns them into the gradient ``g * (softmax - posterior)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+PRESERVE, STANDARD = 0, 1
+COLLAPSE_MODES = {"preserve": PRESERVE, "standard": STANDARD}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 input, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _LogSumExp(torch.autograd.Function):
+    """logsumexp whose gradient is 0, not NaN, where every term is -inf.
+
+    ``torch.logsumexp`` backpropagates ``exp(x - out)``, which is ``exp(-inf + inf) = NaN`` for an
+    unreachable lattice state; an unreachable state contributes nothing, so its gradient is 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        out = torch.logsumexp(x, dim)
+        ctx.save_for_backward(x, out)
+        ctx.dim = dim
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
+        out = out.unsqueeze(ctx.dim)
+        weight = torch.exp(x - out.masked_fill(out == NEG_INF, 0.0))
+        weight = weight.masked_fill(out == NEG_INF, 0.0)
+        return grad.unsqueeze(ctx.dim) * weight, None
+
+
+def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return _LogSumExp.apply(x, dim)
+
+
+def logaddexp(*terms: torch.Tensor) -> torch.Tensor:
+    return logsumexp(torch.stack(terms), 0)
+
+
+def shift_right(x: torch.Tensor, by: int) -> torch.Tensor:
+    """x[..., s - by] at position s, -inf where s < by."""
+    pad = x.new_full(x.shape[:-1] + (by,), NEG_INF)
+    return torch.cat([pad, x], dim=-1)[..., : x.shape[-1]]
+
+
+def log_emissions(logits, targets, special_id, observed=None, normalize=True):
+    """The emission table ``[B, T, 1 + U]``: log p_t(k) in column 0, log p_t(y_u) in column u.
+
+    ``logits`` is ``[B, T, V]``; the log-softmax is taken in the accumulation dtype. With
+    ``normalize=False`` the input is used as log-probabilities as it is (``ctc_loss``). At an
+    observed frame (``observed[b, t] >= 0``) a column is 0 if its token is the observed one and -inf
+    otherwise: the frame is forced and its logits are not used.
+    """
+    B, T, V = logits.shape
+    x = logits.to(acc_dtype(logits.dtype))
+    if normalize:
+        lse = torch.logsumexp(x.detach(), -1, keepdim=True)
+        dead = lse == NEG_INF  # a frame whose logits are all -inf emits nothing
+        x = x.masked_fill(dead, 0.0)
+        logp = (x - torch.logsumexp(x, -1, keepdim=True)).masked_fill(dead, NEG_INF)
+    else:
+        logp = x
+    columns = torch.cat([targets.new_full((B, 1), special_id), targets.clamp(0, V - 1)], dim=1).long()
+    em = logp.gather(2, columns[:, None, :].expand(B, T, columns.shape[1]))
+    if observed is not None:
+        seen = observed[:, :, None].long()
+        forced = torch.where(seen == columns[:, None, :], 0.0, NEG_INF).to(em.dtype)
+        em = torch.where(seen >= 0, forced, em)
+    return em
+
+
+def _lengths(lengths, batch, default, device):
+    if lengths is None:
+        return torch.full((batch,), default, dtype=torch.long, device=device)
+    return torch.as_tensor(lengths, device=device).long().clamp(0, default)
+
+
+def _preserve_valid(U1, t, target_lengths, max_shift):
+    """States u that a preserve path may occupy after frame t: u <= U, and u >= t - m unless u = U."""
+    u = torch.arange(U1, device=target_lengths.device)
+    valid = u[None, :] <= target_lengths[:, None]
+    if max_shift is not None:
+        valid = valid & ((u[None, :] >= t - max_shift) | (u[None, :] == target_lengths[:, None]))
+    return valid
+
+
+def preserve_lattice(em, input_lengths, target_lengths, max_shift=None, keep_alphas=False):
+    """log p(y) under the surface-preserving collapse; -inf for an infeasible row. ``em``: [B, T, 1+U].
+
+    With ``keep_alphas`` also returns alpha_t for t = 0..T as ``[B, T+1, 1+U]`` (frozen past T_b).
+    """
+    B, T, U1 = em.shape
+    u = torch.arange(U1, device=em.device)
+    alpha = em.new_full((B, U1), NEG_INF)
+    alpha[:, 0] = 0.0
+    alphas = [alpha]
+    for t in range(1, T + 1):
+        e = em[:, t - 1]
+        stay = alpha + e[:, :1]
+        advance = shift_right(alpha, 1) + e.masked_fill(u == 0, 0.0)  # column 0 is k, never an advance
+        new = logaddexp(stay, advance).masked_fill(~_preserve_valid(U1, t, target_lengths, max_shift), NEG_INF)
+        alpha = torch.where((t <= input_lengths)[:, None], new, alpha)  # frozen once t > T_b
+        alphas.append(alpha)
+    loglik = alpha.gather(1, target_lengths[:, None]).squeeze(1)
+    return (loglik, torch.stack(alphas, 1)) if keep_alphas else loglik
+
+
+def preserve_betas(em, input_lengths, target_lengths, max_shift=None):
+    """beta_t(u) = log p(frames t+1..T_b complete the target | u emitted after frame t), ``[B, T+1, 1+U]``."""
+    B, T, U1 = em.shape
+    u = torch.arange(U1, device=em.device)
+    final = torch.where(u[None, :] == target_lengths[:, None], 0.0, NEG_INF).to(em.dtype)
+    beta = torch.where((input_lengths == T)[:, None], final, torch.full_like(final, NEG_INF))
+    betas = [beta]
+    for t in range(T, 0, -1):  # beta_{t-1} from beta_t
+        e = em[:, t - 1]
+        stay = beta + e[:, :1]
+        advance = torch.cat([beta[:, 1:] + e[:, 1:], beta.new_full((B, 1), NEG_INF)], 1)
+        new = logaddexp(stay, advance).masked_fill(~_preserve_valid(U1, t - 1, target_lengths, max_shift), NEG_INF)
+        start = torch.where((input_lengths == t - 1)[:, None], final, torch.full_like(final, NEG_INF))
+        beta = torch.where((t <= input_lengths)[:, None], new, start)
+        betas.append(beta)
+    return torch.stack(betas[::-1], 1)
+
+
+def _standard_states(targets, U, B):
+    """Table column of each extended-label state, and where the skip s-2 -> s is allowed."""
+    S = 2 * U + 1
+    s = torch.arange(S, device=targets.device)
+    column = torch.where(s % 2 == 1, (s + 1) // 2, 0)  # extended label l'_s as a table column
+    labels = targets[:, :U].long()
+    label_of_state = torch.cat([labels.new_full((B, 1), -1), labels], 1).gather(1, column.expand(B, S))
+    prev_label = torch.cat([labels.new_full((B, 2), -1), label_of_state], 1)[:, :S]
+    skip = (s % 2 == 1) & (s >= 3) & (label_of_state != prev_label)
+    return column, skip
+
+
+def standard_lattice(em, targets, input_lengths, target_lengths, keep_alphas=False):
+    """log p(y) under classic CTC (merge repeats, delete the blank); -inf for an infeasible row."""
+    B, T, U1 = em.shape
+    S = 2 * U1 - 1
+    column, skip = _standard_states(targets, U1 - 1, B)
+    valid = torch.arange(S, device=em.device)[None, :] <= 2 * target_lengths[:, None]
+    alpha = em.new_full((B, S), NEG_INF)
+    alpha[:, 0] = 0.0  # virtual frame 0: alpha_1 is then the usual CTC initialisation
+    alphas = [alpha]
+    for t in range(1, T + 1):
+        e = em[:, t - 1].gather(1, column.expand(B, S))
+        from_skip = shift_right(alpha, 2).masked_fill(~skip, NEG_INF)
+        new = (logaddexp(alpha, shift_right(alpha, 1), from_skip) + e).masked_fill(~valid, NEG_INF)
+        alpha = torch.where((t <= input_lengths)[:, None], new, alpha)
+        alphas.append(alpha)
+    end_blank = alpha.gather(1, (2 * target_lengths)[:, None]).squeeze(1)
+    end_label = alpha.gather(1, (2 * target_lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    end_label = end_label.masked_fill(target_lengths == 0, NEG_INF)
+    loglik = logaddexp(end_blank, end_label)
+    return (loglik, torch.stack(alphas, 1)) if keep_alphas else loglik
+
+
+def standard_betas(em, targets, input_lengths, target_lengths):
+    """beta_t(s) for classic CTC (emission at frame t excluded), ``[B, T+1, 2U+1]``."""
+    B, T, U1 = em.shape
+    S = 2 * U1 - 1
+    column, skip = _standard_states(targets, U1 - 1, B)
+    s = torch.arange(S, device=em.device)
+    valid = s[None, :] <= 2 * target_lengths[:, None]
+    is_final = (s[None, :] == 2 * target_lengths[:, None]) | (
+        (s[None, :] == 2 * target_lengths[:, None] - 1) & (target_lengths[:, None] > 0))
+    final = torch.where(is_final, 0.0, NEG_INF).to(em.dtype)
+    beta = torch.where((input_lengths == T)[:, None], final, torch.full_like(final, NEG_INF))
+    betas = [beta]
+    skip_next = torch.cat([skip[:, 2:], skip.new_zeros(B, 2)], 1)[:, :S]  # is s -> s+2 allowed
+    for t in range(T, 0, -1):
+        emitted = beta + em[:, t - 1].gather(1, column.expand(B, S))
+        from_skip = torch.cat([emitted[:, 2:], emitted.new_full((B, 2), NEG_INF)], 1)[:, :S].masked_fill(
+            ~skip_next, NEG_INF)
+        from_next = torch.cat([emitted[:, 1:], emitted.new_full((B, 1), NEG_INF)], 1)[:, :S]
+        new = logaddexp(emitted, from_next, from_skip).masked_fill(~valid, NEG_INF)
+        start = torch.where((input_lengths == t - 1)[:, None], final, torch.full_like(final, NEG_INF))
+        beta = torch.where((t <= input_lengths)[:, None], new, start)
+        betas.append(beta)
+    return torch.stack(betas[::-1], 1)
+
+
+def posteriors_reference(em, targets, input_lengths, target_lengths, mode, max_shift=None):
+    """``(loglik [B], posterior [B, T, 1+U])``: the probability that frame t emits each table column.
+
+    This is d loglik / d em, computed by the forward-backward algorithm; rows that are infeasible or
+    frames past the input length get 0.
+    """
+    B, T, U1 = em.shape
+    if mode == PRESERVE:
+        loglik, alphas = preserve_lattice(em, input_lengths, target_lengths, max_shift, keep_alphas=True)
+        betas = preserve_betas(em, input_lengths, target_lengths, max_shift)
+        before, after = alphas[:, :-1], betas[:, 1:]  # alpha_{t-1}, beta_t for frames t = 1..T
+        stay = before + em[:, :, :1] + after
+        advance = shift_right(before, 1) + em.masked_fill(torch.arange(U1, device=em.device) == 0, 0.0) + after
+        log_post = torch.cat([torch.logsumexp(stay, 2, keepdim=True), advance[:, :, 1:]], 2)
+    else:
+        loglik, alphas = standard_lattice(em, targets, input_lengths, target_lengths, keep_alphas=True)
+        betas = standard_betas(em, targets, input_lengths, target_lengths)
+        occupancy = alphas[:, 1:] + betas[:, 1:]  # state s at frame t, t = 1..T
+        log_post = torch.cat([torch.logsumexp(occupancy[:, :, 0::2], 2, keepdim=True), occupancy[:, :, 1::2]], 2)
+    feasible = loglik > NEG_INF
+    frames = torch.arange(T, device=em.device)
+    keep = feasible[:, None, None] & (frames[None, :] < input_lengths[:, None])[:, :, None]
+    posterior = torch.exp(log_post - loglik.masked_fill(~feasible, 0.0)[:, None, None]).masked_fill(~keep, 0.0)
+    return loglik, posterior
+
+
+def slack_ctc_reference(logits, targets, target_lengths=None, *, slack_id, input_lengths=None,
+                        collapse="preserve", max_shift=None, observed=None, normalize=True):
+    """Per-row negative log-likelihood ``[B]`` (``+inf`` for an infeasible row), differentiable.
+
+    Same arguments and meaning as :func:`mdlm_ctc.slack_ctc_loss` with ``reduction="none"``; no
+    argument checking. ``normalize=False`` treats ``logits`` as log-probabilities.
+    """
+    B, T, _ = logits.shape
+    T_b = _lengths(input_lengths, B, T, logits.device)
+    U_b = _lengths(target_lengths, B, targets.shape[1], logits.device)
+    em = log_emissions(logits, targets, slack_id, observed, normalize)
+    if COLLAPSE_MODES[collapse] == PRESERVE:
+        loglik = preserve_lattice(em, T_b, U_b, max_shift)
+    else:
+        loglik = standard_lattice(em, targets, T_b, U_b)
+    return -loglik
+
+
+# ---------------------------------------------------------------------------------------------
+# bands (mirrors csrc/lattice.h)
+# ---------------------------------------------------------------------------------------------
+
+def column_lo(t, T_b, U_b, max_shift=None):
+    """First target column u that can be emitted at frame t (1-based); tensors broadcast."""
+    lo = torch.clamp(U_b - T_b + t, min=1)
+    if max_shift is not None:
+        lo = torch.maximum(lo, t - max_shift)
+    return lo
+
+
+def column_band_width(T_b, U_b, max_shift=None):
+    """Width of the posterior table a row needs: min(U, T - U + 1, m + 1), 0 if infeasible or empty."""
+    width = torch.minimum(U_b, T_b - U_b + 1)
+    if max_shift is not None:
+        width = width.clamp(max=max_shift + 1)
+    return torch.where((U_b > T_b) | (U_b <= 0), torch.zeros_like(width), width)
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend contract
+# ---------------------------------------------------------------------------------------------
+
+def lattice_forward_reference(logits, targets, input_lengths, target_lengths, observed, special_id, mode,
+                              max_shift, band_width, need_grad, normalize):
+    """Reference implementation of the ``lattice_forward`` contract (see ``csrc/ops.cpp``)."""
+    B, T, V = logits.shape
+    acc = acc_dtype(logits.dtype)
+    T_b = input_lengths.long().clamp(0, T)
+    U_b = target_lengths.long().clamp(0, targets.shape[1])
+    shift = max_shift if (mode == PRESERVE and max_shift >= 0) else None
+    frames = torch.arange(T, device=logits.device)
+    active = frames[None, :] < T_b[:, None]
+    em = log_emissions(logits, targets, special_id, observed, normalize)
+    loglik, posterior = posteriors_reference(em, targets, T_b, U_b, mode, shift)
+    nll = -loglik
+    if normalize:
+        lse = torch.logsumexp(logits.detach().to(acc), -1).masked_fill(~active, 0.0)
+    else:
+        lse = torch.zeros(B, T, dtype=acc, device=logits.device)
+    W = max(int(band_width), 1) if need_grad else 0
+    post_target = torch.zeros(B, T, W, dtype=acc, device=logits.device)
+    post_special = torch.zeros(B, T if need_grad else 0, dtype=acc, device=logits.device)
+    if need_grad:
+        post_special = posterior[:, :, 0].contiguous()
+        lo = column_lo(frames[None, :] + 1, T_b[:, None], U_b[:, None], shift)  # [B, T]
+        u = lo[:, :, None] + torch.arange(W, device=logits.device)  # [B, T, W]
+        hi = torch.minimum(frames[None, :] + 1, U_b[:, None])[:, :, None]
+        in_band = (u <= hi) & (u >= 1)
+        post_target = posterior.gather(2, u.clamp(0, em.shape[2] - 1)).masked_fill(~in_band, 0.0)
+    return nll.to(acc), lse, post_target, post_special
+
+
+def lattice_backward_reference(grad_nll, logits, lse, targets, input_lengths, target_lengths, observed,
+                               post_target, post_special, nll, special_id, mode, max_shift, zero_infinity,
+                               normalize):
+    """Reference implementation of the ``lattice_backward`` contract: ``g * (softmax - posterior)``."""
+    B, T, V = logits.shape
+    acc = acc_dtype(logits.dtype)
+    W = post_target.shape[2]
+    T_b = input_lengths.long().clamp(0, T)
+    U_b = target_lengths.long().clamp(0, targets.shape[1])
+    shift = max_shift if (mode == PRESERVE and max_shift >= 0) else None
+    frames = torch.arange(T, device=logits.device)
+    active = frames[None, :] < T_b[:, None]
+    if observed is not None:
+        active = active & (observed < 0)
+    if normalize:
+        dead = lse[:, :, None] == NEG_INF
+        grad = torch.exp(logits.to(acc) - lse[:, :, None]).masked_fill(dead, 0.0)
+    else:
+        grad = torch.zeros(B, T, V, dtype=acc, device=logits.device)
+    grad[:, :, special_id] -= post_special
+    lo = column_lo(frames[None, :] + 1, T_b[:, None], U_b[:, None], shift)
+    u = lo[:, :, None] + torch.arange(W, device=logits.device)
+    in_band = (u <= torch.minimum(frames[None, :] + 1, U_b[:, None])[:, :, None]) & (u >= 1)
+    if targets.shape[1] > 0 and W > 0:
+        index = (u - 1).clamp(0, targets.shape[1] - 1).flatten(1)
+        tokens = targets.long().clamp(0, V - 1).gather(1, index).view(B, T, W)
+        grad.scatter_add_(2, tokens, -post_target.masked_fill(~in_band, 0.0))
+    grad = grad * grad_nll.to(acc)[:, None, None]
+    infeasible = nll == float("inf")
+    grad = torch.where(infeasible[:, None, None], 0.0 if zero_infinity else float("nan"), grad)
+    grad = grad.masked_fill(~active[:, :, None], 0.0)
+    return grad.to(logits.dtype)
+
+
+def viterbi_reference(logits, targets, input_lengths, target_lengths, observed, special_id, mode, max_shift,
+                      normalize=True):
+    """The most probable admissible canvas per row ``[B, T]`` (token ids), -1 past the input length and
+    on infeasible rows. Ties prefer the earliest placement of target tokens."""
+    B, T, V = logits.shape
+    T_b = input_lengths.long().clamp(0, T)
+    U_b = target_lengths.long().clamp(0, targets.shape[1])
+    em = log_emissions(logits.detach(), targets, special_id, observed, normalize)
+    U = em.shape[2] - 1
+    device = logits.device
+    if mode == PRESERVE:
+        S = U + 1
+        state_column = torch.arange(S, device=device)
+        u = state_column
+    else:
+        S = 2 * U + 1
+        s = torch.arange(S, device=device)
+        state_column = torch.where(s % 2 == 1, (s + 1) // 2, 0)
+        labels = targets[:, :U].long()
+        label_of_state = torch.cat([labels.new_full((B, 1), -1), labels], 1).gather(1, state_column.expand(B, S))
+        prev_label = torch.cat([labels.new_full((B, 2), -1), label_of_state], 1)[:, :S]
+        skip = (s % 2 == 1) & (s >= 3) & (label_of_state != prev_label)
+    score = em.new_full((B, S), NEG_INF)
+    score[:, 0] = 0.0
+    step_back = torch.zeros(B, T, S, dtype=torch.long, device=device)  # how many states the best move advanced
+    emitted_special = torch.zeros(B, T, S, dtype=torch.bool, device=device)
+    for t in range(1, T + 1):
+        e = em[:, t - 1]
+        if mode == PRESERVE:
+            stay = score + e[:, :1]
+            advance = shift_right(score, 1) + e.masked_fill(u == 0, 0.0)
+            best, arg = torch.stack([stay, advance]).max(0)  # first maximum: prefer stay
+            valid = u <= U_b[:, None]
+            if max_shift is not None and max_shift >= 0:
+                valid = valid & ((u >= t - max_shift) | (u == U_b[:, None]))
+            new = best.masked_fill(~valid, NEG_INF)
+            emitted_special[:, t - 1] = arg == 0
+        else:
+            e_state = e.gather(1, state_column.expand(B, S))
+            from_skip = shift_right(score, 2).masked_fill(~skip, NEG_INF)
+            best, arg = torch.stack([score, shift_right(score, 1), from_skip]).max(0)
+            new = (best + e_state).masked_fill(~(torch.arange(S, device=device) <= 2 * U_b[:, None]), NEG_INF)
+            emitted_special[:, t - 1] = (torch.arange(S, device=device) % 2 == 0).expand(B, S)
+        step_back[:, t - 1] = arg
+        score = torch.where((t <= T_b)[:, None], new, score)
+    if mode == PRESERVE:
+        final = U_b.clone()
+        final_score = score.gather(1, final[:, None]).squeeze(1)
+    else:
+        end_blank = score.gather(1, (2 * U_b)[:, None]).squeeze(1)
+        end_label = score.gather(1, (2 * U_b - 1).clamp(min=0)[:, None]).squeeze(1).masked_fill(U_b == 0, NEG_INF)
+        final = torch.where(end_label > end_blank, 2 * U_b - 1, 2 * U_b)  # ties: end on a blank
+        final_score = torch.maximum(end_blank, end_label)
+    feasible = final_score > NEG_INF
+    canvas = torch.full((B, T), -1, dtype=torch.long, device=device)
+    state = final
+    rows = torch.arange(B, device=device)
+    padded_targets = torch.cat([targets.new_full((B, 1), special_id), targets.long().clamp(0, V - 1)], 1)[:, : U + 1]
+    for t in range(T, 0, -1):
+        live = (t <= T_b) & feasible
+        special = emitted_special[rows, t - 1, state]
+        token = torch.where(special, torch.full_like(state, special_id),
+                            padded_targets.gather(1, state_column[state][:, None]).squeeze(1).long())
+        canvas[:, t - 1] = torch.where(live, token, canvas[:, t - 1])
+        back = step_back[rows, t - 1, state]
+        state = torch.where(live, state - back, state)
+    return canvas

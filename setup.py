@@ -1,0 +1,144 @@
+"""Build mdlm-ctc.
+
+What gets built is decided from the machine (nothing is downloaded at build time):
+
+* torch with CUDA and a CUDA toolkit (``CUDA_HOME`` or ``nvcc`` found) -> ``mdlm_ctc._C`` with the
+  C++ CPU kernels *and* the CUDA kernels;
+* otherwise, a C++ compiler -> ``mdlm_ctc._C`` with the C++ CPU kernels only;
+* no torch at build time, or no compiler -> pure Python (the ``reference`` backend, and Triton
+  on GPUs).
+
+Environment switches:
+
+* ``MDLM_CTC_BUILD=auto|cpu|cuda|none``  force a choice (default ``auto``);
+* ``MDLM_CTC_CUDA_ARCHS="90;90+PTX"``    CUDA architectures (default sm_90 plus PTX);
+* ``MDLM_CTC_CPU_ARCH=native``            ``-march`` for the CPU kernels (``native`` by default:
+  the extension is built on the machine that runs it; set e.g. ``x86-64-v2`` for a portable build).
+"""
+
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+
+def _log(msg):
+    print(f"[mdlm-ctc setup] {msg}", file=sys.stderr)
+
+
+def _cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    return None
+
+
+def _cpu_flags():
+    arch = os.environ.get("MDLM_CTC_CPU_ARCH", "native")
+    flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    if platform.machine() in ("x86_64", "AMD64") and arch:
+        flags.append("-mprefer-vector-width=512")  # use AVX-512 where -march has it
+    if arch:
+        flags.append(f"-march={arch}")
+    return flags
+
+
+def _cuda_arch_flags():
+    archs = os.environ.get("MDLM_CTC_CUDA_ARCHS", "90;90+PTX")
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip().replace(".", "")
+        if not arch:
+            continue
+        if arch.endswith("+PTX"):
+            num = arch[: -len("+PTX")]
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+        else:
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def _extensions():
+    choice = os.environ.get("MDLM_CTC_BUILD", "auto").lower()
+    if choice not in ("auto", "cpu", "cuda", "none"):
+        raise SystemExit(f"MDLM_CTC_BUILD must be auto, cpu, cuda or none; got {choice!r}")
+    if choice == "none":
+        _log("MDLM_CTC_BUILD=none: pure-Python install")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _log("torch is not importable at build time: pure-Python install "
+             "(use `pip install --no-build-isolation -e .` to build the C++ kernels)")
+        return [], {}
+
+    cpu_sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "slack_ctc_cpu.cpp")]
+    cuda_sources = [os.path.join(CSRC, "slack_ctc_cuda.cu")]
+    include_dirs = [os.path.join(ROOT, CSRC)]
+    want_cuda = choice == "cuda" or (
+        choice == "auto" and torch.version.cuda is not None and _cuda_home() is not None
+        and all(os.path.exists(os.path.join(ROOT, s)) for s in cuda_sources)
+    )
+    if want_cuda:
+        os.environ.setdefault("CUDA_HOME", _cuda_home() or "")
+        _log(f"building mdlm_ctc._C with CPU and CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']})")
+        ext = cpp_extension.CUDAExtension(
+            "mdlm_ctc._C",
+            sources=cpu_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("MDLM_CTC_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": _cpu_flags(),
+                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"] + _cuda_arch_flags(),
+            },
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            _log("no C++ compiler found: pure-Python install")
+            return [], {}
+        _log("building mdlm_ctc._C with the C++ CPU kernels")
+        ext = cpp_extension.CppExtension(
+            "mdlm_ctc._C",
+            sources=cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": _cpu_flags()},
+            extra_link_args=["-fopenmp"],
+        )
+    build_ext = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="mdlm-ctc",
+    version="0.1.0",
+    description="Fast CTC losses (surface-preserving slack-CTC and classic CTC) for masked diffusion LMs",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[p for p in ("mdlm_ctc", "mdlm_ctc.triton_kernels", "mdlm_ctc.mdlm")
+              if os.path.exists(os.path.join(ROOT, p.replace("mdlm_ctc.triton_kernels", "triton_kernels").replace(".", "/"), "__init__.py"))],
+    package_dir={"mdlm_ctc": "mdlm_ctc", "mdlm_ctc.triton_kernels": "triton_kernels"},
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "triton": ["triton>=3.6"],
+    },
+    entry_points={"console_scripts": ["mdlm-ctc = mdlm_ctc.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
