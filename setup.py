@@ -100,7 +100,7 @@ def _extensions():
             define_macros=[("MDLM_CTC_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": _cpu_flags(),
-                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"] + _cuda_arch_flags(),
+                "nvcc": ["-O3", "-std=c++20", "-lineinfo"] + _cuda_arch_flags(),
             },
             extra_link_args=["-fopenmp"],
         )

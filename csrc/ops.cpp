@@ -1,23 +1,37 @@
-// The schema of every compiled op, in one place (the kernels live in slack_ctc_cpu.cpp and
-// slack_ctc_cuda.cu, one TORCH_LIBRARY_IMPL per device), and the module entry point that lets
-// Python `import mdlm_ctc._C` load this library.
+// The schema of every compiled op, in one place (kernels: slack_ctc_cpu.cpp, slack_ctc_cuda.cu, one
+// TORCH_LIBRARY_IMPL per device), and the module entry point that lets `import mdlm_ctc._C` load it.
 //
-// mode: 0 = preserve (the collapse deletes the special token only), 1 = standard CTC.
-// max_shift < 0 means "no limit". band_width is the width W of post_target; it must be at least
-// the largest column band of any row (mdlm_ctc/_validation.py computes it), extra columns stay 0.
+// A loss is three stages (SPEC §5); every backend implements them with these semantics
+// (mdlm_ctc/reference.py has the readable version, mdlm_ctc/backends.py composes them):
+//
+// emissions: the vocabulary pass. For frames t < input_lengths[b]:
+//     lse[b, t]          logsumexp_v logits[b, t, v]      (0 when normalize is false)
+//     table[b, t, j]     e_{t+1}(y_u) for u = column_lo(t+1) + j <= column_hi(t+1) (lattice.h), 0 after
+//     special[b, t]      e_{t+1}(k), or NaN if the frame has any NaN (so the lattice sees it)
+//   with e(x) = logits[b, t, x] - lse[b, t], 0 / -inf at observed frames (token == observed or not).
+//   Frames t >= input_lengths[b] are all 0. max_shift is -1 for "none" (and for standard CTC).
+// lattice_band: alpha (and with need_grad beta) over the band table. Returns nll [B] (+inf for an
+//   infeasible row, NaN for a row with NaN emissions). With need_grad it overwrites table with the
+//   posteriors of the target columns and special with the posterior of k (0 on infeasible rows and
+//   past the input length, NaN on NaN rows).
+// gradient: g[b] * (softmax - posterior) in the logits' dtype (-g * posterior when normalize is
+//   false); 0 past the input length and at observed frames; on an infeasible row 0 with
+//   zero_infinity, NaN without (PyTorch's convention).
 
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(mdlm_ctc_C, m) {
   m.def(
-      "lattice_forward(Tensor logits, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
-      "Tensor? observed, int special_id, int mode, int max_shift, int band_width, bool need_grad, "
-      "bool normalize) -> (Tensor nll, Tensor lse, Tensor post_target, Tensor post_special)");
+      "emissions(Tensor logits, Tensor targets, Tensor input_lengths, Tensor target_lengths, Tensor? observed, "
+      "int special_id, int max_shift, int band_width, bool normalize) -> (Tensor lse, Tensor table, Tensor special)");
   m.def(
-      "lattice_backward(Tensor grad_nll, Tensor logits, Tensor lse, Tensor targets, Tensor input_lengths, "
+      "lattice_band(Tensor(a!) table, Tensor(b!) special, Tensor targets, Tensor input_lengths, "
+      "Tensor target_lengths, int mode, int max_shift, bool need_grad) -> Tensor nll");
+  m.def(
+      "gradient(Tensor grad_nll, Tensor logits, Tensor lse, Tensor targets, Tensor input_lengths, "
       "Tensor target_lengths, Tensor? observed, Tensor post_target, Tensor post_special, Tensor nll, "
-      "int special_id, int mode, int max_shift, bool zero_infinity, bool normalize) -> Tensor");
+      "int special_id, int max_shift, bool zero_infinity, bool normalize) -> Tensor");
 }
 
 extern "C" {

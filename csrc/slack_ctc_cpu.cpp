@@ -331,59 +331,51 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
 // launchers
 // ---------------------------------------------------------------------------------------------
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& input_lengths,
-                  const at::Tensor& target_lengths, const c10::optional<at::Tensor>& observed) {
-  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "logits must be [B, T, V] with a contiguous last dim");
-  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == logits.size(0), "targets must be [B, U]");
-  TORCH_CHECK(input_lengths.dim() == 1 && input_lengths.size(0) == logits.size(0), "input_lengths must be [B]");
-  TORCH_CHECK(target_lengths.dim() == 1 && target_lengths.size(0) == logits.size(0), "target_lengths must be [B]");
-  TORCH_CHECK(logits.size(2) > 0, "logits must have a non-empty vocabulary");
-  if (observed.has_value())
-    TORCH_CHECK(observed->dim() == 2 && observed->size(0) == logits.size(0) && observed->size(1) == logits.size(1),
-                "observed must be [B, T]");
-}
+int64_t clamp_len(int64_t v, int64_t hi) { return std::min<int64_t>(std::max<int64_t>(v, 0), hi); }
 
 at::Tensor as_long(const at::Tensor& x) { return x.to(at::kLong).contiguous(); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lattice_forward_cpu(
+void check_batch(const char* op, const at::Tensor& targets, const at::Tensor& input_lengths,
+                 const at::Tensor& target_lengths, int64_t B) {
+  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == B, op, ": targets must be [B, U]");
+  TORCH_CHECK(input_lengths.dim() == 1 && input_lengths.size(0) == B, op, ": input_lengths must be [B]");
+  TORCH_CHECK(target_lengths.dim() == 1 && target_lengths.size(0) == B, op, ": target_lengths must be [B]");
+  TORCH_CHECK(input_lengths.device().is_cpu() && target_lengths.device().is_cpu() && targets.device().is_cpu(),
+              op, ": all tensors must be on the CPU");
+}
+
+// ---- stage 1: the vocabulary pass -----------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emissions_cpu(
     const at::Tensor& logits, const at::Tensor& targets_in, const at::Tensor& input_lengths_in,
     const at::Tensor& target_lengths_in, const c10::optional<at::Tensor>& observed_in, int64_t special_id,
-    int64_t mode, int64_t max_shift, int64_t band_width, bool need_grad, bool normalize) {
-  check_inputs(logits, targets_in, input_lengths_in, target_lengths_in, observed_in);
-  TORCH_CHECK(mode == kPreserve || mode == kStandard, "mode must be 0 (preserve) or 1 (standard)");
+    int64_t max_shift, int64_t band_width, bool normalize) {
+  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "emissions: logits must be [B, T, V], V contiguous");
+  TORCH_CHECK(logits.size(2) > 0, "emissions: empty vocabulary");
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), U_max = targets_in.size(1);
-  const at::Tensor targets = as_long(targets_in), input_lengths = as_long(input_lengths_in),
-                   target_lengths = as_long(target_lengths_in);
-  const c10::optional<at::Tensor> observed =
-      observed_in.has_value() ? c10::optional<at::Tensor>(as_long(*observed_in)) : c10::nullopt;
-  TORCH_CHECK(input_lengths.device().is_cpu() && target_lengths.device().is_cpu(), "lengths must be on the CPU");
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = logits.options().dtype(acc_dtype);
-  const int64_t shift = mode == kPreserve ? max_shift : -1;
+  check_batch("emissions", targets_in, input_lengths_in, target_lengths_in, B);
+  const at::Tensor input_lengths = as_long(input_lengths_in), target_lengths = as_long(target_lengths_in);
+  const at::Tensor tokens = as_long(targets_in).clamp(0, V - 1).contiguous();
+  c10::optional<at::Tensor> observed;
+  if (observed_in.has_value()) {
+    TORCH_CHECK(observed_in->dim() == 2 && observed_in->size(0) == B && observed_in->size(1) == T,
+                "emissions: observed must be [B, T]");
+    observed = as_long(*observed_in);
+  }
   const int64_t* in_len = input_lengths.data_ptr<int64_t>();
   const int64_t* tg_len = target_lengths.data_ptr<int64_t>();
-  auto T_of = [&](int64_t b) { return std::min<int64_t>(std::max<int64_t>(in_len[b], 0), T); };
-  auto U_of = [&](int64_t b) { return std::min<int64_t>(std::max<int64_t>(tg_len[b], 0), U_max); };
-  // The band table holds the emissions, then the posteriors; it must cover every row's column band.
   int64_t needed = 1;
-  for (int64_t b = 0; b < B; ++b) needed = std::max(needed, column_band_width(T_of(b), U_of(b), shift));
-  TORCH_CHECK(band_width >= needed, "band_width=", band_width, " is smaller than the band of a row (", needed, ")");
-  const int64_t W = std::max<int64_t>(band_width, 1);
-  at::Tensor nll = at::empty({B}, opts);
-  at::Tensor lse = at::empty({B, T}, opts);
-  at::Tensor table = at::empty({B, T, W}, opts);  // becomes post_target when need_grad
-  at::Tensor special_col = at::empty({B, T}, opts);
-  if (B == 0 || T == 0) {
-    nll.fill_(0);
-    for (int64_t b = 0; b < B; ++b)
-      if (U_of(b) > 0) nll[b] = std::numeric_limits<double>::infinity();
-    return {nll, lse, need_grad ? table.zero_() : at::empty({B, T, 0}, opts),
-            need_grad ? special_col.zero_() : at::empty({B, 0}, opts)};
-  }
-  const int64_t special = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
-  const at::Tensor tokens = targets.clamp(0, V - 1).contiguous();
+  for (int64_t b = 0; b < B; ++b)
+    needed = std::max(needed, column_band_width(clamp_len(in_len[b], T), clamp_len(tg_len[b], U_max), max_shift));
+  TORCH_CHECK(band_width >= needed, "emissions: band_width=", band_width, " is smaller than a row's band (", needed,
+              ")");
+  const auto opts = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor lse = at::empty({B, T}, opts), table = at::empty({B, T, band_width}, opts),
+             special = at::empty({B, T}, opts);
+  if (B * T == 0) return {lse, table, special};
+  const int64_t W = band_width, k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_lattice_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_emissions", [&] {
     using acc_t = typename AccOf<scalar_t>::type;
     const scalar_t* x = logits.data_ptr<scalar_t>();
     const int64_t sb = logits.stride(0), st = logits.stride(1);
@@ -391,45 +383,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lattice_forward_cpu(
     const int64_t* obs = observed.has_value() ? observed->data_ptr<int64_t>() : nullptr;
     acc_t* lse_p = lse.data_ptr<acc_t>();
     acc_t* table_p = table.data_ptr<acc_t>();
-    acc_t* special_p = special_col.data_ptr<acc_t>();
-
-    // (1) vocabulary pass, over B*T rows: logsumexp and the band's emissions (0 outside the band);
-    //     a NaN there marks the frame, and a marked frame makes its row's loss NaN
-    std::vector<uint8_t> nan_frame(B * T, 0);
+    acc_t* special_p = special.data_ptr<acc_t>();
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / T, t = i % T, T_b = T_of(b), U_b = U_of(b);
+        const int64_t b = i / T, t = i % T, T_b = clamp_len(in_len[b], T), U_b = clamp_len(tg_len[b], U_max);
         acc_t* row = table_p + i * W;
         if (t >= T_b) {
-          lse_p[i] = 0;
-          special_p[i] = 0;
+          lse_p[i] = special_p[i] = 0;
           std::fill(row, row + W, acc_t(0));
           continue;
         }
         const scalar_t* xr = x + b * sb + t * st;
         const acc_t l = normalize ? row_logsumexp<scalar_t, acc_t>(xr, V) : acc_t(0);
         const int64_t o = obs ? obs[i] : -1;
-        lse_p[i] = l;
-        special_p[i] = emission(xr, l, o, special, normalize);
-        const int64_t c_lo = column_lo(t + 1, T_b, U_b, shift);
+        const int64_t c_lo = column_lo(t + 1, T_b, U_b, max_shift);
         const int64_t width = std::max<int64_t>(0, std::min(column_hi(t + 1, U_b) - c_lo + 1, W));
         const int64_t* y = tok + b * U_max + (c_lo - 1);
-        bool nan = l != l || special_p[i] != special_p[i];
+        bool nan = l != l;
         for (int64_t j = 0; j < width; ++j) {
           row[j] = emission(xr, l, o, y[j], normalize);
           nan |= row[j] != row[j];
         }
         std::fill(row + width, row + W, acc_t(0));
-        nan_frame[i] = nan;
+        lse_p[i] = l;
+        const acc_t e_special = emission(xr, l, o, k, normalize);
+        // a NaN anywhere in the frame is carried by its special emission, which the lattice checks
+        special_p[i] = nan ? std::numeric_limits<acc_t>::quiet_NaN() : e_special;
       }
     });
+  });
+  return {lse, table, special};
+}
 
-    // (2) the lattice, one row of the batch per task
+// ---- stage 2: the lattice over the band table -----------------------------------------------
+
+at::Tensor lattice_band_cpu(const at::Tensor& table, const at::Tensor& special, const at::Tensor& targets_in,
+                            const at::Tensor& input_lengths_in, const at::Tensor& target_lengths_in, int64_t mode,
+                            int64_t max_shift, bool need_grad) {
+  TORCH_CHECK(mode == kPreserve || mode == kStandard, "lattice_band: mode must be 0 (preserve) or 1 (standard)");
+  TORCH_CHECK(table.dim() == 3 && table.is_contiguous() && special.dim() == 2 && special.is_contiguous(),
+              "lattice_band: table [B, T, W] and special [B, T] must be contiguous");
+  TORCH_CHECK(table.scalar_type() == special.scalar_type() &&
+                  (table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble),
+              "lattice_band: table and special must both be float32 or float64");
+  const int64_t B = table.size(0), T = table.size(1), W = table.size(2), U_max = targets_in.size(1);
+  TORCH_CHECK(special.size(0) == B && special.size(1) == T, "lattice_band: special must be [B, T]");
+  check_batch("lattice_band", targets_in, input_lengths_in, target_lengths_in, B);
+  const at::Tensor targets = as_long(targets_in), input_lengths = as_long(input_lengths_in),
+                   target_lengths = as_long(target_lengths_in);
+  const int64_t shift = mode == kPreserve ? max_shift : -1;
+  const int64_t* in_len = input_lengths.data_ptr<int64_t>();
+  const int64_t* tg_len = target_lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(W >= column_band_width(clamp_len(in_len[b], T), clamp_len(tg_len[b], U_max), shift),
+                "lattice_band: the table is narrower than row ", b, "'s band");
+  at::Tensor nll = at::empty({B}, table.options());
+
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mdlm_ctc_lattice_band", [&] {
+    using acc_t = scalar_t;
+    acc_t* table_p = table.data_ptr<acc_t>();
+    acc_t* special_p = special.data_ptr<acc_t>();
+    const int64_t* tg = targets.data_ptr<int64_t>();
     acc_t* nll_p = nll.data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const Row<acc_t> row{table_p + b * T * W, special_p + b * T, tok + b * U_max, T_of(b), U_of(b), W, shift};
-        if (std::any_of(nan_frame.begin() + b * T, nan_frame.begin() + b * T + row.T, [](uint8_t f) { return f; })) {
+        const Row<acc_t> row{table_p + b * T * W, special_p + b * T, tg + b * U_max, clamp_len(in_len[b], T),
+                             clamp_len(tg_len[b], U_max), W, shift};
+        if (std::any_of(row.special, row.special + row.T, [](acc_t v) { return v != v; })) {
           nll_p[b] = std::numeric_limits<acc_t>::quiet_NaN();  // NaN in, NaN out (loss and gradient)
           if (need_grad) {
             std::fill(row.table, row.table + T * W, std::numeric_limits<acc_t>::quiet_NaN());
@@ -445,39 +465,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lattice_forward_cpu(
       }
     });
   });
-  if (!need_grad) return {nll, lse, at::empty({B, T, 0}, opts), at::empty({B, 0}, opts)};
-  return {nll, lse, table, special_col};
+  return nll;
 }
 
-at::Tensor lattice_backward_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits, const at::Tensor& lse,
-                                const at::Tensor& targets_in, const at::Tensor& input_lengths_in,
-                                const at::Tensor& target_lengths_in, const c10::optional<at::Tensor>& observed_in,
-                                const at::Tensor& post_target, const at::Tensor& post_special, const at::Tensor& nll,
-                                int64_t special_id, int64_t mode, int64_t max_shift, bool zero_infinity,
-                                bool normalize) {
-  check_inputs(logits, targets_in, input_lengths_in, target_lengths_in, observed_in);
+// ---- stage 3: the gradient pass -------------------------------------------------------------
+
+at::Tensor gradient_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits, const at::Tensor& lse_in,
+                        const at::Tensor& targets_in, const at::Tensor& input_lengths_in,
+                        const at::Tensor& target_lengths_in, const c10::optional<at::Tensor>& observed_in,
+                        const at::Tensor& post_target_in, const at::Tensor& post_special_in, const at::Tensor& nll_in,
+                        int64_t special_id, int64_t max_shift, bool zero_infinity, bool normalize) {
+  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "gradient: logits must be [B, T, V], V contiguous");
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), U_max = targets_in.size(1);
-  const int64_t W = post_target.size(2);
-  TORCH_CHECK(post_special.size(1) == T && post_target.size(1) == T, "posteriors were not computed (need_grad=False)");
+  check_batch("gradient", targets_in, input_lengths_in, target_lengths_in, B);
+  TORCH_CHECK(post_target_in.dim() == 3 && post_target_in.size(0) == B && post_target_in.size(1) == T &&
+                  post_special_in.dim() == 2 && post_special_in.size(1) == T,
+              "gradient: the posteriors were not computed (the forward ran without need_grad)");
+  const int64_t W = post_target_in.size(2);
   const at::Tensor targets = as_long(targets_in), input_lengths = as_long(input_lengths_in),
                    target_lengths = as_long(target_lengths_in);
   const c10::optional<at::Tensor> observed =
       observed_in.has_value() ? c10::optional<at::Tensor>(as_long(*observed_in)) : c10::nullopt;
   at::Tensor grad = at::empty({B, T, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad.numel() == 0) return grad;
-  const int64_t special = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
-  const int64_t shift = mode == kPreserve ? max_shift : -1;
+  const int64_t k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g_c = grad_nll_in.to(acc_dtype).contiguous(), lse = lse_in.to(acc_dtype).contiguous(),
+                   post_target = post_target_in.to(acc_dtype).contiguous(),
+                   post_special = post_special_in.to(acc_dtype).contiguous(), nll = nll_in.to(acc_dtype).contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_lattice_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_gradient", [&] {
     using acc_t = typename AccOf<scalar_t>::type;
-    const at::Tensor g_t = grad_nll_in.to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
-    const at::Tensor lse_c = lse.contiguous(), pt_c = post_target.contiguous(), ps_c = post_special.contiguous(),
-                     nll_c = nll.contiguous();
-    const acc_t* g = g_t.data_ptr<acc_t>();
-    const acc_t* lse_p = lse_c.data_ptr<acc_t>();
-    const acc_t* pt_p = pt_c.data_ptr<acc_t>();
-    const acc_t* ps_p = ps_c.data_ptr<acc_t>();
-    const acc_t* nll_p = nll_c.data_ptr<acc_t>();
+    const acc_t* g = g_c.data_ptr<acc_t>();
+    const acc_t* lse_p = lse.data_ptr<acc_t>();
+    const acc_t* pt_p = post_target.data_ptr<acc_t>();
+    const acc_t* ps_p = post_special.data_ptr<acc_t>();
+    const acc_t* nll_p = nll.data_ptr<acc_t>();
     const scalar_t* x = logits.data_ptr<scalar_t>();
     const int64_t sb = logits.stride(0), st = logits.stride(1);
     const int64_t* in_len = input_lengths.data_ptr<int64_t>();
@@ -489,9 +512,8 @@ at::Tensor lattice_backward_cpu(const at::Tensor& grad_nll_in, const at::Tensor&
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(V);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / T, t = i % T;
+        const int64_t b = i / T, t = i % T, T_b = clamp_len(in_len[b], T);
         scalar_t* o = out + i * V;
-        const int64_t T_b = std::min<int64_t>(std::max<int64_t>(in_len[b], 0), T);
         const bool active = t < T_b && !(obs != nullptr && obs[i] >= 0);
         if (!active) {
           std::fill(o, o + V, scalar_t(0));
@@ -504,20 +526,20 @@ at::Tensor lattice_backward_cpu(const at::Tensor& grad_nll_in, const at::Tensor&
         const scalar_t* xr = x + b * sb + t * st;
         const acc_t l = lse_p[i];
         if (normalize && l != neg_inf<acc_t>()) {
-_Pragma("omp simd")  // (inside a dispatch macro: #pragma is not allowed)
+          _Pragma("omp simd")  // (inside a dispatch macro: #pragma is not allowed)
           for (int64_t v = 0; v < V; ++v) row[v] = LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(xr + v) - l);
         } else {
           std::fill(row.begin(), row.end(), acc_t(0));
         }
-        row[special] -= ps_p[i];
-        const int64_t U = std::min<int64_t>(std::max<int64_t>(tg_len[b], 0), U_max);
-        const int64_t c_lo = column_lo(t + 1, T_b, U, shift), c_hi = std::min(column_hi(t + 1, U), c_lo + W - 1);
+        row[k] -= ps_p[i];
+        const int64_t U = clamp_len(tg_len[b], U_max);
+        const int64_t c_lo = column_lo(t + 1, T_b, U, max_shift), c_hi = std::min(column_hi(t + 1, U), c_lo + W - 1);
         for (int64_t u = c_lo; u <= c_hi; ++u) {
           const int64_t token = std::min<int64_t>(std::max<int64_t>(tg[b * U_max + u - 1], 0), V - 1);
           row[token] -= pt_p[i * W + (u - c_lo)];
         }
         const acc_t gb = g[b];
-_Pragma("omp simd")
+        _Pragma("omp simd")
         for (int64_t v = 0; v < V; ++v) o[v] = static_cast<scalar_t>(gb * row[v]);
       }
     });
@@ -528,8 +550,9 @@ _Pragma("omp simd")
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mdlm_ctc_C, CPU, m) {
-  m.impl("lattice_forward", &lattice_forward_cpu);
-  m.impl("lattice_backward", &lattice_backward_cpu);
+  m.impl("emissions", &emissions_cpu);
+  m.impl("lattice_band", &lattice_band_cpu);
+  m.impl("gradient", &gradient_cpu);
 }
 
 }  // namespace mdlm_ctc

@@ -1,6 +1,7 @@
 """The op layer: ``torch.library`` custom ops with fake kernels and autograd.
 
-Two ops carry every loss in the package:
+Two ops carry every loss in the package; each composes the three stages of a backend
+(``csrc/ops.cpp``: emissions, lattice_band, gradient):
 
 * ``mdlm_ctc::lattice_forward`` -> ``(nll [B], lse [B, T], post_target [B, T, W], post_special [B, T])``:
   the negative log-likelihood per row and, when a gradient is needed, the posteriors the gradient
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .reference import acc_dtype, viterbi_reference
+from .reference import PRESERVE, acc_dtype, viterbi_reference
 
 
 @torch.library.custom_op("mdlm_ctc::lattice_forward", mutates_args=())
@@ -28,10 +29,15 @@ def lattice_forward(logits: Tensor, targets: Tensor, input_lengths: Tensor, targ
                     observed: Optional[Tensor], special_id: int, mode: int, max_shift: int, band_width: int,
                     need_grad: bool, normalize: bool, zero_infinity: bool,
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    kernel = backends.forward_kernel(backend)
-    nll, lse, post_target, post_special = kernel(logits, targets, input_lengths, target_lengths, observed,
-                                                 special_id, mode, max_shift, band_width, need_grad, normalize)
-    return nll, lse, post_target, post_special
+    emissions, lattice_band, _ = backends.stages(backend)
+    shift = max_shift if mode == PRESERVE else -1
+    width = max(band_width, 1)
+    lse, table, special = emissions(logits, targets, input_lengths, target_lengths, observed, special_id, shift, width,
+                                    normalize)
+    nll = lattice_band(table, special, targets, input_lengths, target_lengths, mode, shift, need_grad)
+    if not need_grad:  # the table only held emissions
+        table, special = table.new_empty((table.shape[0], table.shape[1], 0)), special.new_empty((special.shape[0], 0))
+    return nll, lse, table, special
 
 
 @lattice_forward.register_fake
@@ -49,9 +55,9 @@ def lattice_backward(grad_nll: Tensor, logits: Tensor, lse: Tensor, targets: Ten
                      target_lengths: Tensor, observed: Optional[Tensor], post_target: Tensor, post_special: Tensor,
                      nll: Tensor, special_id: int, mode: int, max_shift: int, zero_infinity: bool, normalize: bool,
                      backend: str) -> Tensor:
-    kernel = backends.backward_kernel(backend)
-    return kernel(grad_nll, logits, lse, targets, input_lengths, target_lengths, observed, post_target, post_special,
-                  nll, special_id, mode, max_shift, zero_infinity, normalize)
+    _, _, gradient = backends.stages(backend)
+    return gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, observed, post_target, post_special,
+                    nll, special_id, max_shift if mode == PRESERVE else -1, zero_infinity, normalize)
 
 
 @lattice_backward.register_fake

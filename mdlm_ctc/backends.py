@@ -1,10 +1,11 @@
 """Which implementations exist on this machine, and which one a call uses.
 
-Backends (every one implements the same two-function contract, see ``csrc/ops.cpp``):
+Backends (every one implements the same three-stage contract, see ``csrc/ops.cpp``):
 
 * ``reference``: pure PyTorch (``mdlm_ctc/reference.py``), any device, float64-capable; slow.
 * ``cpu``: the C++ kernels of ``mdlm_ctc._C`` (OpenMP), CPU tensors.
-* ``cuda``: the CUDA kernels of ``mdlm_ctc._C``, CUDA tensors (built when a CUDA toolkit was found).
+* ``cuda``: the CUDA lattice of ``mdlm_ctc._C`` (built when a CUDA toolkit was found) between the
+  Triton vocabulary and gradient passes, CUDA tensors.
 * ``triton``: the Triton kernels of ``mdlm_ctc.triton_kernels``, CUDA tensors (CPU tensors too under
   ``TRITON_INTERPRET=1``, for tests).
 
@@ -48,13 +49,14 @@ def extension_loaded() -> bool:
 
 def _has_kernel(dispatch_key: str) -> bool:
     return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "mdlm_ctc_C::lattice_forward", dispatch_key)
+        "mdlm_ctc_C::lattice_band", dispatch_key)
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
     try:
-        importlib.import_module("mdlm_ctc.triton_kernels.slack_ctc")
+        for name in ("emissions", "slack_ctc", "grad"):
+            importlib.import_module(f"mdlm_ctc.triton_kernels.{name}")
         return True
     except ImportError:
         return False
@@ -77,7 +79,7 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     cuda_ok = device_type in (None, "cuda") and torch.cuda.is_available()
     if _triton_importable() and (cuda_ok or (device_type in (None, "cpu") and _triton_interpreted())):
         names.append("triton")
-    if cuda_ok and _has_kernel("CUDA"):
+    if cuda_ok and _has_kernel("CUDA") and _triton_importable():
         names.append("cuda")
     return names
 
@@ -102,29 +104,22 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def forward_kernel(backend: str):
+def stages(backend: str):
+    """``(emissions, lattice_band, gradient)`` of a backend: the three-stage contract of ``csrc/ops.cpp``.
+
+    ``cuda`` pairs the CUDA lattice with the Triton vocabulary and gradient passes (bandwidth-bound
+    passes that Triton already does at the memory roofline).
+    """
     if backend == "reference":
-        from .reference import lattice_forward_reference
+        from . import reference
 
-        return lattice_forward_reference
-    if backend in ("cpu", "cuda"):
-        return torch.ops.mdlm_ctc_C.lattice_forward
-    if backend == "triton":
-        from .triton_kernels import slack_ctc
+        return reference.emissions_reference, reference.lattice_band_reference, reference.gradient_reference
+    if backend == "cpu":
+        ops = torch.ops.mdlm_ctc_C
+        return ops.emissions, ops.lattice_band, ops.gradient
+    if backend in ("triton", "cuda"):
+        from .triton_kernels import emissions, grad, slack_ctc
 
-        return slack_ctc.lattice_forward
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-def backward_kernel(backend: str):
-    if backend == "reference":
-        from .reference import lattice_backward_reference
-
-        return lattice_backward_reference
-    if backend in ("cpu", "cuda"):
-        return torch.ops.mdlm_ctc_C.lattice_backward
-    if backend == "triton":
-        from .triton_kernels import slack_ctc
-
-        return slack_ctc.lattice_backward
+        lattice = torch.ops.mdlm_ctc_C.lattice_band if backend == "cuda" else slack_ctc.lattice_band
+        return emissions.emissions, lattice, grad.gradient
     raise ValueError(f"unknown backend {backend!r}")

@@ -13,10 +13,10 @@ observed frames, SPEC §3.4). The two lattices only ever read that table.
 * ``standard``: classic CTC over the extended label k y_1 k y_2 ... y_U k (states s = 0..2U).
 
 Besides the loss (:func:`slack_ctc_reference`, differentiable by autograd), this module implements
-the backend contract that the fast kernels implement too (:func:`lattice_forward_reference`,
-:func:`lattice_backward_reference`): the forward returns the negative log-likelihood, the per-frame
-logsumexp and the posteriors of the emitted tokens in the band layout of ``csrc/lattice.h``; the
-backward turns them into the gradient ``g * (softmax - posterior)``.
+the three stages of the backend contract that the fast kernels implement too (``csrc/ops.cpp``):
+:func:`emissions_reference` (logsumexp and the band emission table), :func:`lattice_band_reference`
+(alpha/beta, the loss and the posteriors, by the forward-backward algorithm) and
+:func:`gradient_reference` (``g * (softmax - posterior)``).
 """
 
 from __future__ import annotations
@@ -277,68 +277,91 @@ def column_band_width(T_b, U_b, max_shift=None):
 # the backend contract
 # ---------------------------------------------------------------------------------------------
 
-def lattice_forward_reference(logits, targets, input_lengths, target_lengths, observed, special_id, mode,
-                              max_shift, band_width, need_grad, normalize):
-    """Reference implementation of the ``lattice_forward`` contract (see ``csrc/ops.cpp``)."""
+def _band_columns(T, T_b, U_b, shift, W, device):
+    """For every frame and band slot j: the target column u it holds, and whether it is in the band."""
+    frames = torch.arange(T, device=device)
+    lo = column_lo(frames[None, :] + 1, T_b[:, None], U_b[:, None], shift)  # [B, T]
+    u = lo[:, :, None] + torch.arange(W, device=device)  # [B, T, W]
+    hi = torch.minimum(frames[None, :] + 1, U_b[:, None])[:, :, None]
+    active = (frames[None, :] < T_b[:, None])[:, :, None]
+    return u, (u >= 1) & (u <= hi) & active
+
+
+def emissions_reference(logits, targets, input_lengths, target_lengths, observed, special_id, max_shift, band_width,
+                        normalize):
+    """Stage 1 of the backend contract (``csrc/ops.cpp``): ``(lse, table, special)``."""
     B, T, V = logits.shape
     acc = acc_dtype(logits.dtype)
+    U = targets.shape[1]
     T_b = input_lengths.long().clamp(0, T)
-    U_b = target_lengths.long().clamp(0, targets.shape[1])
-    shift = max_shift if (mode == PRESERVE and max_shift >= 0) else None
-    frames = torch.arange(T, device=logits.device)
-    active = frames[None, :] < T_b[:, None]
-    em = log_emissions(logits, targets, special_id, observed, normalize)
-    loglik, posterior = posteriors_reference(em, targets, T_b, U_b, mode, shift)
-    nll = -loglik
+    U_b = target_lengths.long().clamp(0, U)
+    shift = None if max_shift < 0 else max_shift
+    active = torch.arange(T, device=logits.device)[None, :] < T_b[:, None]
+    em = log_emissions(logits.detach(), targets, special_id, observed, normalize)
     if normalize:
         lse = torch.logsumexp(logits.detach().to(acc), -1).masked_fill(~active, 0.0)
     else:
         lse = torch.zeros(B, T, dtype=acc, device=logits.device)
-    W = max(int(band_width), 1) if need_grad else 0
-    post_target = torch.zeros(B, T, W, dtype=acc, device=logits.device)
-    post_special = torch.zeros(B, T if need_grad else 0, dtype=acc, device=logits.device)
+    u, in_band = _band_columns(T, T_b, U_b, shift, band_width, logits.device)
+    table = em.gather(2, u.clamp(0, U)).masked_fill(~in_band, 0.0)
+    special = em[:, :, 0].masked_fill(~active, 0.0)
+    frame_nan = lse.isnan() | table.isnan().any(-1)
+    special = special.masked_fill(frame_nan & active, float("nan"))
+    return lse, table, special
+
+
+def lattice_band_reference(table, special, targets, input_lengths, target_lengths, mode, max_shift, need_grad):
+    """Stage 2 of the backend contract: ``nll [B]``; with ``need_grad`` the posteriors overwrite
+    ``table`` and ``special`` in place."""
+    B, T, W = table.shape
+    U = targets.shape[1]
+    T_b = input_lengths.long().clamp(0, T)
+    U_b = target_lengths.long().clamp(0, U)
+    shift = max_shift if (mode == PRESERVE and max_shift >= 0) else None
+    u, in_band = _band_columns(T, T_b, U_b, shift, W, table.device)
+    # the full emission table: band columns where the band has them, -inf (never on a path) elsewhere
+    em = table.new_full((B, T, U + 2), NEG_INF)
+    em.scatter_(2, torch.where(in_band, u, U + 1), table)
+    em = em[:, :, : U + 1]
+    em[:, :, 0] = special
+    active = torch.arange(T, device=table.device)[None, :] < T_b[:, None]
+    nan_row = (special.isnan() & active).any(1)
+    loglik, posterior = posteriors_reference(em.masked_fill(nan_row[:, None, None], 0.0), targets, T_b, U_b, mode,
+                                             shift)
+    nll = (-loglik).masked_fill(nan_row, float("nan"))
     if need_grad:
-        post_special = posterior[:, :, 0].contiguous()
-        lo = column_lo(frames[None, :] + 1, T_b[:, None], U_b[:, None], shift)  # [B, T]
-        u = lo[:, :, None] + torch.arange(W, device=logits.device)  # [B, T, W]
-        hi = torch.minimum(frames[None, :] + 1, U_b[:, None])[:, :, None]
-        in_band = (u <= hi) & (u >= 1)
-        post_target = posterior.gather(2, u.clamp(0, em.shape[2] - 1)).masked_fill(~in_band, 0.0)
-    return nll.to(acc), lse, post_target, post_special
+        post_target = posterior.gather(2, u.clamp(0, U)).masked_fill(~in_band, 0.0)
+        table.copy_(post_target.masked_fill(nan_row[:, None, None], float("nan")))
+        special.copy_(posterior[:, :, 0].masked_fill(nan_row[:, None], float("nan")))
+    return nll
 
 
-def lattice_backward_reference(grad_nll, logits, lse, targets, input_lengths, target_lengths, observed,
-                               post_target, post_special, nll, special_id, mode, max_shift, zero_infinity,
-                               normalize):
-    """Reference implementation of the ``lattice_backward`` contract: ``g * (softmax - posterior)``."""
+def gradient_reference(grad_nll, logits, lse, targets, input_lengths, target_lengths, observed, post_target,
+                       post_special, nll, special_id, max_shift, zero_infinity, normalize):
+    """Stage 3 of the backend contract: ``g * (softmax - posterior)`` in the logits' dtype."""
     B, T, V = logits.shape
     acc = acc_dtype(logits.dtype)
     W = post_target.shape[2]
+    U = targets.shape[1]
     T_b = input_lengths.long().clamp(0, T)
-    U_b = target_lengths.long().clamp(0, targets.shape[1])
-    shift = max_shift if (mode == PRESERVE and max_shift >= 0) else None
-    frames = torch.arange(T, device=logits.device)
-    active = frames[None, :] < T_b[:, None]
+    U_b = target_lengths.long().clamp(0, U)
+    shift = None if max_shift < 0 else max_shift
+    active = torch.arange(T, device=logits.device)[None, :] < T_b[:, None]
     if observed is not None:
         active = active & (observed < 0)
     if normalize:
-        dead = lse[:, :, None] == NEG_INF
-        grad = torch.exp(logits.to(acc) - lse[:, :, None]).masked_fill(dead, 0.0)
+        grad = torch.exp(logits.to(acc) - lse[:, :, None]).masked_fill(lse[:, :, None] == NEG_INF, 0.0)
     else:
         grad = torch.zeros(B, T, V, dtype=acc, device=logits.device)
-    grad[:, :, special_id] -= post_special
-    lo = column_lo(frames[None, :] + 1, T_b[:, None], U_b[:, None], shift)
-    u = lo[:, :, None] + torch.arange(W, device=logits.device)
-    in_band = (u <= torch.minimum(frames[None, :] + 1, U_b[:, None])[:, :, None]) & (u >= 1)
-    if targets.shape[1] > 0 and W > 0:
-        index = (u - 1).clamp(0, targets.shape[1] - 1).flatten(1)
-        tokens = targets.long().clamp(0, V - 1).gather(1, index).view(B, T, W)
-        grad.scatter_add_(2, tokens, -post_target.masked_fill(~in_band, 0.0))
+    grad[:, :, special_id] -= post_special.to(acc)
+    u, in_band = _band_columns(T, T_b, U_b, shift, W, logits.device)
+    if U > 0 and W > 0:
+        tokens = targets.long().clamp(0, V - 1).gather(1, (u - 1).clamp(0, U - 1).flatten(1)).view(B, T, W)
+        grad.scatter_add_(2, tokens, -post_target.to(acc).masked_fill(~in_band, 0.0))
     grad = grad * grad_nll.to(acc)[:, None, None]
     infeasible = nll == float("inf")
     grad = torch.where(infeasible[:, None, None], 0.0 if zero_infinity else float("nan"), grad)
-    grad = grad.masked_fill(~active[:, :, None], 0.0)
-    return grad.to(logits.dtype)
+    return grad.masked_fill(~active[:, :, None], 0.0).to(logits.dtype)
 
 
 def viterbi_reference(logits, targets, input_lengths, target_lengths, observed, special_id, mode, max_shift,
