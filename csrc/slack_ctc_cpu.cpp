@@ -81,7 +81,7 @@ struct Row {
   void load_targets(int64_t t, int64_t lo, int64_t hi, acc_t* e) const {
     const int64_t c_lo = column_lo(t, T, U, max_shift);
     const int64_t from = std::max(lo, c_lo), to = std::min({hi, column_hi(t, U), c_lo + W - 1});
-    for (int64_t u = std::max<int64_t>(lo, 0); u < from; ++u) e[u] = 0;
+    for (int64_t u = std::max<int64_t>(lo, 0); u < std::min(from, hi + 1); ++u) e[u] = 0;
     if (to >= from) std::copy(table + (t - 1) * W + (from - c_lo), table + (t - 1) * W + (to - c_lo) + 1, e + from);
     for (int64_t u = std::max(to + 1, lo); u <= hi; ++u) e[u] = 0;
   }

@@ -84,6 +84,7 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return names
 
 
+@torch.compiler.assume_constant_result  # probed once at trace time, never traced into
 def resolve(backend: str, device: torch.device) -> str:
     """The backend a call with ``backend=...`` on ``device`` runs; a clear error if it cannot run there."""
     if backend == "auto":

@@ -1,0 +1,133 @@
+"""The op layer: torch.library registration (opcheck), torch.compile without graph breaks, the backends
+and their three stages against the reference stages."""
+
+import pytest
+import torch
+
+import mdlm_ctc
+from mdlm_ctc import _ops, backends, reference
+from oracles import assert_close_report
+
+BACKENDS = [b for b in ("reference", "cpu") if b in mdlm_ctc.available_backends("cpu")]
+
+
+def op_args(backend, need_grad=True, mode=0, max_shift=-1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 6, generator=g, dtype=dtype, requires_grad=need_grad)
+    targets = torch.tensor([[1, 2, 2], [3, 1, 4], [5, 5, 5]])
+    input_lengths = torch.tensor([7, 5, 7])
+    target_lengths = torch.tensor([3, 2, 3])
+    observed = torch.full((3, 7), -1)
+    observed[0, 1] = 1
+    return (logits, targets, input_lengths, target_lengths, observed, 0, mode, max_shift, 5, need_grad, True, False,
+            backend)
+
+
+def test_available_backends():
+    names = mdlm_ctc.available_backends()
+    assert names[0] == "reference"
+    assert "cpu" in mdlm_ctc.available_backends("cpu"), "the C++ extension should be built by `pip install -e .`"
+    assert set(mdlm_ctc.available_backends("cpu")) <= {"reference", "cpu", "triton"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,max_shift", [(0, -1), (0, 1), (1, -1)])
+def test_opcheck_lattice_forward(backend, mode, max_shift):
+    torch.library.opcheck(_ops.lattice_forward, op_args(backend, mode=mode, max_shift=max_shift))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_lattice_backward_and_alignment(backend):
+    args = op_args(backend, need_grad=False)
+    logits = args[0].detach()
+    nll, lse, post_target, post_special = _ops.lattice_forward(logits, *args[1:9], True, True, False, backend)
+    torch.library.opcheck(_ops.lattice_backward,
+                          (torch.ones(3, dtype=torch.float64), logits, lse, args[1], args[2], args[3], args[4],
+                           post_target, post_special, nll, 0, 0, -1, False, True, backend))
+    torch.library.opcheck(_ops.best_alignment_op, (logits, args[1], args[2], args[3], args[4], 0, 0, -1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+
+    def step(logits, targets, target_lengths, input_lengths):
+        loss = mdlm_ctc.slack_ctc_loss(logits, targets, target_lengths, slack_id=0, input_lengths=input_lengths,
+                                       backend=backend)
+        return loss * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    logits = torch.randn(2, 8, 6, requires_grad=True)
+    targets = torch.tensor([[1, 2, 3], [4, 4, 0]])
+    target_lengths = torch.tensor([3, 2])
+    input_lengths = torch.tensor([8, 6])
+    out = compiled(logits, targets, target_lengths, input_lengths)
+    out.backward()
+    eager_logits = logits.detach().clone().requires_grad_(True)
+    expected = step(eager_logits, targets, target_lengths, input_lengths)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(logits.grad, eager_logits.grad)
+
+
+@pytest.mark.parametrize("collapse", ["preserve", "standard"])
+def test_compile_inductor_fullgraph(collapse):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def f(logits, targets):
+        return mdlm_ctc.slack_ctc_loss(logits.float() * 1.5, targets, slack_id=0, collapse=collapse)
+
+    logits = torch.randn(2, 9, 7, requires_grad=True)
+    targets = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    loss = f(logits, targets)
+    loss.backward()
+    expected = mdlm_ctc.slack_ctc_loss(logits.detach() * 1.5, targets, slack_id=0, collapse=collapse)
+    torch.testing.assert_close(loss, expected)
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+@pytest.mark.parametrize("mode,max_shift", [(0, -1), (0, 2), (1, -1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cpu_stages_match_reference_stages(mode, max_shift, dtype):
+    g = torch.Generator().manual_seed(1)
+    B, T, V, U = 4, 13, 9, 6
+    logits = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
+    targets = torch.randint(1, V, (B, U), generator=g)
+    targets[1, 1] = targets[1, 0]
+    input_lengths = torch.tensor([13, 9, 6, 4])
+    target_lengths = torch.tensor([6, 4, 0, 6])  # row 3 infeasible
+    observed = torch.full((B, T), -1)
+    observed[0, 3] = 0
+    width = int(reference.column_band_width(input_lengths, target_lengths, None if max_shift < 0 else max_shift)
+                .max().clamp(min=1))
+    shift = max_shift if mode == 0 else -1
+    cpu = backends.stages("cpu")
+    ref = backends.stages("reference")
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    out_cpu = cpu[0](logits, targets, input_lengths, target_lengths, observed, 0, shift, width, True)
+    out_ref = ref[0](logits, targets, input_lengths, target_lengths, observed, 0, shift, width, True)
+    for name, a, b in zip(("lse", "table", "special"), out_cpu, out_ref):
+        assert_close_report(a, b, what=f"emissions: {name}", **tol)
+    table_cpu, special_cpu = out_cpu[1].clone(), out_cpu[2].clone()
+    table_ref, special_ref = out_ref[1].clone(), out_ref[2].clone()
+    nll_cpu = cpu[1](table_cpu, special_cpu, targets, input_lengths, target_lengths, mode, shift, True)
+    nll_ref = ref[1](table_ref, special_ref, targets, input_lengths, target_lengths, mode, shift, True)
+    assert_close_report(nll_cpu, nll_ref, what="lattice: nll", **tol)
+    assert_close_report(table_cpu, table_ref, what="lattice: target posteriors", **tol)
+    assert_close_report(special_cpu, special_ref, what="lattice: special posteriors", **tol)
+    grad_nll = torch.linspace(0.5, 2.0, B, dtype=nll_ref.dtype)
+    for zero_infinity in (False, True):
+        args = (grad_nll, logits, out_ref[0], targets, input_lengths, target_lengths, observed, table_ref,
+                special_ref, nll_ref, 0, shift, zero_infinity, True)
+        assert_close_report(cpu[2](*args), ref[2](*args), what="gradient", **tol)
+
+
+def test_lattice_band_rejects_a_narrow_table():
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the cpu backend")
+    table, special = torch.zeros(1, 6, 1), torch.zeros(1, 6)
+    with pytest.raises(RuntimeError, match="narrower than row 0's band"):
+        torch.ops.mdlm_ctc_C.lattice_band(table, special, torch.tensor([[1, 2, 3]]), torch.tensor([6]),
+                                          torch.tensor([3]), 0, -1, False)
