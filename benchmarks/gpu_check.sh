@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU check: on a bare H200 machine with no network, install mdlm-ctc from this working tree
+# (CUDA kernels included), run the GPU tests, run the GPU benchmark rows (G1-G4 of SPEC §6) with
+# every provider present, and print a compact report. Results land in benchmarks/results/ and, when
+# $OUT is set (the device tool's output folder), are copied there too.
+#
+#   bash benchmarks/gpu_check.sh            # the real check (about 6 minutes)
+#   bash benchmarks/gpu_check.sh --smoke    # the same steps at toy sizes, runnable on a CPU machine
+#
+# Every step has its own time limit, so one slow step cannot eat the whole budget; a failed step is
+# reported and the next one still runs. Exit status: number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+PY=${PYTHON:-python3}
+if [ -n "${OUT:-}" ]; then LOGS=$OUT/logs; elif [ $SMOKE -eq 1 ]; then LOGS=$(mktemp -d); else LOGS=$ROOT/benchmarks/results/gpu_check_logs; fi
+mkdir -p "$LOGS"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export MDLM_CTC_CUDA_ARCHS=${MDLM_CTC_CUDA_ARCHS:-90}
+export PYTHONUNBUFFERED=1
+failed=0
+summary=()
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== [$name] (limit ${limit}s) $*"
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  local took=$((SECONDS - t0))
+  tail -n 25 "$LOGS/$name.log"
+  if [ $rc -eq 0 ]; then
+    summary+=("ok     $name (${took}s)")
+  else
+    summary+=("FAILED $name (rc=$rc, ${took}s; log: $LOGS/$name.log)")
+    failed=$((failed + 1))
+  fi
+}
+
+echo "== machine"
+"$PY" - <<'PYEOF'
+import torch, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton: not importable")
+PYEOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
+
+if [ $SMOKE -eq 1 ]; then
+  # the package is already installed on a development machine; only check that it imports
+  step install 120 "$PY" -c "import mdlm_ctc; print(mdlm_ctc.available_backends())"
+else
+  # no network: no build isolation, no dependency resolution, nothing from an index
+  step install 420 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+  step backends 60 "$PY" -c "import mdlm_ctc, torch; print(mdlm_ctc.available_backends('cuda'))"
+fi
+
+if [ $SMOKE -eq 1 ]; then
+  step gpu_tests 300 "$PY" -m pytest -q -m gpu tests
+  step bench_slack_ctc 300 "$PY" benchmarks/bench_slack_ctc.py --smoke
+  [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 300 "$PY" benchmarks/bench_linear_slack_ctc.py --smoke
+else
+  step gpu_tests 240 "$PY" -m pytest -q -x -m gpu tests
+  step bench_slack_ctc 300 "$PY" benchmarks/bench_slack_ctc.py --suite gpu --repeats 20 --record
+  [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 240 "$PY" benchmarks/bench_linear_slack_ctc.py --record
+fi
+
+if [ -n "${OUT:-}" ] && [ $SMOKE -eq 0 ]; then
+  cp -r benchmarks/results/. "$OUT/results/" 2>/dev/null || { mkdir -p "$OUT/results" && cp -r benchmarks/results/. "$OUT/results/"; }
+fi
+
+echo
+echo "== gpu_check summary"
+for line in "${summary[@]}"; do echo "  $line"; done
+for f in benchmarks/results/slack_ctc_gpu_latest.md benchmarks/results/linear_slack_ctc_latest.md; do
+  [ -f "$f" ] && [ $SMOKE -eq 0 ] && { echo; cat "$f"; }
+done
+exit $failed
