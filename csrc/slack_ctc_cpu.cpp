@@ -350,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emissions_cpu(
     const at::Tensor& logits, const at::Tensor& targets_in, const at::Tensor& input_lengths_in,
     const at::Tensor& target_lengths_in, const c10::optional<at::Tensor>& observed_in, int64_t special_id,
     int64_t max_shift, int64_t band_width, bool normalize) {
-  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "emissions: logits must be [B, T, V], V contiguous");
+  TORCH_CHECK(logits.dim() == 3 && (logits.stride(2) == 1 || logits.size(2) == 1), "emissions: logits must be [B, T, V], V contiguous");
   TORCH_CHECK(logits.size(2) > 0, "emissions: empty vocabulary");
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), U_max = targets_in.size(1);
   check_batch("emissions", targets_in, input_lengths_in, target_lengths_in, B);
@@ -475,7 +475,7 @@ at::Tensor gradient_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits,
                         const at::Tensor& target_lengths_in, const c10::optional<at::Tensor>& observed_in,
                         const at::Tensor& post_target_in, const at::Tensor& post_special_in, const at::Tensor& nll_in,
                         int64_t special_id, int64_t max_shift, bool zero_infinity, bool normalize) {
-  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "gradient: logits must be [B, T, V], V contiguous");
+  TORCH_CHECK(logits.dim() == 3 && (logits.stride(2) == 1 || logits.size(2) == 1), "gradient: logits must be [B, T, V], V contiguous");
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), U_max = targets_in.size(1);
   check_batch("gradient", targets_in, input_lengths_in, target_lengths_in, B);
   TORCH_CHECK(post_target_in.dim() == 3 && post_target_in.size(0) == B && post_target_in.size(1) == T &&

@@ -254,6 +254,18 @@ def test_edge_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_single_token_vocabulary_and_empty_time_with_odd_strides(backend):
+    # size-1 and size-0 dimensions get arbitrary strides from some ops; they must still be accepted
+    x = torch.randn(2, 4, 1).expand(2, 4, 1) * 1.0
+    assert slack_ctc_loss(x, torch.zeros(2, 0, dtype=torch.long), slack_id=0, reduction="sum",
+                          backend=backend).item() == 0.0  # the only canvas is all slack, probability 1
+    empty = torch.randn(2, 0, 1).bfloat16() * 3
+    out = slack_ctc_loss(empty, torch.zeros(2, 1, dtype=torch.long) + 0, torch.tensor([0, 0]), slack_id=0,
+                         reduction="none", backend=backend)
+    assert out.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("collapse", ["preserve", "standard"])
 def test_infeasible_rows_inf_and_zero_infinity(backend, collapse):
     logits, targets = random_case(3, 4, 5, 4, seed=13)
