@@ -131,3 +131,16 @@ def test_lattice_band_rejects_a_narrow_table():
     with pytest.raises(RuntimeError, match="narrower than row 0's band"):
         torch.ops.mdlm_ctc_C.lattice_band(table, special, torch.tensor([[1, 2, 3]]), torch.tensor([6]),
                                           torch.tensor([3]), 0, -1, False)
+
+
+def test_without_the_extension_auto_falls_back_to_reference(monkeypatch):
+    monkeypatch.setattr(backends, "_has_kernel", lambda key: False)
+    assert backends.resolve("auto", torch.device("cpu")) == "reference"
+    logits = torch.randn(2, 5, 4, dtype=torch.float64)
+    targets = torch.tensor([[1, 2], [3, 1]])
+    loss = mdlm_ctc.slack_ctc_loss(logits, targets, slack_id=0)  # auto -> reference
+    expected = mdlm_ctc.slack_ctc_loss(logits, targets, slack_id=0, backend="reference")
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match=r"`backend`='cpu' is not available for tensors on cpu.*available there: "
+                                         r"reference"):
+        mdlm_ctc.slack_ctc_loss(logits, targets, slack_id=0, backend="cpu")
