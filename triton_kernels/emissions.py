@@ -1,0 +1,224 @@
+"""The vocabulary pass (stage 1 of ``csrc/ops.cpp``): one read of the logits gives the logsumexp of
+every frame and the band emission table the lattice reads.
+
+Maths, for row b and frame t < T_b = input_lengths[b] (0-based; the lattice's frame is t + 1):
+
+    lse[b, t]      = log sum_v exp(x_v)                       (x = logits[b, t, :]; 0 if not normalize)
+    e(tok)         = x_tok - lse   (-inf if lse = -inf; x_tok itself if not normalize;
+                                    0 / -inf at an observed frame: tok == observed[b, t] or not)
+    table[b, t, j] = e(y_u)  for u = column_lo(t + 1) + j <= column_hi(t + 1)   (lattice.h), 0 after
+    special[b, t]  = e(k), or NaN when the frame has a NaN (lse or a gathered emission), so that the
+                     lattice marks the row NaN.
+Frames t >= T_b are all 0. Ids are clamped to [0, V) before any load, lengths to the padded sizes.
+
+Layouts: logits [B, T, V] float32/bfloat16/float16, any strides on B and T, V contiguous;
+targets [B, U] int32/int64; input_lengths, target_lengths [B] int64 on the device; observed [B, T]
+or None. Outputs lse [B, T], table [B, T, W], special [B, T], all float32, contiguous. float64 logits
+are handed to ``mdlm_ctc.reference.emissions_reference`` (float64 accumulation; Triton would only
+emulate it): the fast path is for the LLM dtypes.
+
+Parallelisation: one program per (b, t) row, grid B*T. The logsumexp is online over vocabulary
+tiles of BLOCK_V: per tile one max reduction, one rescale of a per-lane partial sum by a scalar
+exp2, and one exp2 per logit with log2(e) folded into an FMA, so the SFU does one op per logit
+(2.07 G exp2 at G1 is ~0.5 ms of SFU time, under the ~0.86 ms of HBM time for one read of the bf16
+logits; the two overlap). No whole-row block and no B*T*V intermediate. The band's W target ids are
+gathered from the row after the loop: the row (253 KB in bf16 at V = 126,464) was just streamed
+through L2, so the gathers are L2 hits, and W is small next to V (W <= 257 at G1; ~2k at worst).
+
+Host-side helpers shared by the three launchers (autotune switch, interpreter test, device guard)
+live at the end of this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .logspace import LN2, LOG2E, NAN, NEG_INF, POS_INF, finite_or_zero
+
+
+@triton.jit
+def _emissions_kernel(
+    # pointers
+    logits_ptr, targets_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
+    lse_ptr, table_ptr, special_ptr,
+    # sizes
+    T, V, U_max, W, special_id, max_shift,
+    # strides
+    stride_logits_b, stride_logits_t, stride_targets_b, stride_observed_b, stride_observed_t,
+    # meta
+    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    T_b = tl.minimum(tl.maximum(tl.load(input_lengths_ptr + b).to(tl.int64), 0), T)
+    U_b = tl.minimum(tl.maximum(tl.load(target_lengths_ptr + b).to(tl.int64), 0), U_max)
+    active = t < T_b
+    x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
+
+    # ---- online logsumexp over the vocabulary (base 2 inside, natural log out) ----------------
+    lse = tl.zeros([], dtype=tl.float32)
+    if NORMALIZE:
+        offs_v = tl.arange(0, BLOCK_V)
+        n_v = tl.where(active, V, 0)  # an inactive frame reads nothing
+        run_max = tl.full([], NEG_INF, dtype=tl.float32)
+        run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane partial sums, relative to run_max
+        for v0 in range(0, n_v, BLOCK_V):
+            v = v0 + offs_v
+            x = tl.load(x_row + v, mask=v < V, other=NEG_INF).to(tl.float32)
+            new_max = tl.maximum(run_max, tl.max(x, axis=0))
+            scaled_max = finite_or_zero(new_max) * LOG2E
+            run_sum = run_sum * tl.exp2(run_max * LOG2E - scaled_max) + tl.exp2(x * LOG2E - scaled_max)
+            run_max = new_max
+        total = tl.sum(run_sum, axis=0)
+        # all -inf: 0 + log(0) = -inf; a NaN logit makes total NaN; a +inf logit gives +inf (as C++)
+        lse = finite_or_zero(run_max) + tl.log2(total) * LN2
+        lse = tl.where(run_max == POS_INF, POS_INF, lse)
+        lse = tl.where(active, lse, 0.0)
+
+    if HAS_OBSERVED:
+        seen = tl.load(observed_ptr + b * stride_observed_b + t * stride_observed_t).to(tl.int64)
+    else:
+        seen = tl.full([], -1, dtype=tl.int64)
+    free = seen < 0
+
+    # ---- the band's target emissions: columns u = c_lo .. c_hi of frame t + 1 ------------------
+    frame = t + 1
+    c_lo = tl.maximum(U_b - T_b + frame, 1)
+    c_lo = tl.where(max_shift >= 0, tl.maximum(c_lo, frame - max_shift), c_lo)
+    c_hi = tl.minimum(frame, U_b)
+    width = tl.minimum(tl.maximum(c_hi - c_lo + 1, 0), W)
+    width = tl.where(active, width, 0)
+    targets_row = targets_ptr + b * stride_targets_b + (c_lo - 1)
+    table_row = table_ptr + row * W
+    offs_w = tl.arange(0, BLOCK_W)
+    nan_count = tl.zeros([], dtype=tl.int32)
+    for j0 in range(0, W, BLOCK_W):
+        j = j0 + offs_w
+        in_band = j < width
+        token = tl.load(targets_row + j, mask=in_band, other=0).to(tl.int64)
+        token = tl.minimum(tl.maximum(token, 0), V - 1)
+        x = tl.load(x_row + token, mask=in_band & free, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            e = tl.where(lse == NEG_INF, NEG_INF, x - lse)
+        else:
+            e = x
+        e = tl.where(free, e, tl.where(seen == token, 0.0, NEG_INF))
+        e = tl.where(in_band, e, 0.0)
+        nan_count += tl.sum((e != e).to(tl.int32), axis=0)
+        tl.store(table_row + j, e, mask=j < W)
+
+    # ---- the special token, carrying the frame's NaN mark -------------------------------------
+    k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
+    x_k = tl.load(x_row + k, mask=active & free, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        e_k = tl.where(lse == NEG_INF, NEG_INF, x_k - lse)
+    else:
+        e_k = x_k
+    e_k = tl.where(free, e_k, tl.where(seen == k, 0.0, NEG_INF))
+    e_k = tl.where((nan_count > 0) | (lse != lse), NAN, e_k)
+    e_k = tl.where(active, e_k, 0.0)
+    tl.store(lse_ptr + row, lse)
+    tl.store(special_ptr + row, e_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs: known-good defaults by shape class, and a tiny autotune list behind MDLM_CTC_AUTOTUNE
+# ---------------------------------------------------------------------------------------------
+
+def _vocab_block(V: int, element_size: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary pass: 8 KB of logits per tile and per load wave
+    (4096 bf16/fp16 or 2048 fp32 values, 16 or 8 per thread at 8 warps), less for small V."""
+    if interpreted():
+        return min(triton.next_power_of_2(max(V, 1)), 8), 1  # several tiles even at V ~ 10
+    block = 4096 if element_size <= 2 else 2048
+    block = min(block, max(triton.next_power_of_2(V), 32))
+    return block, max(1, min(8, block // 256))
+
+
+def _vocab_autotune_configs():
+    return [triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv, nw in ((2048, 4), (4096, 8), (8192, 8), (8192, 16))]
+
+
+# keyed on V (and, implicitly, the dtypes): the band width W changes from batch to batch and only
+# sizes the small gather loop, so it must not trigger a re-tune
+_emissions_kernel_tuned = triton.autotune(configs=_vocab_autotune_configs(), key=["V"])(_emissions_kernel)
+
+
+def emissions(logits, targets, input_lengths, target_lengths, observed, special_id: int, max_shift: int,
+              band_width: int, normalize: bool):
+    """Stage 1 of the backend contract (``csrc/ops.cpp``): ``(lse [B, T], table [B, T, W], special [B, T])``."""
+    if logits.dtype == torch.float64:
+        from mdlm_ctc.reference import emissions_reference
+
+        return emissions_reference(logits, targets, input_lengths, target_lengths, observed, special_id, max_shift,
+                                   band_width, normalize)
+    B, T, V = logits.shape
+    W = int(band_width)
+    if logits.stride(2) != 1:
+        logits = logits.contiguous()
+    device = logits.device
+    lse = torch.empty((B, T), dtype=torch.float32, device=device)
+    table = torch.empty((B, T, W), dtype=torch.float32, device=device)
+    special = torch.empty((B, T), dtype=torch.float32, device=device)
+    if B * T == 0 or V == 0:
+        return lse.zero_(), table.zero_(), special.zero_()
+    targets = targets.contiguous()
+    input_lengths = input_lengths.to(torch.int64).contiguous()
+    target_lengths = target_lengths.to(torch.int64).contiguous()
+    has_observed = observed is not None
+    observed_arg = observed.contiguous() if has_observed else input_lengths  # a dummy pointer when absent
+    stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
+    block_w = min(triton.next_power_of_2(max(W, 1)), 4 if interpreted() else 512)
+    args = (logits, targets, input_lengths, target_lengths, observed_arg, lse, table, special,
+            T, V, targets.shape[1], W, int(special_id), int(max_shift),
+            logits.stride(0), logits.stride(1), targets.stride(0), stride_ob, stride_ot)
+    meta = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize), BLOCK_W=block_w)
+    with device_guard(device):
+        if normalize and autotune_enabled(device):
+            _emissions_kernel_tuned[(B * T,)](*args, **meta)
+        else:
+            block_v, num_warps = _vocab_block(V, logits.element_size())
+            _emissions_kernel[(B * T,)](*args, **meta, BLOCK_V=block_v, num_warps=num_warps)
+    return lse, table, special
+
+
+# ---------------------------------------------------------------------------------------------
+# host-side helpers shared by the launchers of emissions.py, slack_ctc.py and grad.py
+# ---------------------------------------------------------------------------------------------
+
+def interpreted() -> bool:
+    """Running under the Triton interpreter (CPU tensors, tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    """``MDLM_CTC_AUTOTUNE=0`` pins the known-good configs (tests and CI set it); on by default on a GPU.
+
+    Autotuning times a few configs on the first call of each vocabulary size and dtype, running the
+    kernel several times, so only the pure kernels (emissions, out-of-place gradient) are ever
+    autotuned; never under the interpreter, and never while a CUDA graph is being captured (the
+    timing synchronises): a captured call runs the default config.
+    """
+    if os.environ.get("MDLM_CTC_AUTOTUNE", "1") == "0" or interpreted() or device.type != "cuda":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def device_guard(device: torch.device):
+    """Launch on the tensors' GPU, whatever the current device is."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a GPU (queried once, at call time, never at import)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -1,0 +1,621 @@
+"""The banded log-space lattice (stage 2 of ``csrc/ops.cpp``) for both collapses, in Triton.
+
+Input: the band emission table of the vocabulary pass, table [B, T, W] (e_t(y_u) at
+[t-1, u - column_lo(t)]) and special [B, T] (e_t(k), NaN on a NaN frame), float32, contiguous.
+Output: nll [B] (+inf for an infeasible row, NaN for a row with a NaN frame); with need_grad the
+posteriors overwrite table (target columns, same layout) and special (the special token), 0 past the
+input length and on infeasible rows, NaN on NaN rows. Lengths stay on the device: no host sync.
+
+Maths (lattice.h, SPEC §3). Both lattices are written over one state index x with at most three
+predecessors x, x-1, x-2 and a transition weight w_t(x, d) for the move x-d -> x at frame t:
+
+    preserve  x = u (target tokens emitted)  w(x,0) = e_t(k), w(x,1) = e_t(y_x), no skip
+    standard  x = s (extended label k y1 k y2 .. yU k)  w(x,0) = w(x,1) = e_t(l'_x),
+              w(x,2) = e_t(l'_x) if x is a label and y_{(x+1)/2} != y_{(x-1)/2} (skip), else -inf
+    alpha_t(x)     = logsumexp_d alpha_{t-1}(x-d) + w_t(x, d),   alpha_0 = [0 at x = 0]
+    beta_{t-1}(x)  = logsumexp_d beta_t(x+d) + w_t(x+d, d),     beta_T = 0 at the final states
+restricted to the band of states that lie on a complete path (preserve: max(0, U-(T-t),
+min(t-m, U)) <= u <= min(t, U); standard: max(0, 2(U-T+t)-1) <= s <= min(2U, max(0, 2t-1))),
+log space, fp32 (logspace.py). Posteriors of frame t:
+    preserve  target u: exp(alpha_{t-1}(u-1) + e_t(y_u) + beta_t(u) - loglik);
+              k: sum_u exp(alpha_{t-1}(u) + e_t(k) + beta_t(u) - loglik)
+    standard  occupancy exp(alpha_t(s) + beta_t(s) - loglik): label s = 2u-1 -> target u, the
+              blank states (even s) summed -> k.
+
+Layouts of the work buffers (all float32, band-relative: state x of frame t at [x - lo(t)]):
+    alpha, beta  [B, T+1, S]      S = W + 1 (preserve) or 2W + 1 (standard): the widest state band
+                                   a table of width W can hold, so no row's lengths are read on the host
+    transfer     [B, NC, S, D]    chunked mode only: for chunk c and each state x of frame c*L,
+                                   the log weight of reaching x + d at the chunk's last frame
+
+Parallelisation plan (why, and what to measure). One step of a lattice is cheap (a band of S
+states, 2-3 SFU ops per state) but there are T dependent steps, and in Triton every step is a
+round trip through memory plus a CTA barrier (the band does not fit one warp, and Triton has no
+register shuffle across warps). One program per row would leave a long sequence on one SM for T
+latency-bound steps: at B = 2, T = 8192 that is ~2.5-3.5 ms per pass [est. at 0.3-0.4 us per
+step], the cliff G3 forbids. So the time axis is split into chunks of L frames and the chunks are
+combined by a log-semiring scan, in kernels that never wait on each other (no inter-CTA flags or
+spin loops, nothing that can deadlock, nothing order-dependent: deterministic):
+
+    A  _transfer_kernel  grid (B, NC, S/TILE_I), fully parallel: each chunk's transfer matrix
+                         (a band of D = L+1 or 2L+1 offsets per input state), L steps of a
+                         [TILE_I, D] tile.
+    B  _boundary_kernel  grid (B, 2): alpha at every chunk boundary forward (program 0) and beta
+                         backward (program 1), NC steps of a banded log-semiring mat-vec each.
+    C  _sweep_kernel     grid (B, NC, 2): alpha forward and beta backward inside every chunk,
+                         from its boundary rows, all chunks and both directions at once.
+    _loss_kernel         grid (B): NaN scan of the row, loglik from alpha at T_b, nll.
+    _posterior_kernel    grid (B*T): posteriors of every frame from the stored alpha and beta,
+                         overwriting the table in place (fully parallel, no sequential work).
+The critical path becomes ~2L + NC dependent steps instead of T (T = 2048, L = 31: ~130 instead
+of 2048) at the price of D times the SFU work of one pass in phase A (every input state carries D
+offsets), spread over the whole GPU: B * NC * S/TILE_I programs (G1: ~8,000). When the band is so
+wide that this extra work exceeds the latency it saves, or T is short, a single chunk (NC = 1,
+phases A and B skipped) runs alpha and beta as two concurrent programs per row.
+`_choose_chunk_len` makes that call with the cost model below [est.]: at G1 (preserve, W = 257) it
+picks L = 15, ~0.1 ms instead of ~0.65 ms; at G3 (B = 2, T = 8192) L = 31, ~0.36 ms instead of
+~2.7 ms; at G2 standard (W = 1024, S = 2049) L = 7, ~0.77 ms instead of ~1.0 ms.
+MDLM_CTC_LATTICE_CHUNK=<L> (0 = one chunk) overrides it.
+
+Rejected alternative: splitting one row's band across CTAs that exchange edge states every step
+through global flags. It needs spin-waits on other CTAs (forward progress only with co-residency or
+ticket ordering, a memory-model argument the interpreter cannot check), and a flag round trip per
+step costs more than the step itself unless the pipeline runs many steps ahead.
+
+Extra memory: alpha and beta 2 * B * (T+1) * S * 4 bytes, transfer ~B * T * S * 4 * D/L bytes
+(G1: ~50 MB in all, 1.2% of the bf16 logits; G2 standard: ~0.55 GB, 13%).
+
+Measurements: none on a GPU yet. This session had no GPU; everything here was verified under
+TRITON_INTERPRET=1 against the reference (tests/test_slack_ctc_triton.py, with chunking forced to
+L = 2, 3 at tiny T) and compiled for sm_90 to check that it lowers. The cost-model constants
+(STEP_US, the SFU rate) are estimates from background/kernels.md §6; the benchmark must sweep
+MDLM_CTC_LATTICE_CHUNK over {0, 7, 15, 31, 63} at the G1/G2/G3 shapes and fix them.
+
+Numerics: the chunked and single-chunk paths agree to fp32 rounding (the scan only reassociates
+log-sum-exps); both are deterministic run to run. float64 tables are handed to
+``mdlm_ctc.reference.lattice_band_reference`` (float64 stays the oracle's business).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .emissions import device_guard, interpreted, sm_count
+from .logspace import NAN, NEG_INF, POS_INF, logaddexp, logaddexp3, logsumexp_axis1
+
+PRESERVE, STANDARD = 0, 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bands and transition weights (lattice.h)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _state_band(t, T_b, U_b, max_shift, S, MODE: tl.constexpr):
+    """Inclusive [lo, hi] of the states after frame t that lie on a complete path (empty: lo > hi)."""
+    if MODE == 0:
+        lo = tl.maximum(U_b - (T_b - t), 0)
+        lo = tl.where(max_shift >= 0, tl.maximum(lo, tl.minimum(t - max_shift, U_b)), lo)
+        hi = tl.minimum(t, U_b)
+    else:
+        lo = tl.maximum(2 * (U_b - T_b + t) - 1, 0)
+        hi = tl.minimum(2 * U_b, tl.maximum(2 * t - 1, 0))
+    hi = tl.minimum(hi, lo + S - 1)  # a too-narrow table (unvalidated input) stays in bounds
+    return lo, hi
+
+
+@triton.jit
+def _column_band(t, T_b, U_b, max_shift, W):
+    """Inclusive [c_lo, c_hi] of the target columns stored for frame t (column_lo / column_hi)."""
+    c_lo = tl.maximum(U_b - T_b + t, 1)
+    c_lo = tl.where(max_shift >= 0, tl.maximum(c_lo, t - max_shift), c_lo)
+    c_hi = tl.minimum(tl.minimum(t, U_b), c_lo + W - 1)
+    return c_lo, c_hi
+
+
+@triton.jit
+def _target_emission(table_row, u, c_lo, c_hi, mask):
+    """e_t(y_u) from frame t's table row; -inf where the column is not stored (never on a path)."""
+    ok = mask & (u >= c_lo) & (u <= c_hi)
+    return tl.load(table_row + (u - c_lo), mask=ok, other=NEG_INF)
+
+
+@triton.jit
+def _standard_weights(x, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b):
+    """Standard lattice at states x: (emission e_t(l'_x), whether the skip x-2 -> x is allowed)."""
+    is_label = (x % 2) == 1
+    u = (x + 1) // 2
+    em = tl.where(is_label, _target_emission(table_row, u, c_lo, c_hi, mask & is_label), e_k)
+    has_prev = mask & is_label & (u >= 2) & (u <= U_b)
+    y_u = tl.load(targets_row + (u - 1), mask=has_prev, other=0)
+    y_prev = tl.load(targets_row + (u - 2), mask=has_prev, other=0)
+    return em, has_prev & (y_u != y_prev)
+
+
+@triton.jit
+def _load_band(row_ptr, x, lo, hi, mask):
+    """A stored lattice row at states x (band-relative storage); -inf outside its band."""
+    return tl.load(row_ptr + (x - lo), mask=mask & (x >= lo) & (x <= hi), other=NEG_INF)
+
+
+@triton.jit
+def _store_initial_alpha(alpha_row, lo, hi, feasible):
+    """alpha_0: 0 at state 0 (when it is in the band), the only state of frame 0."""
+    tl.store(alpha_row, 0.0, mask=feasible & (lo == 0) & (hi >= 0))
+
+
+@triton.jit
+def _store_final_beta(beta_row, lo, hi, U_b, feasible, MODE: tl.constexpr):
+    """beta_{T_b}: 0 at the final states (preserve U; standard 2U and 2U-1), over a band <= 2 wide."""
+    x = lo + tl.arange(0, 2)
+    if MODE == 0:
+        final = x == U_b
+    else:
+        final = (x == 2 * U_b) | ((x == 2 * U_b - 1) & (U_b > 0))
+    tl.store(beta_row + (x - lo), tl.where(final, 0.0, NEG_INF), mask=feasible & (x <= hi))
+
+
+@triton.jit
+def _alpha_step(prev_row, lo_p, hi_p, cur_row, lo_t, hi_t, table_row, c_lo, c_hi, e_k, targets_row, U_b,
+                MODE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """alpha_t over its band from alpha_{t-1} (stored), in tiles of BLOCK_S states."""
+    offs = tl.arange(0, BLOCK_S)
+    for x0 in range(lo_t, hi_t + 1, BLOCK_S):
+        x = x0 + offs
+        mask = x <= hi_t
+        a0 = _load_band(prev_row, x, lo_p, hi_p, mask)
+        a1 = _load_band(prev_row, x - 1, lo_p, hi_p, mask)
+        if MODE == 0:
+            w_advance = _target_emission(table_row, x, c_lo, c_hi, mask & (x >= 1))
+            new = logaddexp(a0 + e_k, a1 + w_advance)
+        else:
+            a2 = _load_band(prev_row, x - 2, lo_p, hi_p, mask)
+            em, skip = _standard_weights(x, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
+            new = logaddexp3(a0, a1, tl.where(skip, a2, NEG_INF)) + em
+        tl.store(cur_row + (x - lo_t), new, mask=mask)
+
+
+@triton.jit
+def _beta_step(next_row, lo_t, hi_t, cur_row, lo_p, hi_p, table_row, c_lo, c_hi, e_k, targets_row, U_b,
+               MODE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """beta_{t-1} over its band from beta_t (stored) and frame t's weights."""
+    offs = tl.arange(0, BLOCK_S)
+    for x0 in range(lo_p, hi_p + 1, BLOCK_S):
+        x = x0 + offs
+        mask = x <= hi_p
+        n0 = _load_band(next_row, x, lo_t, hi_t, mask)
+        n1 = _load_band(next_row, x + 1, lo_t, hi_t, mask)
+        if MODE == 0:
+            w_advance = _target_emission(table_row, x + 1, c_lo, c_hi, mask)
+            new = logaddexp(n0 + e_k, n1 + w_advance)
+        else:
+            n2 = _load_band(next_row, x + 2, lo_t, hi_t, mask)
+            em0, skip0 = _standard_weights(x, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
+            em1, skip1 = _standard_weights(x + 1, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
+            em2, skip2 = _standard_weights(x + 2, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
+            new = logaddexp3(n0 + em0, n1 + em1, tl.where(skip2, n2 + em2, NEG_INF))
+        tl.store(cur_row + (x - lo_p), new, mask=mask)
+
+
+@triton.jit
+def _row_lengths(input_lengths_ptr, target_lengths_ptr, b, T, U_max):
+    T_b = tl.minimum(tl.maximum(tl.load(input_lengths_ptr + b).to(tl.int64), 0), T)
+    U_b = tl.minimum(tl.maximum(tl.load(target_lengths_ptr + b).to(tl.int64), 0), U_max)
+    return T_b, U_b
+
+
+# ---------------------------------------------------------------------------------------------
+# phase A: the transfer matrix of every chunk (fully parallel)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _transfer_kernel(
+    # pointers
+    table_ptr, special_ptr, targets_ptr, input_lengths_ptr, target_lengths_ptr, transfer_ptr,
+    # sizes
+    T, W, U_max, S, n_chunks, chunk_len, max_shift,
+    # strides
+    stride_targets_b,
+    # meta
+    MODE: tl.constexpr, D: tl.constexpr, TILE_I: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(2).to(tl.int64)
+    T_b, U_b = _row_lengths(input_lengths_ptr, target_lengths_ptr, b, T, U_max)
+    t_c = c * chunk_len
+    t_e = tl.minimum(t_c + chunk_len, T_b)
+    active = (t_c < T_b) & (U_b <= T_b)
+    lo_c, hi_c = _state_band(t_c, T_b, U_b, max_shift, S, MODE)
+    i = tile * TILE_I + tl.arange(0, TILE_I)
+    x_in = lo_c + i
+    d = tl.arange(0, BLOCK_D)
+    tile_ok = (active & (x_in <= hi_c))[:, None] & (d < D)[None, :]
+    ptrs = transfer_ptr + ((b * n_chunks + c) * S) * D + i[:, None] * D + d[None, :]
+    cur = tl.where(tile_ok & (d == 0)[None, :], 0.0, NEG_INF)  # the identity: each state stays put
+    tl.store(ptrs, cur, mask=tile_ok)
+    tl.debug_barrier()
+
+    table_b = table_ptr + b * T * W
+    targets_row = targets_ptr + b * stride_targets_b
+    x = x_in[:, None] + d[None, :]  # the state reached from x_in after an advance of d
+    n_steps = tl.where(active, t_e - t_c, 0)
+    for step in range(0, n_steps):
+        t = t_c + 1 + step
+        lo_t, hi_t = _state_band(t, T_b, U_b, max_shift, S, MODE)
+        c_lo, c_hi = _column_band(t, T_b, U_b, max_shift, W)
+        table_row = table_b + (t - 1) * W
+        e_k = tl.load(special_ptr + b * T + (t - 1))
+        in_band = tile_ok & (x >= lo_t) & (x <= hi_t)
+        p1 = tl.load(ptrs - 1, mask=tile_ok & (d >= 1)[None, :], other=NEG_INF)
+        if MODE == 0:
+            w_advance = _target_emission(table_row, x, c_lo, c_hi, in_band & (x >= 1))
+            new = logaddexp(cur + e_k, p1 + w_advance)
+        else:
+            p2 = tl.load(ptrs - 2, mask=tile_ok & (d >= 2)[None, :], other=NEG_INF)
+            em, skip = _standard_weights(x, in_band, table_row, c_lo, c_hi, e_k, targets_row, U_b)
+            new = logaddexp3(cur, p1, tl.where(skip, p2, NEG_INF)) + em
+        new = tl.where(in_band, new, NEG_INF)
+        tl.debug_barrier()  # every lane has read this step's neighbours before any is overwritten
+        tl.store(ptrs, new, mask=tile_ok)
+        tl.debug_barrier()  # and the new values are visible to the next step's neighbour loads
+        cur = new
+
+
+# ---------------------------------------------------------------------------------------------
+# phase B: alpha and beta at the chunk boundaries (a log-semiring scan over the transfers)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _boundary_kernel(
+    # pointers
+    input_lengths_ptr, target_lengths_ptr, transfer_ptr, alpha_ptr, beta_ptr,
+    # sizes
+    T, U_max, S, n_chunks, chunk_len, max_shift,
+    # meta
+    MODE: tl.constexpr, D: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    direction = tl.program_id(1)
+    T_b, U_b = _row_lengths(input_lengths_ptr, target_lengths_ptr, b, T, U_max)
+    feasible = U_b <= T_b
+    n_active = tl.where(feasible, (T_b + chunk_len - 1) // chunk_len, 0)
+    offs = tl.arange(0, BLOCK_X)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = (d < D)[None, :]
+    transfer_b = transfer_ptr + (b * n_chunks) * S * D
+    if direction == 0:
+        alpha_b = alpha_ptr + b * (T + 1) * S
+        lo_0, hi_0 = _state_band(0, T_b, U_b, max_shift, S, MODE)
+        _store_initial_alpha(alpha_b, lo_0, hi_0, feasible)
+        tl.debug_barrier()
+        for c in range(0, n_active):
+            t_c = c * chunk_len
+            t_e = tl.minimum(t_c + chunk_len, T_b)
+            lo_c, hi_c = _state_band(t_c, T_b, U_b, max_shift, S, MODE)
+            lo_e, hi_e = _state_band(t_e, T_b, U_b, max_shift, S, MODE)
+            transfer_c = transfer_b + c * S * D
+            for x0 in range(lo_e, hi_e + 1, BLOCK_X):
+                x = x0 + offs  # alpha_{t_e}(x) = logsumexp_d transfer_c[x - d][d] + alpha_{t_c}(x - d)
+                i = x[:, None] - d[None, :] - lo_c
+                ok = (x <= hi_e)[:, None] & d_ok & (i >= 0) & (i <= hi_c - lo_c)
+                weight = tl.load(transfer_c + i * D + d[None, :], mask=ok, other=NEG_INF)
+                start = tl.load(alpha_b + t_c * S + i, mask=ok, other=NEG_INF)
+                tl.store(alpha_b + t_e * S + (x - lo_e), logsumexp_axis1(weight + start), mask=x <= hi_e)
+            tl.debug_barrier()
+    else:
+        beta_b = beta_ptr + b * (T + 1) * S
+        lo_T, hi_T = _state_band(T_b, T_b, U_b, max_shift, S, MODE)
+        _store_final_beta(beta_b + T_b * S, lo_T, hi_T, U_b, feasible, MODE)
+        tl.debug_barrier()
+        for k in range(0, n_active - 1):  # chunks n_active-1 .. 1 (beta_0 is never needed)
+            c = n_active - 1 - k
+            t_c = c * chunk_len
+            t_e = tl.minimum(t_c + chunk_len, T_b)
+            lo_c, hi_c = _state_band(t_c, T_b, U_b, max_shift, S, MODE)
+            lo_e, hi_e = _state_band(t_e, T_b, U_b, max_shift, S, MODE)
+            transfer_c = transfer_b + c * S * D
+            for x0 in range(lo_c, hi_c + 1, BLOCK_X):
+                x = x0 + offs  # beta_{t_c}(x) = logsumexp_d transfer_c[x][d] + beta_{t_e}(x + d)
+                y = x[:, None] + d[None, :]
+                ok = (x <= hi_c)[:, None] & d_ok & (y >= lo_e) & (y <= hi_e)
+                weight = tl.load(transfer_c + (x - lo_c)[:, None] * D + d[None, :], mask=ok, other=NEG_INF)
+                end = tl.load(beta_b + t_e * S + (y - lo_e), mask=ok, other=NEG_INF)
+                tl.store(beta_b + t_c * S + (x - lo_c), logsumexp_axis1(weight + end), mask=x <= hi_c)
+            tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# phase C: alpha and beta inside every chunk (one chunk = the whole row when not chunked)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sweep_kernel(
+    # pointers
+    table_ptr, special_ptr, targets_ptr, input_lengths_ptr, target_lengths_ptr, alpha_ptr, beta_ptr,
+    # sizes
+    T, W, U_max, S, chunk_len, max_shift,
+    # strides
+    stride_targets_b,
+    # meta
+    MODE: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    direction = tl.program_id(2)
+    T_b, U_b = _row_lengths(input_lengths_ptr, target_lengths_ptr, b, T, U_max)
+    feasible = U_b <= T_b
+    t_c = c * chunk_len
+    t_e = tl.minimum(t_c + chunk_len, T_b)
+    table_b = table_ptr + b * T * W
+    special_b = special_ptr + b * T
+    targets_row = targets_ptr + b * stride_targets_b
+    # Rows computed here: the chunk's interior t_c < t < t_e. The boundary rows t_c and t_e come
+    # from phase B (chunked; rewriting them here would race with the neighbouring chunk's reads) or
+    # are the initial rows, written here (one chunk: alpha_0 .. alpha_{T_b} and beta_{T_b} .. beta_1).
+    n_interior = tl.where(feasible & (t_c < T_b), t_e - t_c - 1, 0)
+    if direction == 0:
+        alpha_b = alpha_ptr + b * (T + 1) * S
+        n_steps = n_interior
+        if not CHUNKED:
+            lo_0, hi_0 = _state_band(0, T_b, U_b, max_shift, S, MODE)
+            _store_initial_alpha(alpha_b, lo_0, hi_0, feasible)
+            tl.debug_barrier()
+            n_steps = tl.where(feasible, T_b, 0)
+        for step in range(0, n_steps):
+            t = t_c + 1 + step
+            lo_p, hi_p = _state_band(t - 1, T_b, U_b, max_shift, S, MODE)
+            lo_t, hi_t = _state_band(t, T_b, U_b, max_shift, S, MODE)
+            c_lo, c_hi = _column_band(t, T_b, U_b, max_shift, W)
+            e_k = tl.load(special_b + (t - 1))
+            _alpha_step(alpha_b + (t - 1) * S, lo_p, hi_p, alpha_b + t * S, lo_t, hi_t, table_b + (t - 1) * W,
+                        c_lo, c_hi, e_k, targets_row, U_b, MODE, BLOCK_S)
+            tl.debug_barrier()
+    else:
+        beta_b = beta_ptr + b * (T + 1) * S
+        if not CHUNKED:
+            lo_T, hi_T = _state_band(T_b, T_b, U_b, max_shift, S, MODE)
+            _store_final_beta(beta_b + T_b * S, lo_T, hi_T, U_b, feasible, MODE)
+            tl.debug_barrier()
+        for step in range(0, n_interior):
+            t = t_e - step  # beta_{t-1} from beta_t
+            lo_t, hi_t = _state_band(t, T_b, U_b, max_shift, S, MODE)
+            lo_p, hi_p = _state_band(t - 1, T_b, U_b, max_shift, S, MODE)
+            c_lo, c_hi = _column_band(t, T_b, U_b, max_shift, W)
+            e_k = tl.load(special_b + (t - 1))
+            _beta_step(beta_b + t * S, lo_t, hi_t, beta_b + (t - 1) * S, lo_p, hi_p, table_b + (t - 1) * W,
+                       c_lo, c_hi, e_k, targets_row, U_b, MODE, BLOCK_S)
+            tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss, and the posteriors (in place over the table)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _loss_kernel(
+    # pointers
+    special_ptr, input_lengths_ptr, target_lengths_ptr, alpha_ptr, nll_ptr,
+    # sizes
+    T, U_max, S, max_shift,
+    # meta
+    MODE: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    T_b, U_b = _row_lengths(input_lengths_ptr, target_lengths_ptr, b, T, U_max)
+    feasible = U_b <= T_b
+    offs = tl.arange(0, BLOCK_T)
+    nan_count = tl.zeros([], dtype=tl.int32)
+    for t0 in range(0, T_b, BLOCK_T):
+        e_k = tl.load(special_ptr + b * T + t0 + offs, mask=t0 + offs < T_b, other=0.0)
+        nan_count += tl.sum((e_k != e_k).to(tl.int32), axis=0)
+    lo, hi = _state_band(T_b, T_b, U_b, max_shift, S, MODE)
+    final_row = alpha_ptr + b * (T + 1) * S + T_b * S
+    if MODE == 0:
+        loglik = tl.load(final_row + (U_b - lo), mask=feasible & (U_b >= lo) & (U_b <= hi), other=NEG_INF)
+    else:
+        end_blank = tl.load(final_row + (2 * U_b - lo), mask=feasible & (2 * U_b >= lo) & (2 * U_b <= hi),
+                            other=NEG_INF)
+        end_label = tl.load(final_row + (2 * U_b - 1 - lo),
+                            mask=feasible & (U_b > 0) & (2 * U_b - 1 >= lo) & (2 * U_b - 1 <= hi), other=NEG_INF)
+        loglik = logaddexp(end_blank, end_label)
+    nll = tl.where(loglik == NEG_INF, POS_INF, -loglik)
+    nll = tl.where(nan_count > 0, NAN, nll)
+    tl.store(nll_ptr + b, nll)
+
+
+@triton.jit
+def _posterior_kernel(
+    # pointers
+    table_ptr, special_ptr, input_lengths_ptr, target_lengths_ptr, alpha_ptr, beta_ptr, nll_ptr,
+    # sizes
+    T, W, U_max, S, max_shift,
+    # meta
+    MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T + 1  # the lattice's frame (1-based)
+    T_b, U_b = _row_lengths(input_lengths_ptr, target_lengths_ptr, b, T, U_max)
+    nll = tl.load(nll_ptr + b)
+    nan_row = nll != nll
+    live = (t <= T_b) & (nll < POS_INF) & (nll == nll)
+    loglik = tl.where(live, -nll, 0.0)
+    table_row = table_ptr + row * W
+    e_k = tl.load(special_ptr + row)
+    alpha_b = alpha_ptr + b * (T + 1) * S
+    beta_b = beta_ptr + b * (T + 1) * S
+    lo_p, hi_p = _state_band(t - 1, T_b, U_b, max_shift, S, MODE)
+    lo_t, hi_t = _state_band(t, T_b, U_b, max_shift, S, MODE)
+    offs_s = tl.arange(0, BLOCK_S)
+
+    # the special token: a sum over states
+    acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+    if MODE == 0:  # stay moves u -> u at frame t: alpha_{t-1}(u) + e_t(k) + beta_t(u)
+        x_lo = tl.maximum(lo_p, lo_t)
+        x_hi = tl.where(live, tl.minimum(hi_p, hi_t), x_lo - 1)
+        for x0 in range(x_lo, x_hi + 1, BLOCK_S):
+            x = x0 + offs_s
+            mask = x <= x_hi
+            a = _load_band(alpha_b + (t - 1) * S, x, lo_p, hi_p, mask)
+            n = _load_band(beta_b + t * S, x, lo_t, hi_t, mask)
+            acc += tl.exp(a + e_k + n - loglik)
+    else:  # blank states (even s) at frame t: alpha_t(s) + beta_t(s)
+        x_first = lo_t + (lo_t % 2)
+        n_blank = tl.where(live & (hi_t >= x_first), (hi_t - x_first) // 2 + 1, 0)
+        for k0 in range(0, n_blank, BLOCK_S):
+            x = x_first + 2 * (k0 + offs_s)
+            mask = k0 + offs_s < n_blank
+            a = _load_band(alpha_b + t * S, x, lo_t, hi_t, mask)
+            n = _load_band(beta_b + t * S, x, lo_t, hi_t, mask)
+            acc += tl.exp(a + n - loglik)
+    post_special = tl.where(live, tl.sum(acc, axis=0), tl.where(nan_row, NAN, 0.0))
+
+    # the target columns, in the table's layout
+    c_lo, c_hi = _column_band(t, T_b, U_b, max_shift, W)
+    width = tl.where(live, tl.minimum(tl.maximum(c_hi - c_lo + 1, 0), W), 0)
+    offs_w = tl.arange(0, BLOCK_W)
+    for j0 in range(0, W, BLOCK_W):
+        j = j0 + offs_w
+        ok = j < width
+        u = c_lo + j
+        if MODE == 0:  # advance u-1 -> u at frame t
+            e = tl.load(table_row + j, mask=ok, other=NEG_INF)
+            a = _load_band(alpha_b + (t - 1) * S, u - 1, lo_p, hi_p, ok)
+            n = _load_band(beta_b + t * S, u, lo_t, hi_t, ok)
+            post = tl.exp(a + e + n - loglik)
+        else:  # label state s = 2u - 1
+            a = _load_band(alpha_b + t * S, 2 * u - 1, lo_t, hi_t, ok)
+            n = _load_band(beta_b + t * S, 2 * u - 1, lo_t, hi_t, ok)
+            post = tl.exp(a + n - loglik)
+        post = tl.where(ok, post, tl.where(nan_row, NAN, 0.0))
+        tl.debug_barrier()  # the tile's emissions are read before any lane overwrites them
+        tl.store(table_row + j, post, mask=j < W)
+    tl.debug_barrier()
+    tl.store(special_ptr + row, post_special)
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------------------------
+
+# Cost model for the chunk length [est.; to be fixed by the H200 benchmark, see the header].
+STEP_US = 0.3             # one dependent, barrier-separated lattice step (store, bar.sync, L2 load)
+SFU_OPS_PER_US_PER_SM = 16 * 1980  # ex2/lg2 per microsecond per SM (16 per clock at ~1.98 GHz)
+LAUNCH_US = 4.0           # one extra kernel launch
+PRESERVE_CHUNKS = (15, 31, 63)  # transfer widths D = L + 1 = 16, 32, 64
+STANDARD_CHUNKS = (7, 15, 31)   # D = 2L + 1 = 15, 31, 63
+
+
+def _transfer_width(mode: int, chunk_len: int) -> int:
+    return chunk_len + 1 if mode == PRESERVE else 2 * chunk_len + 1
+
+
+def _estimate_us(B: int, T: int, S: int, mode: int, chunk_len: int, n_sm: int) -> float:
+    """Estimated lattice time (alpha + beta; the posterior pass is the same either way)."""
+    sfu = 2 if mode == PRESERVE else 3  # SFU ops per state and step
+    rate = SFU_OPS_PER_US_PER_SM
+    if chunk_len == 0:
+        return T * (STEP_US + S * sfu / rate)
+    D = _transfer_width(mode, chunk_len)
+    n_chunks = -(-T // chunk_len)
+    transfer = max(B * T * S * D * sfu / (rate * n_sm), chunk_len * 2 * STEP_US)
+    boundary = n_chunks * (STEP_US + S * D / rate)
+    sweep = max(chunk_len * (STEP_US + S * sfu / rate), B * T * S * sfu / (rate * n_sm))
+    return transfer + boundary + sweep + 2 * LAUNCH_US
+
+
+def _choose_chunk_len(B: int, T: int, S: int, mode: int, device: torch.device) -> int:
+    """Frames per chunk, 0 for a single chunk: MDLM_CTC_LATTICE_CHUNK, else the cost model."""
+    override = os.environ.get("MDLM_CTC_LATTICE_CHUNK")
+    if override is not None:
+        chunk_len = int(override)
+        return chunk_len if 0 < chunk_len < T else 0
+    if interpreted() or device.type != "cuda" or T < 256:
+        return 0
+    n_sm = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    candidates = (0,) + (PRESERVE_CHUNKS if mode == PRESERVE else STANDARD_CHUNKS)
+    return min(candidates, key=lambda L: _estimate_us(B, T, S, mode, L, n_sm))
+
+
+def _sweep_warps(block: int) -> int:
+    return max(4, min(16, block // 256))
+
+
+def lattice_band(table, special, targets, input_lengths, target_lengths, mode: int, max_shift: int, need_grad: bool,
+                 *, chunk_len: int | None = None):
+    """Stage 2 of the backend contract (``csrc/ops.cpp``): ``nll [B]``; with ``need_grad`` the posteriors
+    overwrite ``table`` and ``special`` in place.
+
+    ``chunk_len`` (keyword, for tests and benchmarks): frames per chunk of the time-parallel scan,
+    0 for a single chunk, ``None`` to let ``_choose_chunk_len`` decide.
+    """
+    if table.dtype == torch.float64:
+        from mdlm_ctc.reference import lattice_band_reference
+
+        return lattice_band_reference(table, special, targets, input_lengths, target_lengths, mode, max_shift,
+                                      need_grad)
+    if table.dtype != torch.float32 or special.dtype != torch.float32:
+        raise TypeError(f"lattice_band: table and special must be float32 (or float64); got {table.dtype} and "
+                        f"{special.dtype}")
+    B, T, W = table.shape
+    device = table.device
+    nll = torch.empty((B,), dtype=torch.float32, device=device)
+    if B == 0:
+        return nll
+    shift = int(max_shift) if mode == PRESERVE else -1
+    work_table = table if table.is_contiguous() else table.contiguous()
+    work_special = special if special.is_contiguous() else special.contiguous()
+    targets = targets.contiguous()
+    input_lengths = input_lengths.to(torch.int64).contiguous()
+    target_lengths = target_lengths.to(torch.int64).contiguous()
+    U_max = targets.shape[1]
+    S = W + 1 if mode == PRESERVE else 2 * W + 1
+    if chunk_len is None:
+        chunk_len = _choose_chunk_len(B, T, S, mode, device)
+    chunk_len = int(chunk_len) if 0 < int(chunk_len) < T else 0
+    chunked = chunk_len > 0
+    n_chunks = -(-T // chunk_len) if chunked else 1
+
+    alpha = torch.empty((B, T + 1, S), dtype=torch.float32, device=device)
+    beta = torch.empty((B, T + 1, S), dtype=torch.float32, device=device) if need_grad else alpha
+    small = interpreted()
+    block_s = min(triton.next_power_of_2(S), 4 if small else 4096)
+    lengths = (input_lengths, target_lengths)
+    with device_guard(device):
+        if chunked:
+            D = _transfer_width(mode, chunk_len)
+            block_d = triton.next_power_of_2(D)
+            tile_i = max(1, min(triton.next_power_of_2(S), (32 if small else 1024) // block_d))
+            transfer = torch.empty((B, n_chunks, S, D), dtype=torch.float32, device=device)
+            _transfer_kernel[(B, n_chunks, triton.cdiv(S, tile_i))](
+                work_table, work_special, targets, *lengths, transfer,
+                T, W, U_max, S, n_chunks, chunk_len, shift, targets.stride(0),
+                MODE=mode, D=D, TILE_I=tile_i, BLOCK_D=block_d, num_warps=4)
+            block_x = max(1, min(triton.next_power_of_2(S), (4 if small else 4096) // block_d))
+            _boundary_kernel[(B, 2 if need_grad else 1)](
+                *lengths, transfer, alpha, beta, T, U_max, S, n_chunks, chunk_len, shift,
+                MODE=mode, D=D, BLOCK_X=block_x, BLOCK_D=block_d, num_warps=8)
+        if need_grad or not chunked:
+            _sweep_kernel[(B, n_chunks, 2 if need_grad else 1)](
+                work_table, work_special, targets, *lengths, alpha, beta,
+                T, W, U_max, S, chunk_len if chunked else T, shift, targets.stride(0),
+                MODE=mode, CHUNKED=chunked, BLOCK_S=block_s, num_warps=_sweep_warps(block_s))
+        _loss_kernel[(B,)](work_special, *lengths, alpha, nll, T, U_max, S, shift,
+                           MODE=mode, BLOCK_T=min(triton.next_power_of_2(max(T, 1)), 4 if small else 1024),
+                           num_warps=4)
+        if need_grad and T > 0:
+            block_w = min(triton.next_power_of_2(max(W, 1)), 4 if small else 1024)
+            _posterior_kernel[(B * T,)](
+                work_table, work_special, *lengths, alpha, beta, nll, T, W, U_max, S, shift,
+                MODE=mode, BLOCK_S=min(block_s, 1024), BLOCK_W=block_w, num_warps=4)
+    if need_grad:
+        if work_table is not table:
+            table.copy_(work_table)
+        if work_special is not special:
+            special.copy_(work_special)
+    return nll
