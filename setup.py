@@ -32,9 +32,12 @@ def _log(msg):
 
 
 def _cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
+    """The CUDA toolkit to build with: ``CUDA_HOME``/``CUDA_PATH``, else the one ``nvcc`` on PATH belongs
+    to, else ``/usr/local/cuda``; None when no ``nvcc`` is found."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
     nvcc = shutil.which("nvcc")
     if nvcc:
         return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
@@ -54,18 +57,30 @@ def _cpu_flags():
 
 
 def _cuda_arch_flags():
+    """``-gencode`` flags from ``MDLM_CTC_CUDA_ARCHS`` ("90;90+PTX" by default: sm_90 SASS plus compute_90
+    PTX that newer GPUs JIT-compile). Entries are separated by ``;`` or ``,``, e.g. "80;90", "9.0+PTX"."""
     archs = os.environ.get("MDLM_CTC_CUDA_ARCHS", "90;90+PTX")
     flags = []
     for arch in archs.replace(",", ";").split(";"):
         arch = arch.strip().replace(".", "")
         if not arch:
             continue
+        num = arch[: -len("+PTX")] if arch.endswith("+PTX") else arch
+        if not num.isdigit():
+            raise SystemExit(f"MDLM_CTC_CUDA_ARCHS: {arch!r} is not a compute capability like 90 or 90+PTX")
         if arch.endswith("+PTX"):
-            num = arch[: -len("+PTX")]
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
         else:
-            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+            flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    if not flags:
+        raise SystemExit("MDLM_CTC_CUDA_ARCHS names no architecture")
     return flags
+
+
+def _cuda_flags():
+    # -O3 for host and device; -lineinfo keeps profiles readable; no fast-math: the lattice relies on
+    # exact -inf handling (logspace.h)
+    return ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"] + _cuda_arch_flags()
 
 
 def _extensions():
@@ -86,13 +101,33 @@ def _extensions():
     cpu_sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "slack_ctc_cpu.cpp")]
     cuda_sources = [os.path.join(CSRC, "slack_ctc_cuda.cu")]
     include_dirs = [os.path.join(ROOT, CSRC)]
+    have_cuda_sources = all(os.path.exists(os.path.join(ROOT, s)) for s in cuda_sources)
+    cuda_home = _cuda_home()
+    if choice == "cuda":  # forced: explain exactly what is missing instead of failing inside the compiler
+        missing = []
+        if torch.version.cuda is None:
+            missing.append(f"the installed torch {torch.__version__} is a CPU-only build (torch.version.cuda is None); "
+                           "install a CUDA build of torch")
+        if cuda_home is None:
+            missing.append("no CUDA toolkit was found (set CUDA_HOME, or put nvcc on PATH)")
+        if not have_cuda_sources:
+            missing.append(f"the CUDA sources are missing ({', '.join(cuda_sources)})")
+        if missing:
+            raise SystemExit("MDLM_CTC_BUILD=cuda cannot build the CUDA kernels: " + "; ".join(missing) +
+                             ". Use MDLM_CTC_BUILD=cpu (C++ CPU kernels) or MDLM_CTC_BUILD=none, and on a GPU "
+                             "machine without a toolkit at install time, MDLM_CTC_JIT=1 at run time.")
     want_cuda = choice == "cuda" or (
-        choice == "auto" and torch.version.cuda is not None and _cuda_home() is not None
-        and all(os.path.exists(os.path.join(ROOT, s)) for s in cuda_sources)
+        choice == "auto" and torch.version.cuda is not None and cuda_home is not None and have_cuda_sources
     )
+    if choice == "auto" and torch.version.cuda is not None and cuda_home is None:
+        _log("torch has CUDA but no CUDA toolkit (nvcc) was found: building the CPU kernels only "
+             "(set CUDA_HOME to build the CUDA lattice, or use MDLM_CTC_JIT=1 on the GPU machine)")
     if want_cuda:
-        os.environ.setdefault("CUDA_HOME", _cuda_home() or "")
-        _log(f"building mdlm_ctc._C with CPU and CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']})")
+        os.environ.setdefault("CUDA_HOME", cuda_home)
+        if cpp_extension.CUDA_HOME is None:  # torch looked before CUDA_HOME was known
+            cpp_extension.CUDA_HOME = cuda_home
+        _log(f"building mdlm_ctc._C with CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
+             f"archs {os.environ.get('MDLM_CTC_CUDA_ARCHS', '90;90+PTX')})")
         ext = cpp_extension.CUDAExtension(
             "mdlm_ctc._C",
             sources=cpu_sources + cuda_sources,
@@ -100,7 +135,7 @@ def _extensions():
             define_macros=[("MDLM_CTC_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": _cpu_flags(),
-                "nvcc": ["-O3", "-std=c++20", "-lineinfo"] + _cuda_arch_flags(),
+                "nvcc": _cuda_flags(),
             },
             extra_link_args=["-fopenmp"],
         )

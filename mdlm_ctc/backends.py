@@ -86,12 +86,23 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 @torch.compiler.assume_constant_result  # probed once at trace time, never traced into
 def resolve(backend: str, device: torch.device) -> str:
-    """The backend a call with ``backend=...`` on ``device`` runs; a clear error if it cannot run there."""
+    """The backend a call with ``backend=...`` on ``device`` runs; a clear error if it cannot run there.
+
+    ``"auto"`` on CPU tensors: ``cpu``, else ``reference``. On CUDA tensors (the GPU rule):
+    ``triton`` if present, else ``cuda``, else ``reference``, for every shape class. Both GPU
+    backends share the Triton vocabulary and gradient passes and differ only in the lattice, whose
+    time is small next to the vocabulary pass at LLM vocabularies (SPEC §6 G1), so the rule only matters
+    for the lattice-bound classes G2 (full-width band, B=8, T=2048) and G3 (B=2, T=8192). The rule is
+    provisional: no GPU timing of the CUDA lattice existed when it was written. The GPU benchmark
+    (benchmarks/bench_slack_ctc.py, rows G1-G3) decides; if it shows the CUDA lattice faster for a
+    class, the rule becomes "cuda for that class" here, keyed on shapes known on the host (B, T, the
+    table width), never on device values.
+    """
     if backend == "auto":
         present = available_backends(device)
         if device.type == "cpu":
             return "cpu" if "cpu" in present else "reference"
-        for name in ("triton", "cuda"):  # GPU rule: see README "Backends"
+        for name in ("triton", "cuda"):  # the GPU rule of the docstring
             if name in present:
                 return name
         return "reference"

@@ -1,0 +1,464 @@
+// The CUDA lattice passes (backend "cuda", stage 2 of csrc/ops.cpp): the band recurrences and the
+// posterior pass, written once against a small execution-model interface `Dev` so that the same code
+// runs on the GPU (CudaDev in slack_ctc_cuda.cu) and, for tests on machines without a GPU, under a
+// host emulator of CUDA threads, warps, barriers, clusters and cp.async (lattice_cuda_emulator.h).
+// The cells, bands and posterior layout come from lattice.h, shared with the CPU kernels.
+//
+// Work split (one lattice call):
+//   1. recurrence pass, grid (C, B, 1 or 2): CTA cluster `C` (C = 1 without clusters) of row b runs
+//      alpha (blockIdx.z = 0) or beta (blockIdx.z = 1). alpha and beta only read the emission table,
+//      so with need_grad they run concurrently on different SMs: the sequential depth of the whole
+//      lattice is max(alpha, beta) = T steps instead of 2T. Every step stores the band row to global
+//      memory (band-relative, `store`) when the posteriors are needed; alpha writes nll and a row status.
+//   2. posterior pass, one warp per frame (b, t), fully parallel: reads alpha_{t-1}/beta_t (preserve)
+//      or alpha_t/beta_t (standard), overwrites the table row with the target posteriors and `special`
+//      with the posterior of k, exactly like lattice_band_cpu (NaN rows NaN, infeasible rows 0, frames
+//      past the input length 0). Sums run in a fixed order: results are bitwise reproducible.
+//
+// The band in registers. A row's states at frame t live in a sliding window of slots j = u - base(t)
+// with base(t) = preserve_state_lo (preserve) or standard_blank_lo (standard, shared by the blank and
+// the label array); base grows by d in {0, 1} per frame and the window is at most
+// S_row = min(U, T - U, max_shift) + 1 slots wide (<= table width + 1). Thread i of CTA r holds slots
+// r * slots_per_cta + i * VT + [0, VT) in registers. A step needs slots j + d and j + d - 1 of the
+// previous frame (alpha) or j - d and j - d + 1 (beta): neighbours inside a thread are registers, the
+// ones of the next/previous lane come by one warp shuffle each way, the ones across a warp boundary
+// through two shared-memory edge cells per warp (double-buffered by step parity, so one barrier per
+// step suffices), and across a CTA boundary of a cluster through distributed shared memory (the
+// neighbour CTA's edge cells, read with map_shared_rank after the per-step cluster barrier).
+//
+// Emissions are staged. The step's emissions (and, for standard CTC, the skip mask) for the CTA's
+// slots are copied from global memory into a ring of R shared-memory stages with cp.async, R - 1
+// frames ahead of the step that reads them, so global latency leaves the sequential critical path.
+//
+// Slots outside the band always hold -inf, so bounds never need checking on reads; lengths are
+// clamped to the padded sizes and every table read is bounded by the column band, so bad lengths
+// never read or write out of bounds. A row whose band is wider than the table (an invalid call that
+// the CPU op rejects with an error, which the GPU cannot do without a host sync) gets NaN.
+#pragma once
+
+#include "lattice.h"
+
+#if defined(__CUDACC__)
+#define MDLM_DEV __device__ __forceinline__
+#else
+#define MDLM_DEV inline
+#endif
+
+namespace mdlm_ctc {
+namespace cuda_lattice {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxVT = 8;
+constexpr int kMaxStages = 8;
+constexpr int kMaxCluster = 8;
+enum Direction : int { kAlpha = 0, kBeta = 1 };
+enum RowStatus : int32_t { kRowOk = 0, kRowZero = 1, kRowNaN = 2 };
+
+template <typename acc_t>
+MDLM_HD acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
+template <typename acc_t>
+MDLM_HD acc_t pos_inf() {
+  return std::numeric_limits<acc_t>::infinity();
+}
+
+// ---- band geometry (host and device) ---------------------------------------------------------
+
+// Slots a row needs: the widest band over all frames, min(U, T - U, max_shift) + 1, for both
+// collapses (standard: the label band's top minus the shared blank base). 0 for an infeasible row.
+MDLM_HD int64_t row_slots(int64_t T, int64_t U, int64_t max_shift) {
+  if (U > T) return 0;
+  int64_t w = imin(U, T - U);
+  if (max_shift >= 0) w = imin(w, max_shift);
+  return w + 1;
+}
+
+template <int MODE>
+struct Band {
+  int64_t T, U, m;  // m: max_shift (preserve), -1 for none
+  MDLM_HD int64_t base(int64_t t) const {
+    return MODE == kPreserve ? preserve_state_lo(t, T, U, m) : standard_blank_lo(t, T, U);
+  }
+  // preserve states, or standard blank states (array 0) / label states (array 1)
+  MDLM_HD bool valid(int arr, int64_t t, int64_t u) const {
+    if (MODE == kPreserve) return u >= preserve_state_lo(t, T, U, m) && u <= preserve_state_hi(t, U);
+    if (arr == 0) return u >= standard_blank_lo(t, T, U) && u <= standard_blank_hi(t, U);
+    return u >= standard_label_lo(t, T, U) && u <= standard_label_hi(t, U);
+  }
+};
+
+// ---- launch geometry (host and device) --------------------------------------------------------
+
+template <int MODE>
+struct Arrays {
+  static constexpr int kStates = MODE == kPreserve ? 1 : 2;  // preserve states | standard blank + label
+};
+
+// Shared memory of one recurrence CTA: edge cells [2 parities][arrays][lo, hi][warps] (acc_t), then R
+// stages of `stage_stride` emissions (acc_t; slot q at q - s0 + 1, the special emission at the end)
+// and, for standard CTC, as many skip values (float).
+struct SmemLayout {
+  int64_t edge_elems;    // acc_t
+  int64_t stage_stride;  // elements per stage array
+  int64_t stage_bytes;   // one stage, all arrays
+  int64_t edges_bytes;
+  MDLM_HD int64_t total(int stages) const { return edges_bytes + stages * stage_bytes; }
+};
+
+MDLM_HD int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+MDLM_HD SmemLayout smem_layout(int mode, int64_t acc_bytes, int threads, int vt) {
+  SmemLayout l;
+  const int arrays = mode == kPreserve ? 1 : 2;
+  l.edge_elems = int64_t(2) * arrays * 2 * (threads / kWarpSize);
+  l.edges_bytes = round_up(l.edge_elems * acc_bytes, 16);
+  l.stage_stride = round_up(int64_t(threads) * vt + 3, 4);
+  l.stage_bytes = l.stage_stride * acc_bytes + (mode == kStandard ? l.stage_stride * int64_t(sizeof(float)) : 0);
+  return l;
+}
+
+// ---- parameters ------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct RecurrenceParams {
+  const acc_t* table;             // [B, T, W] emissions of the target columns (lattice.h layout)
+  const acc_t* special;           // [B, T]    emission of k
+  const float* skip;              // [B, U_max + 2] standard: 0 where label u may follow label u - 1, else -inf
+  const int64_t* input_lengths;   // [B]
+  const int64_t* target_lengths;  // [B]
+  acc_t* nll;                     // [B] out (written by the alpha CTAs)
+  int32_t* status;                // [B] out: RowStatus
+  acc_t* store[2][2];             // [direction][array]: [B, T + 1, store_stride] band rows, or nullptr
+  int64_t T, W, U_max, store_stride, max_shift;
+  int32_t slots_per_cta;          // threads * VT
+  int32_t stages;                 // R >= 2
+};
+
+template <typename acc_t>
+struct PosteriorParams {
+  acc_t* table;                   // [B, T, W] in: emissions, out: target posteriors
+  acc_t* special;                 // [B, T]    in: emission of k, out: its posterior
+  const int64_t* input_lengths;
+  const int64_t* target_lengths;
+  const acc_t* nll;
+  const int32_t* status;
+  const acc_t* alpha[2];          // [B, T + 1, store_stride] per array
+  const acc_t* beta[2];
+  int64_t B, T, W, U_max, store_stride, max_shift;
+};
+
+MDLM_HD int64_t clamp_length(int64_t v, int64_t hi) { return imin<int64_t>(imax<int64_t>(v, 0), hi); }
+
+// skip mask of standard CTC, one element (b, u) of [B, U_max + 2]
+MDLM_HD float skip_value(const int64_t* targets, const int64_t* target_lengths, int64_t U_max, int64_t b,
+                         int64_t u) {
+  const int64_t U = clamp_length(target_lengths[b], U_max);
+  const int64_t* y = targets + b * U_max;  // y_u = y[u - 1]
+  return (u >= 2 && u <= U && y[u - 1] != y[u - 2]) ? 0.0f : -std::numeric_limits<float>::infinity();
+}
+
+// ---------------------------------------------------------------------------------------------
+// recurrence pass: alpha (frames 0 -> T) or beta (frames T -> 0) of one row, one CTA or one cluster
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t, int MODE, int VT, bool CLUSTER, class Dev>
+MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* smem, Dev& dev) {
+  constexpr int A = Arrays<MODE>::kStates;
+  const acc_t NEG = neg_inf<acc_t>();
+  const int tid = dev.thread_rank(), threads = dev.block_size();
+  const int lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int rank = dev.cluster_rank(), csize = dev.cluster_size();
+  const int64_t b = dev.row();
+  const int dir = dev.direction();
+  const int64_t T = p.T, W = p.W;
+  const int64_t T_b = clamp_length(p.input_lengths[b], T), U_b = clamp_length(p.target_lengths[b], p.U_max);
+  const int64_t shift = MODE == kPreserve ? p.max_shift : -1;
+  const acc_t* special = p.special + b * T;
+
+  // A NaN emission anywhere in the row makes the row NaN (the vocabulary pass marks it in `special`).
+  bool nan = false;
+  for (int64_t i = tid; i < T_b; i += threads) nan |= special[i] != special[i];
+  nan = dev.block_any(nan);
+  const int64_t S_row = row_slots(T_b, U_b, shift);
+  const bool infeasible = U_b > T_b;
+  const bool too_narrow = !infeasible && (W < column_band_width(T_b, U_b, shift) ||
+                                          S_row > int64_t(p.slots_per_cta) * csize);
+  if (nan || infeasible || too_narrow) {  // uniform over the CTA and the cluster
+    if (dir == kAlpha && rank == 0 && tid == 0) {
+      p.nll[b] = infeasible && !nan ? pos_inf<acc_t>() : quiet_nan<acc_t>();
+      p.status[b] = infeasible && !nan ? kRowZero : kRowNaN;
+    }
+    return;
+  }
+
+  const int64_t s0 = int64_t(rank) * p.slots_per_cta;  // first slot of this CTA
+  // Without a cluster, warps whose slots lie beyond the row's band for every frame leave now, and the
+  // per-step barrier counts only the others (the launch is sized for the widest row of the batch).
+  int active = threads;
+  if (!CLUSTER) {
+    const int64_t needed = (S_row + VT - 1) / VT;
+    active = int(imin<int64_t>(threads, imax<int64_t>(kWarpSize, round_up(needed, kWarpSize))));
+    if (tid >= active) {
+      dev.retire();
+      return;
+    }
+  }
+  const int warps = active / kWarpSize;
+  const int64_t span = int64_t(active) * VT;  // slots of this CTA: [s0, s0 + span)
+  const Band<MODE> band{T_b, U_b, shift};
+  const SmemLayout layout = smem_layout(MODE, sizeof(acc_t), threads, VT);
+  acc_t* edges = reinterpret_cast<acc_t*>(smem);
+  unsigned char* stages = smem + layout.edges_bytes;
+  const int R = p.stages;
+  auto edge = [&](acc_t* base_ptr, int parity, int arr, int side, int w) -> acc_t* {
+    return base_ptr + ((parity * A + arr) * 2 + side) * (threads / kWarpSize) + w;
+  };
+  auto stage_emit = [&](int64_t n) { return reinterpret_cast<acc_t*>(stages + (n % R) * layout.stage_bytes); };
+  auto stage_skip = [&](int64_t n) {
+    return reinterpret_cast<float*>(stages + (n % R) * layout.stage_bytes + layout.stage_stride * sizeof(acc_t));
+  };
+  auto frame_of = [&](int64_t n) { return dir == kAlpha ? n : T_b + 1 - n; };  // step n = 1..T_b
+
+  // Copy step n's emissions (frame f, slots q = s0 - 1 .. s0 + span) into its stage; columns outside
+  // the table's band read as 0 like the CPU kernel (only ever met where the predecessor is -inf).
+  auto stage_step = [&](int64_t n) {
+    const int64_t f = frame_of(n);
+    const int64_t base = band.base(f);
+    const int64_t c_lo = column_lo(f, T_b, U_b, shift);
+    const int64_t c_hi = imin(column_hi(f, U_b), c_lo + W - 1);
+    const acc_t* row = p.table + (b * T + f - 1) * W;
+    acc_t* e = stage_emit(n);
+    for (int64_t i = tid; i < span + 2; i += active) {
+      const int64_t u = base + s0 - 1 + i;
+      if (u >= c_lo && u <= c_hi)
+        dev.copy_async(e + i, row + (u - c_lo));
+      else
+        e[i] = 0;
+    }
+    if (tid == 0) dev.copy_async(e + layout.stage_stride - 1, special + f - 1);
+    if (MODE == kStandard) {
+      float* k = stage_skip(n);
+      const float* skip_row = p.skip + b * (p.U_max + 2);
+      for (int64_t i = tid; i < span + 2; i += active) {
+        const int64_t u = base + s0 - 1 + i;
+        if (u >= 0 && u <= p.U_max + 1)
+          dev.copy_async(k + i, skip_row + u);
+        else
+          k[i] = -std::numeric_limits<float>::infinity();
+      }
+    }
+  };
+
+  const int64_t j0 = s0 + int64_t(tid) * VT;  // this thread's first slot
+  acc_t* store[2] = {p.store[dir][0], p.store[dir][1]};
+  auto store_row = [&](int64_t frame, const acc_t (&v)[2][VT]) {
+    if (store[0] == nullptr) return;
+    const int64_t off = (b * (T + 1) + frame) * p.store_stride;
+#pragma unroll
+    for (int a = 0; a < A; ++a)
+#pragma unroll
+      for (int k = 0; k < VT; ++k)
+        if (j0 + k < S_row) store[a][off + j0 + k] = v[a][k];
+  };
+  auto write_edges = [&](int parity, const acc_t (&v)[2][VT]) {
+#pragma unroll
+    for (int a = 0; a < A; ++a) {
+      if (lane == 0) *edge(edges, parity, a, 0, warp) = v[a][0];
+      if (lane == kWarpSize - 1) *edge(edges, parity, a, 1, warp) = v[a][VT - 1];
+    }
+  };
+
+  // frame 0 (alpha) or T_b (beta): the only live state is slot 0 (u = 0, resp. u = U)
+  acc_t r[2][VT];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int k = 0; k < VT; ++k) r[a][k] = NEG;
+  if (j0 == 0) {
+    if (dir == kAlpha) {
+      r[0][0] = 0;  // alpha_0(0) (preserve state 0, standard blank 0)
+    } else if (MODE == kPreserve) {
+      r[0][0] = 0;  // beta_T(U)
+    } else {
+      r[0][0] = standard_blank_hi(T_b, U_b) >= U_b ? acc_t(0) : NEG;
+      r[1][0] = U_b > 0 ? acc_t(0) : NEG;
+    }
+  }
+  store_row(dir == kAlpha ? 0 : T_b, r);
+  write_edges(0, r);
+  for (int64_t n = 1; n < R; ++n) {
+    if (n <= T_b) stage_step(n);
+    dev.commit();
+  }
+
+  for (int64_t n = 1; n <= T_b; ++n) {
+    dev.wait_prior(R - 2);  // this thread's copies for step n have landed
+    dev.sync(active);       // everyone's have; step n - 1's edges are visible; stage (n - 1) % R is free
+    if (n + R - 1 <= T_b) stage_step(n + R - 1);
+    dev.commit();
+
+    // neighbours: w[a][0] = slot j0 - 1, w[a][1 + k] = slot j0 + k, w[a][VT + 1] = slot j0 + VT
+    const int parity = int((n - 1) & 1);
+    acc_t w[2][VT + 2];
+#pragma unroll
+    for (int a = 0; a < A; ++a) {
+      acc_t left = dev.shfl_up(r[a][VT - 1]);
+      acc_t right = dev.shfl_down(r[a][0]);
+      if (lane == 0) {
+        if (warp > 0) {
+          left = *edge(edges, parity, a, 1, warp - 1);
+        } else {
+          left = NEG;
+          if (CLUSTER && rank > 0) left = *dev.remote(edge(edges, parity, a, 1, threads / kWarpSize - 1), rank - 1);
+        }
+      }
+      if (lane == kWarpSize - 1) {
+        if (warp < warps - 1) {
+          right = *edge(edges, parity, a, 0, warp + 1);
+        } else {
+          right = NEG;
+          if (CLUSTER && rank < csize - 1) right = *dev.remote(edge(edges, parity, a, 0, 0), rank + 1);
+        }
+      }
+      w[a][0] = left;
+#pragma unroll
+      for (int k = 0; k < VT; ++k) w[a][k + 1] = r[a][k];
+      w[a][VT + 1] = right;
+    }
+
+    const acc_t* e = stage_emit(n);
+    const float* sk = stage_skip(n);
+    const acc_t e_special = e[layout.stage_stride - 1];
+    const int64_t f = frame_of(n);
+    acc_t v[2][VT];
+    if (dir == kAlpha) {
+      // alpha_f from alpha_{f-1}: slot j holds u = base(f) + j; u at f-1 is slot j + d, u - 1 is j + d - 1
+      const int64_t base = band.base(f);
+      const bool d = base != band.base(f - 1);
+#pragma unroll
+      for (int k = 0; k < VT; ++k) {
+        const int64_t u = base + j0 + k;
+        const acc_t e_u = e[j0 + k - s0 + 1];
+        if (MODE == kPreserve) {
+          const acc_t stay = d ? w[0][k + 2] : w[0][k + 1];
+          const acc_t advance = d ? w[0][k + 1] : w[0][k];
+          v[0][k] = band.valid(0, f, u) ? preserve_alpha_cell(stay, advance, e_special, e_u) : NEG;
+        } else {
+          const acc_t blank_u = d ? w[0][k + 2] : w[0][k + 1], label_u = d ? w[1][k + 2] : w[1][k + 1];
+          const acc_t blank_u1 = d ? w[0][k + 1] : w[0][k], label_u1 = d ? w[1][k + 1] : w[1][k];
+          const acc_t skip_u = acc_t(sk[j0 + k - s0 + 1]);
+          v[0][k] = band.valid(0, f, u) ? standard_blank_alpha_cell(blank_u, label_u, e_special) : NEG;
+          v[1][k] = band.valid(1, f, u) ? standard_label_alpha_cell(label_u, blank_u1, label_u1 + skip_u, e_u) : NEG;
+        }
+      }
+      store_row(f, v);
+    } else {
+      // beta_{f-1} from beta_f: slot j holds u = base(f-1) + j; u at f is slot j - d, u + 1 is j - d + 1;
+      // the stage holds frame f's emissions by frame-f slot
+      const int64_t base = band.base(f - 1);
+      const bool d = band.base(f) != base;
+#pragma unroll
+      for (int k = 0; k < VT; ++k) {
+        const int64_t u = base + j0 + k;
+        const int64_t q = j0 + k - s0 + 1 - (d ? 1 : 0);  // stage index of u
+        const acc_t e_u = e[q], e_u1 = e[q + 1];
+        if (MODE == kPreserve) {
+          const acc_t own = d ? w[0][k] : w[0][k + 1];
+          const acc_t next = d ? w[0][k + 1] : w[0][k + 2];
+          v[0][k] = band.valid(0, f - 1, u) ? preserve_beta_cell(own, next, e_special, e_u1) : NEG;
+        } else {
+          const acc_t blank_u = d ? w[0][k] : w[0][k + 1], label_u = d ? w[1][k] : w[1][k + 1];
+          const acc_t label_u1 = d ? w[1][k + 1] : w[1][k + 2];
+          const acc_t skip_u1 = acc_t(sk[q + 1]);
+          v[0][k] = band.valid(0, f - 1, u) ? standard_blank_beta_cell(blank_u, label_u1, e_special, e_u1) : NEG;
+          v[1][k] = band.valid(1, f - 1, u)
+                        ? standard_label_beta_cell(label_u, blank_u, label_u1 + skip_u1, e_special, e_u, e_u1)
+                        : NEG;
+        }
+      }
+      store_row(f - 1, v);
+    }
+    write_edges(int(n & 1), v);
+#pragma unroll
+    for (int a = 0; a < A; ++a)
+#pragma unroll
+      for (int k = 0; k < VT; ++k) r[a][k] = v[a][k];
+  }
+  dev.wait_all();
+  if (CLUSTER) dev.cluster_sync();  // no CTA leaves while a neighbour may still read its edge cells
+
+  if (dir == kAlpha && j0 == 0) {  // slot 0 of frame T_b is u = U
+    const acc_t loglik = (MODE == kPreserve || U_b == 0) ? r[0][0] : logaddexp(r[0][0], r[1][0]);
+    if (loglik > NEG) {
+      p.nll[b] = -loglik;
+      p.status[b] = kRowOk;
+    } else {  // no complete path (or NaN): no posteriors, like the CPU kernel
+      p.nll[b] = loglik != loglik ? loglik : pos_inf<acc_t>();
+      p.status[b] = kRowZero;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// posterior pass: one warp per frame row (b, f), f = 0..T-1 (frame t = f + 1)
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t, int MODE, class Dev>
+MDLM_DEV void posterior_row(const PosteriorParams<acc_t>& p, int64_t b, int64_t f, int lane, Dev& dev) {
+  const int64_t T = p.T, W = p.W, S = p.store_stride;
+  acc_t* row = p.table + (b * T + f) * W;
+  acc_t* special = p.special + b * T + f;
+  const int32_t status = p.status[b];
+  const int64_t T_b = clamp_length(p.input_lengths[b], T), U_b = clamp_length(p.target_lengths[b], p.U_max);
+  if (status != kRowOk || f >= T_b) {
+    const acc_t fill = status == kRowNaN ? quiet_nan<acc_t>() : acc_t(0);
+    for (int64_t j = lane; j < W; j += kWarpSize) row[j] = fill;
+    if (lane == 0) *special = fill;
+    return;
+  }
+  const int64_t shift = MODE == kPreserve ? p.max_shift : -1;
+  const acc_t loglik = -p.nll[b];
+  const int64_t t = f + 1;
+  const acc_t e_special = *special;
+  acc_t slack = 0;
+  if (MODE == kPreserve) {
+    const int64_t lo_t = preserve_state_lo(t, T_b, U_b, shift), hi_t = preserve_state_hi(t, U_b);
+    const int64_t lo_p = preserve_state_lo(t - 1, T_b, U_b, shift), hi_p = preserve_state_hi(t - 1, U_b);
+    const acc_t* a = p.alpha[0] + (b * (T + 1) + t - 1) * S;  // alpha_{t-1}(u) at u - lo_p
+    const acc_t* n = p.beta[0] + (b * (T + 1) + t) * S;       // beta_t(u) at u - lo_t
+    for (int64_t u = imax(lo_t, lo_p) + lane; u <= imin(hi_t, hi_p); u += kWarpSize)
+      slack += LogMath<acc_t>::exp(a[u - lo_p] + e_special + n[u - lo_t] - loglik);
+    const int64_t c_lo = column_lo(t, T_b, U_b, shift);
+    const int64_t u_lo = imax(imax(c_lo, lo_t), lo_p + 1);
+    const int64_t u_hi = imin(imin(column_hi(t, U_b), hi_t), imin(hi_p + 1, c_lo + W - 1));
+    for (int64_t j = lane; j < W; j += kWarpSize) {
+      const int64_t u = c_lo + j;
+      row[j] = (u >= u_lo && u <= u_hi) ? LogMath<acc_t>::exp(a[u - 1 - lo_p] + row[j] + n[u - lo_t] - loglik)
+                                        : acc_t(0);
+    }
+  } else {
+    const int64_t base = standard_blank_lo(t, T_b, U_b);  // both arrays of frame t are stored from here
+    const acc_t* ab = p.alpha[0] + (b * (T + 1) + t) * S;
+    const acc_t* al = p.alpha[1] + (b * (T + 1) + t) * S;
+    const acc_t* nb = p.beta[0] + (b * (T + 1) + t) * S;
+    const acc_t* nl = p.beta[1] + (b * (T + 1) + t) * S;
+    for (int64_t u = base + lane; u <= standard_blank_hi(t, U_b); u += kWarpSize)
+      slack += LogMath<acc_t>::exp(ab[u - base] + nb[u - base] - loglik);
+    const int64_t c_lo = standard_label_lo(t, T_b, U_b);
+    const int64_t c_hi = imin(standard_label_hi(t, U_b), c_lo + W - 1);
+    for (int64_t j = lane; j < W; j += kWarpSize) {
+      const int64_t u = c_lo + j;
+      row[j] = u <= c_hi ? LogMath<acc_t>::exp(al[u - base] + nl[u - base] - loglik) : acc_t(0);
+    }
+  }
+  // fixed-order butterfly: the same sum on every run
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) slack += dev.shfl_xor(slack, offset);
+  dev.warp_sync();  // every lane has read *special
+  if (lane == 0) *special = slack;
+}
+
+}  // namespace cuda_lattice
+}  // namespace mdlm_ctc
