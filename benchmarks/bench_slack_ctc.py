@@ -2,6 +2,7 @@
 
     python benchmarks/bench_slack_ctc.py                  # CPU rows C1, C2 (GPU rows G1-G3 on a GPU)
     python benchmarks/bench_slack_ctc.py --suite gpu --record
+    python benchmarks/bench_slack_ctc.py --suite sweep     # the Triton lattice's chunk length (GPU)
     python benchmarks/bench_slack_ctc.py --smoke           # seconds; what CI runs
 
 Providers (each a full forward + backward from logits, unless the workload says "lattice"):
@@ -56,7 +57,17 @@ WORKLOADS = {
     "smoke-standard": dict(device="any", B=2, T=64, U=24, V=50, dtype=FP32, collapse="standard", goal="runs"),
     "smoke-preserve": dict(device="any", B=2, T=64, U=48, V=50, dtype=FP32, collapse="preserve", goal="runs"),
 }
+# The Triton lattice's time-chunk length, swept at the G1/G2/G3 lattice shapes (its cost model's
+# constants are estimates until this sweep has run on the GPU; 0 = one chunk).
+for _shape, _dims in {"G1": dict(B=8, T=2048, U=1792, collapse="preserve"),
+                      "G2": dict(B=8, T=2048, U=1024, collapse="standard"),
+                      "G3": dict(B=2, T=8192, U=7680, collapse="preserve")}.items():
+    for _chunk in (0, 7, 15, 31, 63):
+        WORKLOADS[f"sweep-{_shape}-L{_chunk}"] = dict(device="cuda", V=1024, dtype=BF16, lattice_only=True,
+                                                      chunk_len=_chunk, only=("triton",),
+                                                      goal="Triton chunk-length sweep", **_dims)
 SUITES = {"cpu": ["C1", "C2"], "gpu": ["G1", "G2-standard", "G2-preserve", "G3-2048", "G3-8192"],
+          "sweep": [name for name in WORKLOADS if name.startswith("sweep-")],
           "smoke": ["smoke-standard", "smoke-preserve"]}
 SLACK = 0
 
@@ -121,19 +132,22 @@ def lattice_step(provider, w, logits, targets):
     emissions, lattice_band, _ = backends.stages(provider)
     _, table, special = emissions(logits, targets, il, tl, None, SLACK, -1, width, True)
     work = [table.clone(), special.clone()]
+    extra = {"chunk_len": w["chunk_len"]} if "chunk_len" in w else {}
 
-    def step():
+    def step():  # the copies restore the emissions the previous step overwrote with posteriors
         work[0].copy_(table)
         work[1].copy_(special)
-        lattice_band(work[0], work[1], targets, il, tl, mode, -1, True)
+        lattice_band(work[0], work[1], targets, il, tl, mode, -1, True, **extra)
     return step
 
 
-def run_workload(name, w, device, provider_names, repeats, warmup):
+def run_workload(name, w, device, provider_names, repeats, warmup, measure_memory=True):
     logits, targets = make_inputs(w, device)
     providers = providers_for(w, device, provider_names)
     if w.get("lattice_only"):
         providers = [p for p in providers if p in ("cpu", "triton", "cuda", "reference")]
+    if "only" in w:
+        providers = [p for p in providers if p in w["only"]]
     steps = {}
     for p in providers:
         make = lattice_step if w.get("lattice_only") else full_step
@@ -146,6 +160,8 @@ def run_workload(name, w, device, provider_names, repeats, warmup):
             with common.PeakMemory(device) as peak:
                 step()
             peaks[p] = peak.mib
+        elif not measure_memory:
+            peaks[p] = None
         else:  # a fresh process, so that memory the allocator kept from earlier steps does not hide the peak
             peaks[p] = common.peak_rss_in_subprocess(
                 [sys.executable, os.path.abspath(__file__), "--measure-memory", name, p])
@@ -226,6 +242,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds (CI)")
     parser.add_argument("--record", action="store_true", help="append rows to benchmarks/results/slack_ctc.jsonl")
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
+    parser.add_argument("--no-memory", action="store_true", help="skip the (CPU: subprocess) peak-memory measurement")
     parser.add_argument("--measure-memory", nargs=2, metavar=("WORKLOAD", "PROVIDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_memory:  # child process of the CPU memory measurement
@@ -248,7 +265,7 @@ def main(argv=None):
             continue
         device = torch.device("cuda" if (w["device"] == "cuda" or (w["device"] == "any" and has_gpu)) else "cpu")
         print(f"running {name} on {device} ...", file=sys.stderr, flush=True)
-        rows.extend(run_workload(name, w, device, args.providers, repeats, args.warmup))
+        rows.extend(run_workload(name, w, device, args.providers, repeats, args.warmup, not args.no_memory))
     rows = judge(rows)
     stamp = common.stamp()
     if args.json:

@@ -68,6 +68,7 @@ if [ $SMOKE -eq 1 ]; then
 else
   step gpu_tests 240 "$PY" -m pytest -q -x -m gpu tests
   step bench_slack_ctc 300 "$PY" benchmarks/bench_slack_ctc.py --suite gpu --repeats 20 --record
+  step bench_sweep 120 "$PY" benchmarks/bench_slack_ctc.py --suite sweep --repeats 10 --record
   [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 240 "$PY" benchmarks/bench_linear_slack_ctc.py --record
 fi
 
