@@ -458,6 +458,10 @@ at::Tensor lattice_band_cpu(const at::Tensor& table, const at::Tensor& special, 
           continue;
         }
         nll_p[b] = mode == kPreserve ? preserve_row(row, need_grad) : standard_row(row, need_grad);
+        if (need_grad) {  // frames past the input length have no posteriors
+          std::fill(row.table + row.T * W, row.table + T * W, acc_t(0));
+          std::fill(row.special + row.T, row.special + T, acc_t(0));
+        }
         if (need_grad && !(nll_p[b] < std::numeric_limits<acc_t>::infinity())) {
           std::fill(row.table, row.table + T * W, acc_t(0));  // an infeasible row has no posteriors
           std::fill(row.special, row.special + T, acc_t(0));

@@ -111,6 +111,11 @@ def resolve(backend: str, device: torch.device) -> str:
         reason = ""
         if backend in ("cpu", "cuda") and _EXTENSION_ERROR:
             reason = f" ({_EXTENSION_ERROR})"
+        elif backend == "cuda" and device.type == "cuda" and extension_loaded() and not _has_kernel("CUDA"):
+            reason = (" (mdlm_ctc._C was built without CUDA kernels: reinstall where torch has CUDA and nvcc is "
+                      "found, or install with MDLM_CTC_BUILD=none and run with MDLM_CTC_JIT=1)")
+        elif backend in ("triton", "cuda") and device.type == "cuda" and not _triton_importable():
+            reason = " (Triton is not importable)"
         raise ValueError(f"`backend`={backend!r} is not available for tensors on {device}{reason}; "
                          f"available there: {', '.join(present)}")
     return backend
