@@ -16,8 +16,8 @@ Environment switches:
   the extension is built on the machine that runs it; set e.g. ``x86-64-v2`` for a portable build).
 """
 
+import importlib.util
 import os
-import platform
 import shutil
 import sys
 
@@ -31,56 +31,23 @@ def _log(msg):
     print(f"[mdlm-ctc setup] {msg}", file=sys.stderr)
 
 
-def _cuda_home():
-    """The CUDA toolkit to build with: ``CUDA_HOME``/``CUDA_PATH``, else the one ``nvcc`` on PATH belongs
-    to, else ``/usr/local/cuda``; None when no ``nvcc`` is found."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    return None
+def _load_build_flags():
+    # the flag helpers live in the package (the JIT path uses them too); load the file directly, since
+    # importing the package would need torch
+    spec = importlib.util.spec_from_file_location("_build_flags", os.path.join(ROOT, "mdlm_ctc", "_build_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _cpu_flags():
-    arch = os.environ.get("MDLM_CTC_CPU_ARCH", "native")
-    flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-    if platform.machine() in ("x86_64", "AMD64") and arch:
-        flags.append("-mprefer-vector-width=512")  # use AVX-512 where -march has it
-    if arch:
-        flags.append(f"-march={arch}")
-    return flags
-
-
-def _cuda_arch_flags():
-    """``-gencode`` flags from ``MDLM_CTC_CUDA_ARCHS`` ("90;90+PTX" by default: sm_90 SASS plus compute_90
-    PTX that newer GPUs JIT-compile). Entries are separated by ``;`` or ``,``, e.g. "80;90", "9.0+PTX"."""
-    archs = os.environ.get("MDLM_CTC_CUDA_ARCHS", "90;90+PTX")
-    flags = []
-    for arch in archs.replace(",", ";").split(";"):
-        arch = arch.strip().replace(".", "")
-        if not arch:
-            continue
-        num = arch[: -len("+PTX")] if arch.endswith("+PTX") else arch
-        if not num.isdigit():
-            raise SystemExit(f"MDLM_CTC_CUDA_ARCHS: {arch!r} is not a compute capability like 90 or 90+PTX")
-        if arch.endswith("+PTX"):
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-        else:
-            flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-    if not flags:
-        raise SystemExit("MDLM_CTC_CUDA_ARCHS names no architecture")
-    return flags
+flags = _load_build_flags()
 
 
 def _cuda_flags():
-    # -O3 for host and device; -lineinfo keeps profiles readable; no fast-math: the lattice relies on
-    # exact -inf handling (logspace.h)
-    return ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"] + _cuda_arch_flags()
+    try:
+        return flags.cuda_flags(flags.parse_archs(os.environ.get("MDLM_CTC_CUDA_ARCHS", "90;90+PTX")))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def _extensions():
@@ -98,11 +65,11 @@ def _extensions():
              "(use `pip install --no-build-isolation -e .` to build the C++ kernels)")
         return [], {}
 
-    cpu_sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "slack_ctc_cpu.cpp")]
-    cuda_sources = [os.path.join(CSRC, "slack_ctc_cuda.cu")]
+    cpu_sources = [os.path.join(CSRC, name) for name in flags.SOURCES_CPU]
+    cuda_sources = [os.path.join(CSRC, name) for name in flags.SOURCES_CUDA]
     include_dirs = [os.path.join(ROOT, CSRC)]
     have_cuda_sources = all(os.path.exists(os.path.join(ROOT, s)) for s in cuda_sources)
-    cuda_home = _cuda_home()
+    cuda_home = flags.cuda_home()
     if choice == "cuda":  # forced: explain exactly what is missing instead of failing inside the compiler
         missing = []
         if torch.version.cuda is None:
@@ -134,7 +101,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[("MDLM_CTC_WITH_CUDA", "1")],
             extra_compile_args={
-                "cxx": _cpu_flags(),
+                "cxx": flags.cpu_flags(),
                 "nvcc": _cuda_flags(),
             },
             extra_link_args=["-fopenmp"],
@@ -148,7 +115,7 @@ def _extensions():
             "mdlm_ctc._C",
             sources=cpu_sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": _cpu_flags()},
+            extra_compile_args={"cxx": flags.cpu_flags()},
             extra_link_args=["-fopenmp"],
         )
     build_ext = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)

@@ -64,8 +64,8 @@ MDLM_HD float cpu_expf(float x) {
   return x != x ? x : (x < -87.3f ? 0.0f : y);
 }
 
-// log(x) for x >= 0: log(0) = -inf, NaN stays NaN, subnormals are treated as 0 (-inf).
-MDLM_HD float cpu_logf(float x) {
+// log(x) for positive normal x, no special cases (the Cephes polynomial on [sqrt(1/2), sqrt(2))).
+MDLM_HD float cpu_logf_normal(float x) {
   const int32_t bits = float_to_bits(x);
   float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
   float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
@@ -85,37 +85,16 @@ MDLM_HD float cpu_logf(float x) {
   float y = p * m * z;
   y = y + e * -2.12194440e-4f;
   y = y - 0.5f * z;
-  const float r = m + y + e * 0.693359375f;
+  return m + y + e * 0.693359375f;
+}
+
+// log(x) for x >= 0: log(0) = -inf, NaN stays NaN, +inf stays +inf, subnormals are treated as 0.
+MDLM_HD float cpu_logf(float x) {
+  const float r = cpu_logf_normal(x);
   const bool is_zero = x < 1.17549435e-38f;  // zero or subnormal
   return x != x ? x : (is_zero ? neg_inf<float>() : (x == std::numeric_limits<float>::infinity() ? x : r));
 }
 #endif  // !__CUDA_ARCH__
-
-#if !defined(__CUDA_ARCH__)
-// log(x) for x in [1, 4) (the sums inside logaddexp): cpu_logf without its special cases.
-MDLM_HD float cpu_logf_1_to_4(float x) {
-  const int32_t bits = float_to_bits(x);
-  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.0f : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float p = 7.0376836292e-2f;
-  p = p * m - 1.1514610310e-1f;
-  p = p * m + 1.1676998740e-1f;
-  p = p * m - 1.2420140846e-1f;
-  p = p * m + 1.4249322787e-1f;
-  p = p * m - 1.6668057665e-1f;
-  p = p * m + 2.0000714765e-1f;
-  p = p * m - 2.4999993993e-1f;
-  p = p * m + 3.3333331174e-1f;
-  float y = p * m * z;
-  y = y + e * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  return m + y + e * 0.693359375f;
-}
-#endif
 
 template <typename acc_t>
 struct LogMath;
@@ -141,7 +120,7 @@ struct LogMath<float> {
 #if defined(__CUDA_ARCH__)
     return ::logf(x);
 #else
-    return cpu_logf_1_to_4(x);
+    return cpu_logf_normal(x);
 #endif
   }
 };

@@ -14,42 +14,19 @@ reused across runs (``MDLM_CTC_JIT_DIR``, default torch's extension cache), so o
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 
 import torch
+
+from . import _build_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
 
 def sources(with_cuda: bool) -> list[str]:
-    files = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "slack_ctc_cpu.cpp")]
-    if with_cuda:
-        files.append(os.path.join(CSRC, "slack_ctc_cuda.cu"))
-    return files
-
-
-def cpu_flags() -> list[str]:
-    arch = os.environ.get("MDLM_CTC_CPU_ARCH", "native")
-    flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-    if platform.machine() in ("x86_64", "AMD64") and arch:
-        flags.append("-mprefer-vector-width=512")  # use AVX-512 where -march has it
-    return flags + ([f"-march={arch}"] if arch else [])
-
-
-def cuda_home() -> str | None:
-    """The CUDA toolkit to compile with (``CUDA_HOME``/``CUDA_PATH``, ``nvcc`` on PATH, /usr/local/cuda)."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    return None
+    names = _build_flags.SOURCES_CPU + (_build_flags.SOURCES_CUDA if with_cuda else ())
+    return [os.path.join(CSRC, name) for name in names]
 
 
 def cuda_archs() -> list[str]:
@@ -57,7 +34,7 @@ def cuda_archs() -> list[str]:
     (a lazy torch.cuda query: this only runs when the JIT build is requested), else "90"."""
     env = os.environ.get("MDLM_CTC_CUDA_ARCHS")
     if env:
-        return [a.strip().replace(".", "") for a in env.replace(",", ";").split(";") if a.strip()]
+        return _build_flags.parse_archs(env)
     archs: list[str] = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -67,22 +44,11 @@ def cuda_archs() -> list[str]:
     return archs or ["90"]
 
 
-def cuda_flags() -> list[str]:
-    flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
-    for arch in cuda_archs():
-        num = arch[: -len("+PTX")] if arch.endswith("+PTX") else arch
-        if not num.isdigit():
-            raise RuntimeError(f"MDLM_CTC_CUDA_ARCHS: {arch!r} is not a compute capability like 90 or 90+PTX")
-        code = f"compute_{num}" if arch.endswith("+PTX") else f"sm_{num}"
-        flags.append(f"-gencode=arch=compute_{num},code={code}")
-    return flags
-
-
 def cuda_unavailable_reason() -> str | None:
     """Why the JIT build would leave out the CUDA kernels, or None if it will compile them."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
-    if cuda_home() is None:
+    if _build_flags.cuda_home() is None:
         return "no CUDA toolkit (nvcc) was found: set CUDA_HOME or put nvcc on PATH"
     if not os.path.exists(os.path.join(CSRC, "slack_ctc_cuda.cu")):
         return f"{os.path.join(CSRC, 'slack_ctc_cuda.cu')} is missing"
@@ -110,7 +76,7 @@ def load(verbose: bool = False) -> None:
                            "(set CXX); use backend=\"reference\" (pure PyTorch) or backend=\"triton\" meanwhile")
     with_cuda = cuda_unavailable_reason() is None
     if with_cuda:
-        home = cuda_home()
+        home = _build_flags.cuda_home()
         os.environ.setdefault("CUDA_HOME", home)
         if cpp_extension.CUDA_HOME is None:  # torch looked before CUDA_HOME was set
             cpp_extension.CUDA_HOME = home
@@ -121,8 +87,8 @@ def load(verbose: bool = False) -> None:
         name="mdlm_ctc_C_jit_cuda" if with_cuda else "mdlm_ctc_C_jit",
         sources=sources(with_cuda),
         extra_include_paths=[CSRC],
-        extra_cflags=cpu_flags() + (["-DMDLM_CTC_WITH_CUDA=1"] if with_cuda else []),
-        extra_cuda_cflags=cuda_flags() if with_cuda else None,
+        extra_cflags=_build_flags.cpu_flags() + (["-DMDLM_CTC_WITH_CUDA=1"] if with_cuda else []),
+        extra_cuda_cflags=_build_flags.cuda_flags(cuda_archs()) if with_cuda else None,
         extra_ldflags=["-fopenmp"],
         build_directory=build_directory,
         is_python_module=False,
