@@ -18,7 +18,8 @@ def _reduce(nll: Tensor, target_lengths: Tensor, reduction: str, zero_infinity: 
     return (nll / target_lengths.clamp(min=1).to(nll.dtype)).mean()
 
 
-def _run(args: _validation.LatticeArgs, *, normalize: bool, zero_infinity: bool, backend: str) -> Tensor:
+def _run(args: _validation.LatticeArgs, *, normalize: bool, zero_infinity: bool, backend: str,
+         inplace_backward: bool = False) -> Tensor:
     x = args.logits
     if x.stride(-1) != 1:
         x = x.contiguous()  # kernels read the vocabulary dimension contiguously
@@ -26,14 +27,14 @@ def _run(args: _validation.LatticeArgs, *, normalize: bool, zero_infinity: bool,
     need_grad = torch.is_grad_enabled() and x.requires_grad
     nll, _, _, _ = _ops.lattice_forward(x, args.targets, args.input_lengths, args.target_lengths, args.observed,
                                         args.special_id, args.mode, args.max_shift, args.band_width, need_grad,
-                                        normalize, zero_infinity, name)
+                                        normalize, zero_infinity, inplace_backward and need_grad, name)
     return nll
 
 
 def slack_ctc_loss(logits: Tensor, targets: Tensor, target_lengths: Tensor | None = None, *, slack_id: int,
                    input_lengths: Tensor | None = None, collapse: str = "preserve", max_shift: int | None = None,
                    observed: Tensor | None = None, reduction: str = "mean", zero_infinity: bool = False,
-                   backend: str = "auto", validate: bool = True) -> Tensor:
+                   backend: str = "auto", validate: bool = True, inplace_backward: bool = False) -> Tensor:
     """CTC loss from unnormalised logits, with the surface-preserving collapse by default.
 
     Args:
@@ -57,13 +58,18 @@ def slack_ctc_loss(logits: Tensor, targets: Tensor, target_lengths: Tensor | Non
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``;
             :func:`mdlm_ctc.available_backends` lists what this machine has.
         validate: check values (ids, lengths) with one host sync; skipped under ``torch.compile``.
+        inplace_backward: write the gradient over the logits buffer during backward, saving one
+            ``B×T×V`` buffer (Triton backend; the others copy). The logits' values are gone after
+            backward: only for logits nothing else reads again. Ignored under ``torch.compile``.
 
     Returns:
         The loss: float32 (float64 for float64 logits), ``[B]`` for ``reduction="none"`` else a scalar.
     """
     args = _validation.check_slack_ctc_args(logits, targets, target_lengths, slack_id, input_lengths, collapse,
                                             max_shift, observed, reduction, zero_infinity, backend, validate)
-    nll = _run(args, normalize=True, zero_infinity=zero_infinity, backend=backend)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"`inplace_backward` must be a bool; got {inplace_backward!r}")
+    nll = _run(args, normalize=True, zero_infinity=zero_infinity, backend=backend, inplace_backward=inplace_backward)
     return _reduce(nll, args.target_lengths, reduction, zero_infinity)
 
 

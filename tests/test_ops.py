@@ -20,7 +20,7 @@ def op_args(backend, need_grad=True, mode=0, max_shift=-1, dtype=torch.float64):
     observed = torch.full((3, 7), -1)
     observed[0, 1] = 1
     return (logits, targets, input_lengths, target_lengths, observed, 0, mode, max_shift, 5, need_grad, True, False,
-            backend)
+            False, backend)
 
 
 def test_available_backends():
@@ -40,7 +40,8 @@ def test_opcheck_lattice_forward(backend, mode, max_shift):
 def test_opcheck_lattice_backward_and_alignment(backend):
     args = op_args(backend, need_grad=False)
     logits = args[0].detach()
-    nll, lse, post_target, post_special = _ops.lattice_forward(logits, *args[1:9], True, True, False, backend)
+    nll, lse, post_target, post_special = _ops.lattice_forward(logits, *args[1:9], True, True, False, False,
+                                                               backend)
     torch.library.opcheck(_ops.lattice_backward,
                           (torch.ones(3, dtype=torch.float64), logits, lse, args[1], args[2], args[3], args[4],
                            post_target, post_special, nll, 0, 0, -1, False, True, backend))
@@ -144,3 +145,22 @@ def test_without_the_extension_auto_falls_back_to_reference(monkeypatch):
     with pytest.raises(ValueError, match=r"`backend`='cpu' is not available for tensors on cpu.*available there: "
                                          r"reference"):
         mdlm_ctc.slack_ctc_loss(logits, targets, slack_id=0, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_writes_the_gradient_over_the_logits(backend):
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(3, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[1, 2, 3], [4, 4, 0], [5, 1, 2]])
+    target_lengths = torch.tensor([3, 2, 3])
+    expected = mdlm_ctc.slack_ctc_loss(weight * 2.0, targets, target_lengths, slack_id=0, backend=backend)
+    (expected_grad,) = torch.autograd.grad(expected, weight)
+    logits = weight * 2.0  # a non-leaf buffer the caller gives up
+    loss = mdlm_ctc.slack_ctc_loss(logits, targets, target_lengths, slack_id=0, backend=backend,
+                                   inplace_backward=True)
+    (grad,) = torch.autograd.grad(loss, weight)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    torch.testing.assert_close(logits.detach() * 2.0, expected_grad)  # the buffer now holds d loss / d logits
+    with pytest.raises(TypeError, match="`inplace_backward` must be a bool"):
+        mdlm_ctc.slack_ctc_loss(logits, targets, target_lengths, slack_id=0, inplace_backward="yes")
