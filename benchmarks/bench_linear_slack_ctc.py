@@ -1,0 +1,360 @@
+"""Microbenchmark of linear_slack_ctc_loss (fused LM head + slack-CTC), SPEC §6 goal G4.
+
+    python benchmarks/bench_linear_slack_ctc.py                     # G4 on a GPU, the CPU mid-size shape on a CPU
+    python benchmarks/bench_linear_slack_ctc.py --workloads G4 --record
+    python benchmarks/bench_linear_slack_ctc.py --smoke             # seconds, CPU; records nothing unless --record
+
+Providers (each one forward + backward from hidden states and the LM head, gradients for both):
+    ours          mdlm_ctc.linear.linear_slack_ctc_loss (store-free: 4 GEMMs, the logits recomputed in backward)
+    rows          the alternative design, chunked by whole sequences with the gradient computed in the
+                  forward (Liger FLCE's structure, 3 GEMMs), built from the backend's three stages; it
+                  needs a scalar reduction and at least one sequence of logits per chunk. Kept here to
+                  measure the design choice written in mdlm_ctc/linear.py.
+    materialised  hidden @ W.T, then mdlm_ctc.slack_ctc_loss (when the logits and their gradient fit)
+    liger         Liger-Kernel LigerFusedLinearCrossEntropyLoss, if importable
+    cce           apple cut-cross-entropy linear_cross_entropy, if importable
+    torch_ce      a chunked linear + cross-entropy in torch with Liger's structure (chunk of
+                  next_pow2(N / ceil(V / D)) tokens, gradients in the forward, dW accumulated in the
+                  weight dtype): the fused-CE yardstick when neither Liger nor CCE is installed
+G4 compares ``ours`` with the fastest fused linear-CE present (liger, cce, torch_ce).
+
+Times are medians with 20th/80th percentiles over round-robin repeats (on the CPU also the median
+process CPU time, which a busy shared machine disturbs far less than wall time). Peak extra memory: on a GPU
+``torch.cuda.max_memory_allocated`` above the inputs during one step, gradients included
+(``grad_mib`` says how much of it the returned gradients are); on the CPU the largest growth of live
+bytes in the CPU allocator during one step, read from the profiler's allocation events. Every row
+carries machine, commit and versions; ``--record`` appends them to
+benchmarks/results/linear_slack_ctc.jsonl and writes the table to linear_slack_ctc_latest.md beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import mdlm_ctc  # noqa: E402
+from mdlm_ctc import backends, linear, reference  # noqa: E402
+
+BF16, FP32 = torch.bfloat16, torch.float32
+SLACK = 0
+FUSED_CE = ("liger", "cce", "torch_ce")
+
+WORKLOADS = {
+    # N = B * T frames; U target tokens per row (band width T - U + 1)
+    "G4": dict(device="cuda", B=8, T=2048, U=1792, D=4096, V=126464, dtype=BF16,
+               goal="<= 1.2x the best fused linear-CE, extra memory <= 2 GB", max_ratio=1.2, max_extra_gb=2.0),
+    "cpu-mid": dict(device="cpu", B=2, T=2048, U=1792, D=512, V=32000, dtype=FP32, goal="design measurement"),
+    "smoke": dict(device="any", B=2, T=48, U=40, D=32, V=300, dtype=FP32, goal="runs"),
+}
+DEFAULT_PROVIDERS = ["ours", "rows", "materialised", "liger", "cce", "torch_ce"]
+
+
+def make_inputs(w, device):
+    g = torch.Generator().manual_seed(0)
+    B, T, U, D, V = w["B"], w["T"], w["U"], w["D"], w["V"]
+    hidden = torch.randn(B, T, D, generator=g).to(device=device, dtype=w["dtype"])
+    weight = (torch.randn(V, D, generator=g) / math.sqrt(D)).to(device=device, dtype=w["dtype"])
+    targets = torch.randint(1, V, (B, U), generator=g).to(device)
+    return hidden, weight, targets
+
+
+# ---------------------------------------------------------------------------------------------
+# the alternative design and the cross-entropy yardstick
+# ---------------------------------------------------------------------------------------------
+
+class RowsLinearSlackCTC(torch.autograd.Function):
+    """Chunked by whole sequences, gradient in the forward (3 GEMMs); mean reduction, full lengths."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows_per_chunk, backend):
+        B, T, D = hidden.shape
+        V, U = weight.shape[0], targets.shape[1]
+        acc = reference.acc_dtype(hidden.dtype)
+        emissions, lattice_band, gradient = backends.stages(backend)
+        input_lengths = torch.full((B,), T, device=hidden.device)
+        target_lengths = torch.full((B,), U, device=hidden.device)
+        width = max(int(reference.column_band_width(torch.tensor(T), torch.tensor(U))), 1)
+        weights = 1.0 / (B * target_lengths.clamp(min=1)).to(acc)  # d loss / d nll_b for reduction="mean"
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(V, D, dtype=acc, device=hidden.device)
+        nlls = []
+        for b0 in range(0, B, rows_per_chunk):
+            b1 = min(B, b0 + rows_per_chunk)
+            h = hidden[b0:b1].reshape(-1, D)
+            logits = F.linear(h, weight).view(b1 - b0, T, V)
+            il, tl, y = input_lengths[b0:b1], target_lengths[b0:b1], targets[b0:b1]
+            lse, table, special = emissions(logits, y, il, tl, None, SLACK, -1, width, True)
+            nll = lattice_band(table, special, y, il, tl, reference.PRESERVE, -1, True)
+            dz = gradient(weights[b0:b1], logits, lse, y, il, tl, None, table, special, nll, SLACK, -1, False, True)
+            del logits
+            dz = dz.view(-1, V)
+            grad_hidden[b0:b1] = (dz @ weight).view(b1 - b0, T, D)
+            linear._mm_into(grad_weight, dz.t(), h, accumulate=True)
+            nlls.append(nll)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(hidden.dtype))
+        return (torch.cat(nlls) * weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, \
+            None, None
+
+
+class TorchChunkedLinearCE(torch.autograd.Function):
+    """Liger FLCE's structure in torch ops: token chunks, gradients in the forward, dW in the weight dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels):
+        N, D = hidden.shape
+        V = weight.shape[0]
+        chunk = 1 << max(0, math.ceil(math.log2(math.ceil(N / math.ceil(V / D)))))
+        acc = reference.acc_dtype(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for s in range(0, N, chunk):
+            h, y = hidden[s:s + chunk], labels[s:s + chunk]
+            logits = h @ weight.t()
+            x = logits.to(acc)
+            lse = torch.logsumexp(x, -1)
+            total += (lse - x.gather(1, y[:, None]).squeeze(1)).sum()
+            x.sub_(lse[:, None]).exp_()
+            x.scatter_add_(1, y[:, None], torch.full_like(y[:, None], -1, dtype=x.dtype))
+            logits.copy_(x.div_(N))
+            del x
+            grad_hidden[s:s + chunk] = logits @ weight
+            grad_weight.addmm_(logits.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / N
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None
+
+
+def _fused_ce(provider):
+    """The loss callable of an installed fused linear-CE package, or None."""
+    try:
+        if provider == "liger":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            loss_fn = LigerFusedLinearCrossEntropyLoss()
+            return lambda h, w, y: loss_fn(w, h, y)
+        if provider == "cce":
+            from cut_cross_entropy import linear_cross_entropy
+
+            return lambda h, w, y: linear_cross_entropy(h, w, y)
+    except Exception:  # not installed, or does not import on this machine
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# one step per provider
+# ---------------------------------------------------------------------------------------------
+
+def make_step(provider, w, hidden, weight, targets, chunk_size, device):
+    """A closure doing one forward + backward (gradients for hidden and weight), or None if unavailable."""
+    h = hidden.detach().requires_grad_(True)
+    wt = weight.detach().requires_grad_(True)
+    B, T, D = hidden.shape
+    V = weight.shape[0]
+
+    def run(loss_fn):
+        def step():
+            h.grad = wt.grad = None
+            loss_fn().backward()
+
+        def clear():  # before a memory measurement, so that freeing old gradients cannot hide new ones
+            h.grad = wt.grad = None
+        step.clear = clear
+        return step
+
+    if provider == "ours":
+        return run(lambda: linear.linear_slack_ctc_loss(h, wt, targets, slack_id=SLACK, chunk_size=chunk_size))
+    if provider == "rows":
+        rows = max(1, (chunk_size or linear.DEFAULT_CHUNK_SIZE) // T)
+        name = backends.resolve("auto", device)
+        if device.type == "cuda" and name == "reference":
+            print("  rows: skipped (no GPU backend: its per-chunk lattices would time the reference)", file=sys.stderr)
+            return None
+        return run(lambda: RowsLinearSlackCTC.apply(h, wt, targets, rows, name))
+    if provider == "materialised":
+        need = B * T * V * (3 * hidden.element_size() + 4)  # logits, their gradient, an fp32 temporary
+        free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30)
+        if need > 0.8 * free:
+            print(f"  materialised: skipped ({need / 2**30:.1f} GiB needed)", file=sys.stderr)
+            return None
+        return run(lambda: mdlm_ctc.slack_ctc_loss(F.linear(h, wt), targets, slack_id=SLACK))
+    canvas = torch.randint(0, V, (B * T,), device=device, generator=None)
+    if provider == "torch_ce":
+        return run(lambda: TorchChunkedLinearCE.apply(h.view(B * T, D), wt, canvas))
+    fused = _fused_ce(provider)
+    if fused is None or device.type != "cuda":
+        return None
+    return run(lambda: fused(h.view(B * T, D), wt, canvas))
+
+
+def cpu_peak_mib(step):
+    """Largest growth of live CPU-allocator bytes during ``step`` (profiler allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def run_workload(name, w, device, provider_names, repeats, warmup, chunk_size):
+    hidden, weight, targets = make_inputs(w, device)
+    steps = {}
+    for p in provider_names:
+        step = make_step(p, w, hidden, weight, targets, chunk_size, device)
+        if step is not None:
+            steps[p] = step
+    grad_mib = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
+    peaks = {}
+    for p, step in steps.items():  # warm-up, then the peak extra memory of one step
+        print(f"  {p}: warm-up", file=sys.stderr, flush=True)
+        for _ in range(warmup):
+            step()
+        step.clear()
+        if device.type == "cuda":
+            with common.PeakMemory(device) as peak:
+                step()
+            peaks[p] = peak.mib
+        else:
+            peaks[p] = cpu_peak_mib(step)
+    times = {p: [] for p in steps}
+    cpu_times = {p: [] for p in steps}  # process CPU seconds: robust to a busy machine, unlike wall time
+    for _ in range(repeats):
+        for p, step in steps.items():
+            start = time.process_time()
+            times[p].append(common.timed(step, device))
+            cpu_times[p].append(time.process_time() - start)
+    rows = []
+    for p in steps:
+        q = common.quantiles(times[p])
+        rows.append(dict(workload=name, provider=p, B=w["B"], T=w["T"], U=w["U"], N=w["B"] * w["T"], D=w["D"],
+                         V=w["V"], dtype=str(w["dtype"]).replace("torch.", ""), device=device.type,
+                         chunk_size=chunk_size if p in ("ours", "rows") else None, timed="forward+backward",
+                         peak_extra_mib=None if peaks[p] is None else round(peaks[p], 3),
+                         grad_mib=round(grad_mib, 1), goal=w["goal"],
+                         cpu_seconds_median=(round(statistics.median(cpu_times[p]), 3) if device.type == "cpu"
+                                             else None),
+                         **{k: round(v, 4) if isinstance(v, float) else v for k, v in q.items()}))
+    del hidden, weight, targets, steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def judge(rows):
+    """ours against the fastest fused linear-CE of the same workload (G4)."""
+    for row in rows:
+        row["vs_best_fused_ce"] = row["goal_met"] = None
+    by_workload = {}
+    for row in rows:
+        by_workload.setdefault(row["workload"], []).append(row)
+    for name, group in by_workload.items():
+        w = WORKLOADS[name]
+        fused = [r for r in group if r["provider"] in FUSED_CE]
+        best = min(fused, key=lambda r: r["median_ms"]) if fused else None
+        for row in group:
+            if best is not None and row["provider"] not in FUSED_CE:
+                row["vs_best_fused_ce"] = round(row["median_ms"] / best["median_ms"], 3)
+                row["best_fused_ce"] = best["provider"]
+            if row["provider"] == "ours" and "max_ratio" in w:
+                checks = []
+                if row["vs_best_fused_ce"] is not None:
+                    checks.append(row["vs_best_fused_ce"] <= w["max_ratio"])
+                if row["peak_extra_mib"] is not None:
+                    checks.append(row["peak_extra_mib"] * 2**20 <= w["max_extra_gb"] * 1e9)
+                row["goal_met"] = all(checks) if checks else None
+    return rows
+
+
+def table(rows):
+    head = ("workload", "provider", "chunk", "median ms", "p20-p80 ms", "CPU s", "peak extra MiB",
+            "of which grads MiB", "vs best fused CE", "goal met")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["workload"], r["provider"], "" if r["chunk_size"] is None else str(r["chunk_size"]),
+            f"{r['median_ms']:.1f}", f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
+            "" if r["cpu_seconds_median"] is None else f"{r['cpu_seconds_median']:.2f}",
+            "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}", f"{r['grad_mib']:.0f}",
+            "" if r["vs_best_fused_ce"] is None else f"{r['vs_best_fused_ce']:.2f}x",
+            {True: "yes", False: "NO", None: ""}[r["goal_met"]]]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS),
+                        help="default: G4 with a GPU, else cpu-mid")
+    parser.add_argument("--providers", nargs="+", default=DEFAULT_PROVIDERS)
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[linear.DEFAULT_CHUNK_SIZE],
+                        help="frames per chunk for ours/rows; several values give one row each")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 on a GPU, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds")
+    parser.add_argument("--record", action="store_true",
+                        help="append rows to benchmarks/results/linear_slack_ctc.jsonl (CPU smoke runs only with it)")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
+    args = parser.parse_args(argv)
+
+    has_gpu = torch.cuda.is_available()
+    names = ["smoke"] if args.smoke else (args.workloads or (["G4"] if has_gpu else ["cpu-mid"]))
+    repeats = args.repeats or (5 if (args.smoke or not has_gpu) else 10)  # >= 5: common.quantiles extrapolates below
+    rows = []
+    for name in names:
+        w = WORKLOADS[name]
+        if w["device"] == "cuda" and not has_gpu:
+            print(f"skipping {name}: needs a CUDA device", file=sys.stderr)
+            continue
+        device = torch.device("cuda" if w["device"] == "cuda" or (w["device"] == "any" and has_gpu and
+                                                                  not args.smoke) else "cpu")
+        for i, chunk in enumerate(args.chunk_size):
+            providers = args.providers if i == 0 else [p for p in args.providers if p in ("ours", "rows")]
+            print(f"running {name} on {device}, chunk {chunk} ...", file=sys.stderr, flush=True)
+            rows.extend(run_workload(name, w, device, providers, repeats, args.warmup, chunk))
+    rows = judge(rows)
+    stamp = common.stamp()
+    if args.json:
+        for row in rows:
+            print(json.dumps({**row, **stamp}))
+    else:
+        print(f"machine: {stamp['machine']}\ncommit {stamp['commit']}, versions {stamp['versions']}\n")
+        print(table(rows))
+    if args.record and rows:
+        path = common.record([{**row, **stamp} for row in rows], "linear_slack_ctc")
+        summary = os.path.join(common.RESULTS, "linear_slack_ctc_latest.md")
+        with open(summary, "w") as f:
+            f.write(f"# linear_slack_ctc benchmark ({', '.join(names)})\n\n{stamp['date']}, commit "
+                    f"`{stamp['commit']}`\n\nMachine: `{json.dumps(stamp['machine'])}`\n\n"
+                    f"Versions: `{json.dumps(stamp['versions'])}`\n\n{table(rows)}\n")
+        print(f"\nrecorded {len(rows)} rows in {path} and {summary}", file=sys.stderr)
+    failed = [r for r in rows if r["goal_met"] is False]
+    return 1 if failed and os.environ.get("MDLM_CTC_BENCH_STRICT") == "1" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""linear_slack_ctc_loss (hidden states + LM head, no logits materialised) against the materialised loss
+``slack_ctc_loss(F.linear(hidden, weight, bias), ...)`` (= ``hidden @ weight.T + bias``): float64 exactness
+of the loss and of the gradients for hidden, weight and bias across every option, chunk sizes that do and
+do not divide B*T, both loop orders of the backward, bf16/fp16 under the precision-relative rule, the
+memory bound on the CPU, the op layer (opcheck, torch.compile), the Triton vocabulary passes under the
+interpreter, and a bf16 check on a GPU."""
+
+import os
+
+import pytest
+import torch
+
+import mdlm_ctc
+from mdlm_ctc import linear
+from mdlm_ctc.linear import LinearSlackCTCLoss, linear_slack_ctc_loss
+from oracles import assert_close_report, assert_low_precision_close
+
+SLACK = 0
+F64 = dict(atol=1e-10, rtol=1e-10)
+
+
+def make_case(B=3, T=7, D=5, V=13, U=4, *, seed=0, dtype=torch.float64, bias=True, repeats=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, D, generator=g, dtype=torch.float64) * 0.8).to(dtype)
+    bias_t = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(1, V, (B, U), generator=g)
+    if repeats and U >= 3:  # a run of equal tokens: several band slots of one frame share a column
+        targets[0, :3] = targets[0, 0]
+    return hidden, weight, bias_t, targets
+
+
+def _grads(loss, inputs, reduction):
+    if reduction == "none":  # distinct upstream gradients per row, as the fine-tuning loop's 1/p weights
+        weights = torch.linspace(0.5, 1.5, loss.shape[0], dtype=loss.dtype, device=loss.device)
+        objective = (loss.masked_fill(loss == float("inf"), 0.0) * weights).sum()
+    else:
+        objective = loss
+    wanted = [x for x in inputs if x is not None and x.requires_grad]
+    grads = iter(torch.autograd.grad(objective, wanted, allow_unused=True))
+    return [next(grads) if (x is not None and x.requires_grad) else None for x in inputs]
+
+
+def run_fused(hidden, weight, bias, targets, *, grad=(True, True, True), **kwargs):
+    inputs = [x.detach().clone().requires_grad_(g) if x is not None else None
+              for x, g in zip((hidden, weight, bias), grad)]
+    loss = linear_slack_ctc_loss(inputs[0], inputs[1], targets, bias=inputs[2], slack_id=SLACK, **kwargs)
+    return loss.detach(), _grads(loss, inputs, kwargs.get("reduction", "mean"))
+
+
+def run_materialised(hidden, weight, bias, targets, *, grad=(True, True, True), chunk_size=None, **kwargs):
+    inputs = [x.detach().clone().requires_grad_(g) if x is not None else None
+              for x, g in zip((hidden, weight, bias), grad)]
+    # what an nn.Linear LM head computes (one rounding of h W^T + b in the input dtype; in float64 the
+    # same as hidden @ weight.T + bias)
+    logits = torch.nn.functional.linear(inputs[0], inputs[1], inputs[2])
+    loss = mdlm_ctc.slack_ctc_loss(logits, targets, slack_id=SLACK, **kwargs)
+    return loss.detach(), _grads(loss, inputs, kwargs.get("reduction", "mean"))
+
+
+def assert_matches(fused, expected, what, tol=F64):
+    (loss, grads), (loss_ref, grads_ref) = fused, expected
+    assert_close_report(loss, loss_ref, what=f"{what}: loss", **tol)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads, grads_ref):
+        assert (a is None) == (b is None), f"{what}: d{name} presence"
+        if a is not None:
+            assert a.dtype == b.dtype, f"{what}: d{name} dtype {a.dtype} != {b.dtype}"
+            assert_close_report(a, b, what=f"{what}: d{name}", **tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 exactness against the materialised loss
+# ---------------------------------------------------------------------------------------------
+
+OPTIONS = [  # (collapse, max_shift, with_observed)
+    ("preserve", None, False),
+    ("preserve", 1, False),
+    ("preserve", 0, True),
+    ("preserve", None, True),
+    ("standard", None, False),
+    ("standard", None, True),
+]
+
+
+def ragged_kwargs(with_observed, targets, B=3, T=7):
+    input_lengths = torch.tensor([7, 5, 3])[:B]
+    target_lengths = torch.tensor([4, 2, 4])[:B]  # row 2: U > T_b, infeasible
+    observed = None
+    if with_observed:  # row 1 shown its first target token at frame 0, row 0 a slack at frame 4
+        observed = torch.full((B, T), -1)
+        observed[1, 0] = int(targets[1, 0])
+        observed[0, 4] = SLACK
+    return dict(target_lengths=target_lengths, input_lengths=input_lengths, observed=observed)
+
+
+@pytest.mark.parametrize("collapse,max_shift,with_observed", OPTIONS)
+@pytest.mark.parametrize("chunk_size", [1, 4, 21, 64])  # B*T = 21: 4 does not divide it, 64 exceeds it
+def test_matches_materialised_float64(collapse, max_shift, with_observed, chunk_size):
+    hidden, weight, bias, targets = make_case()
+    kwargs = dict(ragged_kwargs(with_observed, targets), collapse=collapse, max_shift=max_shift, reduction="none",
+                  zero_infinity=True)
+    fused = run_fused(hidden, weight, bias, targets, chunk_size=chunk_size, **kwargs)
+    assert_matches(fused, run_materialised(hidden, weight, bias, targets, **kwargs),
+                   f"{collapse}, max_shift={max_shift}, observed={with_observed}, chunk={chunk_size}")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 40])
+@pytest.mark.parametrize("collapse", ["preserve", "standard"])
+def test_vocabulary_outer_backward(monkeypatch, collapse, chunk_size):
+    """N <= V: the backward runs vocabulary tiles outside (several tiles, several frame blocks, the sparse
+    posterior write in several row blocks)."""
+    monkeypatch.setattr(linear, "_MIN_VOCAB_TILE", 4)
+    monkeypatch.setattr(linear, "_SPARSE_ROWS", 5)
+    hidden, weight, bias, targets = make_case(B=2, T=6, V=40, U=3, seed=3)
+    assert linear._tiling(12, 40, chunk_size)[0]
+    kwargs = dict(target_lengths=torch.tensor([3, 2]), input_lengths=torch.tensor([6, 4]), collapse=collapse,
+                  reduction="none")
+    fused = run_fused(hidden, weight, bias, targets, chunk_size=chunk_size, **kwargs)
+    assert_matches(fused, run_materialised(hidden, weight, bias, targets, **kwargs), f"vocab-outer {chunk_size}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_reductions_and_infeasible_rows(reduction, zero_infinity):
+    """mean = per-row loss / clamped target length, then the batch mean; an infeasible row gives inf and NaN
+    gradients (PyTorch's convention) or, with zero_infinity, 0 and zero gradients."""
+    hidden, weight, bias, targets = make_case(seed=1)
+    kwargs = dict(ragged_kwargs(False, targets), reduction=reduction, zero_infinity=zero_infinity)
+    fused = run_fused(hidden, weight, bias, targets, chunk_size=5, **kwargs)
+    expected = run_materialised(hidden, weight, bias, targets, **kwargs)
+    assert_matches(fused, expected, f"{reduction}, zero_infinity={zero_infinity}")
+    if zero_infinity:
+        assert all(torch.isfinite(g).all() for g in fused[1])
+
+
+def test_empty_targets_and_no_bias():
+    hidden, weight, _, targets = make_case(seed=2)
+    kwargs = dict(target_lengths=torch.tensor([0, 3, 0]), input_lengths=torch.tensor([7, 7, 2]))
+    fused = run_fused(hidden, weight, None, targets, chunk_size=4, **kwargs)
+    assert_matches(fused, run_materialised(hidden, weight, None, targets, **kwargs), "empty targets, no bias")
+    empty = targets[:, :0]  # padded target width 0: every row is all slack
+    fused = run_fused(hidden, weight, None, empty, chunk_size=4, reduction="sum")
+    assert_matches(fused, run_materialised(hidden, weight, None, empty, reduction="sum"), "U_max = 0")
+
+
+@pytest.mark.parametrize("B,T,U", [(1, 1, 1), (1, 1, 0), (0, 3, 2)])
+def test_tiny_shapes(B, T, U):
+    hidden, weight, bias, targets = make_case(B=max(B, 1), T=T, U=U, seed=16)
+    hidden, targets = hidden[:B], targets[:B]
+    fused = run_fused(hidden, weight, bias, targets, chunk_size=2, reduction="sum")
+    assert_matches(fused, run_materialised(hidden, weight, bias, targets, reduction="sum"), f"B={B}, T={T}, U={U}")
+
+
+def test_large_logits_and_a_masked_column():
+    """Logits of +-1e4 and a -inf bias column (a token banned from the vocabulary): finite, as materialised."""
+    hidden, weight, bias, targets = make_case(B=2, T=5, U=3, seed=17, dtype=torch.float32)
+    hidden, weight = hidden * 100, weight * 30
+    bias[5] = float("-inf")
+    targets[targets == 5] = 1
+    kwargs = dict(reduction="none")
+    fused = run_fused(hidden, weight, bias, targets, chunk_size=3, **kwargs)
+    expected = run_materialised(hidden, weight, bias, targets, **kwargs)
+    assert_close_report(fused[0], expected[0], what="loss", atol=1e-2, rtol=1e-5)
+    assert all(torch.isfinite(g).all() for g in fused[1][:2]) and fused[1][2][5] == 0
+
+
+@pytest.mark.parametrize("grad", [(True, False, False), (False, True, True), (False, False, True)])
+def test_partial_gradients(grad):
+    """Only the requested gradients are computed (a frozen LM head, a frozen trunk)."""
+    hidden, weight, bias, targets = make_case(seed=4)
+    fused = run_fused(hidden, weight, bias, targets, grad=grad, chunk_size=6)
+    assert_matches(fused, run_materialised(hidden, weight, bias, targets, grad=grad), f"grad={grad}")
+
+
+def test_ignored_and_observed_frames_get_zero_gradient():
+    hidden, weight, bias, targets = make_case(seed=5)
+    kwargs = ragged_kwargs(True, targets)
+    _, (d_hidden, _, _) = run_fused(hidden, weight, bias, targets, chunk_size=4, **kwargs)
+    assert (d_hidden[1, 5:] == 0).all() and (d_hidden[2, 3:] == 0).all(), "frames past the input length"
+    assert (d_hidden[1, 0] == 0).all() and (d_hidden[0, 4] == 0).all(), "observed frames"
+
+
+def test_deterministic():
+    hidden, weight, bias, targets = make_case(B=2, T=9, V=11, U=5, seed=6)
+    targets[1, :5] = 3  # long runs of one token: the merged-posterior path
+    first = run_fused(hidden, weight, bias, targets, chunk_size=5, collapse="standard")
+    second = run_fused(hidden, weight, bias, targets, chunk_size=5, collapse="standard")
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+def test_nan_hidden_state_gives_a_nan_row():
+    """A NaN hidden state makes its whole logits row NaN; the row's loss is NaN, as the materialised loss
+    gives it."""
+    hidden, weight, bias, targets = make_case(seed=7)
+    hidden[1, 2, 0] = float("nan")
+    kwargs = dict(reduction="none")
+    fused = run_fused(hidden, weight, bias, targets, chunk_size=4, **kwargs)
+    expected = run_materialised(hidden, weight, bias, targets, backend="reference", **kwargs)
+    assert_close_report(fused[0], expected[0], what="loss with a NaN hidden state", **F64)
+    assert fused[0][1].isnan() and fused[0][[0, 2]].isfinite().all()
+
+
+def test_non_contiguous_inputs():
+    """A slice of the model's hidden states (the answer part) and a transposed (tied) weight, used as views."""
+    g = torch.Generator().manual_seed(18)
+    trunk = torch.randn(3, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    embedding = torch.randn(5, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(1, 13, (3, 4), generator=g)
+    hidden, weight = trunk[:, 2:, 1:6], embedding.t()
+    assert not hidden.is_contiguous() and not weight.is_contiguous()
+    loss = linear_slack_ctc_loss(hidden, weight, targets, slack_id=SLACK, chunk_size=4)
+    grads = torch.autograd.grad(loss, (trunk, embedding))
+    expected = mdlm_ctc.slack_ctc_loss(hidden @ weight.T, targets, slack_id=SLACK)
+    expected_grads = torch.autograd.grad(expected, (trunk, embedding))
+    assert_close_report(loss, expected, what="loss", **F64)
+    for name, a, b in zip(("trunk", "embedding"), grads, expected_grads):
+        assert_close_report(a, b, what=f"d{name}", **F64)
+
+
+def test_module_and_linear_head():
+    hidden, weight, bias, targets = make_case(seed=8)
+    head = torch.nn.Linear(5, 13, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    loss_fn = LinearSlackCTCLoss(slack_id=SLACK, reduction="sum", chunk_size=4)
+    loss = loss_fn(hidden, head, targets)
+    loss.backward()
+    expected = run_materialised(hidden, weight, bias, targets, reduction="sum")
+    assert_close_report(loss.detach(), expected[0], what="module loss", **F64)
+    assert_close_report(head.weight.grad, expected[1][1], what="module dW", **F64)
+    assert_close_report(head.bias.grad, expected[1][2], what="module db", **F64)
+    assert "chunk_size=4" in repr(loss_fn)
+
+
+def test_autocast_casts_like_linear():
+    """Under autocast a float32 LM head is used in bf16 and gets a float32 gradient."""
+    hidden, weight, bias, targets = make_case(seed=9, dtype=torch.float32)
+    w = weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_slack_ctc_loss(hidden, w, targets, bias=bias, slack_id=SLACK, chunk_size=4)
+    loss.backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+    expected = run_materialised(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), targets)
+    assert abs(float(loss.detach()) - float(expected[0])) < 0.05 * abs(float(expected[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# low precision
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_size,min_tile", [(5, 1024), (64, 1024), (3, 8)])
+def test_low_precision_relative_rule(monkeypatch, dtype, chunk_size, min_tile):
+    """Error against float64 at most twice the materialised loss's error in the same dtype (one vocabulary
+    tile with fp32-accumulated dW over frame blocks; several tiles with fp32-accumulated dH)."""
+    monkeypatch.setattr(linear, "_MIN_VOCAB_TILE", min_tile)
+    hidden, weight, bias, targets = make_case(B=3, T=12, D=16, V=50, U=6, seed=10)
+    kwargs = dict(target_lengths=torch.tensor([6, 4, 5]), input_lengths=torch.tensor([12, 9, 12]),
+                  reduction="none")
+    low = [x.to(dtype) for x in (hidden, weight, bias)]
+    fused = run_fused(*low, targets, chunk_size=chunk_size, **kwargs)
+    same_dtype = run_materialised(*low, targets, **kwargs)
+    exact = run_materialised(*[x.double() for x in low], targets, **kwargs)
+    assert_low_precision_close(fused[0], same_dtype[0], exact[0], what=f"{dtype} loss")
+    for name, a, b, c in zip(("hidden", "weight", "bias"), fused[1], same_dtype[1], exact[1]):
+        assert a.dtype == dtype, f"d{name} comes back in the input dtype"
+        assert_low_precision_close(a, b, c, what=f"{dtype} d{name}", tiny=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: the CPU allocator's live bytes, from the profiler's allocation events
+# ---------------------------------------------------------------------------------------------
+
+def cpu_peak_bytes(step):
+    """Largest growth of live bytes in the CPU allocator while ``step`` runs.
+
+    The profiler with ``profile_memory=True`` records every allocation and free of the c10 CPU
+    allocator (every tensor, including the temporaries inside ATen kernels) with a timestamp; the
+    running sum in time order is the live memory, its maximum the peak. Storage freed during ``step``
+    but allocated before it counts negative, so the figure never overstates the growth.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_peak_memory_is_bounded_by_the_chunk():
+    B, T, D, V, U = 2, 64, 16, 4096, 40
+    hidden, weight, bias, targets = make_case(B=B, T=T, D=D, V=V, U=U, seed=11, dtype=torch.float32)
+    h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight, bias))
+    N, itemsize = B * T, 4
+    outputs = (h.numel() + w.numel() + b.numel()) * itemsize  # the gradients themselves
+    width = T - U + 1
+    small = N * (D + 8 * (width + 1)) * 8  # per-frame tables (posteriors, tokens, merges), independent of V
+
+    def step(chunk):
+        def run():
+            h.grad = w.grad = b.grad = None
+            linear_slack_ctc_loss(h, w, targets, bias=b, slack_id=SLACK, chunk_size=chunk).backward()
+        return run
+
+    materialised_logits = N * V * itemsize
+    peaks = {}
+    for chunk in (8, 32):
+        step(chunk)()  # warm-up
+        h.grad = w.grad = b.grad = None  # freed before the measurement, so they cannot offset the new ones
+        peaks[chunk] = cpu_peak_bytes(step(chunk))
+        chunk_logits = chunk * V * itemsize
+        # a chunk's logits and one same-sized temporary (torch.logsumexp's in the CPU path); measured ~1.5x
+        assert peaks[chunk] <= outputs + small + 2 * chunk_logits, (chunk, peaks[chunk], chunk_logits)
+    assert peaks[8] < materialised_logits / 4, "the fused loss should never approach the materialised logits"
+    assert peaks[8] < peaks[32], "a smaller chunk must lower the peak"
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and the op layer
+# ---------------------------------------------------------------------------------------------
+
+def test_argument_errors():
+    hidden, weight, bias, targets = make_case()
+
+    def call(**over):
+        args = dict(hidden=hidden, weight=weight, targets=targets, bias=bias, slack_id=SLACK)
+        args.update(over)
+        return linear_slack_ctc_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
+
+    with pytest.raises(ValueError, match=r"`hidden` must be 3-D"):
+        call(hidden=hidden[0])
+    with pytest.raises(ValueError, match=r"`weight` must be 2-D"):
+        call(weight=weight[None])
+    with pytest.raises(ValueError, match=r"`weight` must have shape \(vocab, 5\)"):
+        call(weight=weight[:, :4])
+    with pytest.raises(TypeError, match=r"`weight` is torch.float32 but `hidden` is torch.float64"):
+        call(weight=weight.float())
+    with pytest.raises(ValueError, match=r"`bias` must have shape \(13,\)"):
+        call(bias=bias[:5])
+    with pytest.raises(TypeError, match=r"`bias` is torch.float32"):
+        call(bias=bias.float())
+    with pytest.raises(TypeError, match=r"`hidden` must be float32"):
+        call(hidden=hidden.long())
+    with pytest.raises(ValueError, match=r"`chunk_size` must be >= 1; got 0"):
+        call(chunk_size=0)
+    with pytest.raises(ValueError, match=r"`slack_id` must be < the vocabulary size 13; got 13"):
+        call(slack_id=13)
+    with pytest.raises(ValueError, match=r"`targets` has batch size 2 but `hidden` has 3"):
+        call(targets=targets[:2])
+    with pytest.raises(ValueError, match=r"`input_lengths\[0\]` = 9 is larger than the padded time dimension of "
+                                         r"`hidden` \(7\)"):
+        call(input_lengths=torch.tensor([9, 1, 1]))
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 13\)"):
+        call(targets=targets + 13)
+
+
+def test_opcheck():
+    hidden, weight, bias, targets = make_case()
+    kwargs = ragged_kwargs(True, targets)
+    args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True), targets,
+            kwargs["input_lengths"], kwargs["target_lengths"], kwargs["observed"], SLACK, 0, -1, 4, True, True, 5,
+            "cpu" if "cpu" in mdlm_ctc.available_backends("cpu") else "reference")
+    torch.library.opcheck(linear.linear_lattice_forward, args)
+    nll, lse, post_target, post_special = linear.linear_lattice_forward(*[
+        a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    torch.library.opcheck(linear.linear_lattice_backward,
+                          (torch.ones(3, dtype=torch.float64), hidden.detach(), weight.detach(), bias.detach(), lse,
+                           targets, args[4], args[5], args[6], post_target, post_special, nll, SLACK, 0, -1, True,
+                           True, True, True, 5, args[-1]))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    hidden, weight, bias, targets = make_case(seed=12, dtype=torch.float32)
+
+    def step(h, w, b):
+        return linear_slack_ctc_loss(h, w, targets, bias=b, slack_id=SLACK, chunk_size=4) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    out = compiled(*inputs)
+    out.backward()
+    eager = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    expected = step(*eager)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(inputs, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton vocabulary passes, under TRITON_INTERPRET=1 on this CPU (conftest sets it without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+triton_interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or not linear._triton_usable(),
+    reason="needs Triton (interpreted on the CPU)")
+
+
+@triton_interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_passes_match_torch_passes(dtype):
+    g = torch.Generator().manual_seed(13)
+    z = (torch.randn(6, 300, generator=g) * 3).to(dtype)
+    z[1] = float("-inf")  # a dead frame
+    z[2, 5] = float("nan")
+    z[4, :290] = float("-inf")
+    lse_triton, lse_torch = linear._row_logsumexp_triton(z), linear._row_logsumexp_torch(z)
+    assert_close_report(lse_triton, lse_torch, what="row logsumexp", atol=1e-5, rtol=1e-6)
+    lse = torch.where(lse_torch == float("-inf"), float("inf"), lse_torch)
+    scale = torch.rand(6, generator=g)
+    fill = torch.tensor([0.0, 0.0, float("nan"), 0.0, 0.0, 0.0])
+    compute = torch.tensor([True, True, False, False, True, True])
+    a, b = z.clone(), z.clone()
+    linear._softmax_grad_triton(a, lse, scale, fill, compute)
+    linear._softmax_grad_torch(b, lse, scale, fill, compute)
+    ulp = 1e-6 if dtype == torch.float32 else 2 ** -7
+    assert_close_report(a, b, what="softmax-gradient pass", atol=1e-7, rtol=ulp)
+
+
+@triton_interpreted
+def test_triton_self_check_selects_the_passes():
+    assert linear._triton_passes_work("cpu", torch.float32)
+    assert linear._passes(torch.device("cpu"), torch.float32, "triton")[0] is linear._row_logsumexp_triton
+    assert linear._passes(torch.device("cpu"), torch.float32, "cpu")[0] is linear._row_logsumexp_torch
+    assert linear._passes(torch.device("cpu"), torch.float64, "triton")[0] is linear._row_logsumexp_torch
+
+
+@triton_interpreted
+def test_triton_passes_end_to_end(monkeypatch):
+    """The whole loss with the Triton passes (as CUDA tensors get them) against the materialised loss."""
+    monkeypatch.setattr(linear, "_passes", lambda device, dtype, backend: (linear._row_logsumexp_triton,
+                                                                          linear._softmax_grad_triton))
+    monkeypatch.setattr(linear, "_SPARSE_ROWS", 4)
+    hidden, weight, bias, targets = make_case(seed=14, dtype=torch.float32)
+    kwargs = dict(ragged_kwargs(True, targets), reduction="none", zero_infinity=True)
+    fused = run_fused(hidden, weight, bias, targets, chunk_size=5, **kwargs)
+    assert_matches(fused, run_materialised(hidden, weight, bias, targets, **kwargs), "triton passes",
+                   tol=dict(atol=2e-5, rtol=2e-5))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("collapse,max_shift", [("preserve", None), ("preserve", 4), ("standard", None)])
+def test_gpu_bf16_matches_materialised(collapse, max_shift):
+    B, T, D, V, U = 4, 192, 256, 32000, 150
+    hidden, weight, bias, targets = make_case(B=B, T=T, D=D, V=V, U=U, seed=15, dtype=torch.float64)
+    weight = weight / D ** 0.5
+    kwargs = dict(target_lengths=torch.tensor([150, 120, 100, 150]), input_lengths=torch.tensor([192, 170, 192, 150]),
+                  collapse=collapse, max_shift=max_shift, reduction="none")
+    low = [x.to("cuda", torch.bfloat16) for x in (hidden, weight, bias)]
+    cuda_kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    fused = run_fused(*low, targets.cuda(), chunk_size=100, **cuda_kwargs)
+    same_dtype = run_materialised(*low, targets.cuda(), **cuda_kwargs)
+    exact = run_materialised(*[x.double().cpu() for x in low], targets, **kwargs)
+    assert_low_precision_close(fused[0], same_dtype[0], exact[0], what="bf16 loss (GPU)")
+    for name, a, b, c in zip(("hidden", "weight", "bias"), fused[1], same_dtype[1], exact[1]):
+        assert a.dtype == torch.bfloat16
+        assert_low_precision_close(a, b, c, what=f"bf16 d{name} (GPU)", tiny=1e-4)
