@@ -94,7 +94,7 @@ def timed(fn, device: torch.device) -> float:
 
 def quantiles(seconds: list[float]) -> dict:
     ms = sorted(s * 1e3 for s in seconds)
-    q = statistics.quantiles(ms, n=5) if len(ms) >= 2 else [ms[0]] * 4
+    q = statistics.quantiles(ms, n=5, method="inclusive") if len(ms) >= 2 else [ms[0]] * 4
     return {"median_ms": statistics.median(ms), "p20_ms": q[0], "p80_ms": q[3], "repeats": len(ms)}
 
 

@@ -77,7 +77,7 @@ else
   step gpu_tests 240 "$PY" -m pytest -q -x -m gpu tests
   step bench_slack_ctc 300 "$PY" benchmarks/bench_slack_ctc.py --suite gpu --repeats 20 --record
   step bench_sweep 120 "$PY" benchmarks/bench_slack_ctc.py --suite sweep --repeats 10 --record
-  [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 240 "$PY" benchmarks/bench_linear_slack_ctc.py --record
+  [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 300 "$PY" benchmarks/bench_linear_slack_ctc.py --workloads G4 --chunk-size 512 1024 2048 --record
 fi
 
 if [ -n "${OUT:-}" ] && [ $SMOKE -eq 0 ]; then

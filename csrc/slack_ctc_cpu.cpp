@@ -162,7 +162,14 @@ acc_t row_logsumexp(const scalar_t* x, int64_t V) {
     const acc_t xv = load_as<scalar_t, acc_t>(x + v);
     mx = xv > mx ? xv : mx;  // skips NaN; a NaN logit makes the sum below NaN instead
   }
-  if (mx == neg_inf<acc_t>() || mx == std::numeric_limits<acc_t>::infinity()) return mx;
+  if (mx == neg_inf<acc_t>()) {  // every logit -inf (an impossible frame) or NaN
+    for (int64_t v = 0; v < V; ++v) {
+      const acc_t xv = load_as<scalar_t, acc_t>(x + v);
+      if (xv != xv) return xv;
+    }
+    return mx;
+  }
+  if (mx == std::numeric_limits<acc_t>::infinity()) return mx;
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t v = 0; v < V; ++v) sum += LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(x + v) - mx);

@@ -9,6 +9,7 @@ semantics and README.md for the measured speed.
 from .alignment import best_alignment
 from .backends import available_backends
 from .collapse import collapse
+from .linear import LinearSlackCTCLoss, linear_slack_ctc_loss
 from .losses import CTCLoss, SlackCTCLoss, ctc_loss, slack_ctc_loss
 from .reference import slack_ctc_reference
 
@@ -22,5 +23,7 @@ __all__ = [
     "collapse",
     "best_alignment",
     "available_backends",
+    "linear_slack_ctc_loss",
+    "LinearSlackCTCLoss",
     "slack_ctc_reference",
 ]

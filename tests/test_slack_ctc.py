@@ -427,3 +427,11 @@ def test_fuzz_cpu_against_reference(case):
     assert_close_report(loss, ref_loss, atol=1e-9, rtol=1e-9, what="loss")
     feasible = ref_loss.isfinite()
     assert_close_report(grad[feasible], ref_grad[feasible], atol=1e-9, rtol=1e-7, what="gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_nan_frame_gives_nan_not_inf(backend):
+    logits, targets = random_case(2, 5, 4, 2, seed=21)
+    logits[0, 1, :] = math.nan
+    loss = slack_ctc_loss(logits, targets, slack_id=0, reduction="none", backend=backend)
+    assert loss[0].isnan() and loss[1].isfinite()
