@@ -1,0 +1,35 @@
+"""The thin MDLM fine-tuning loop of mdlm-ctc (SPEC §7): LLaDA-style SFT with CE and slack-CTC.
+
+Modules, in the order a run uses them:
+
+* ``config``      dataclass configuration; YAML/JSON files and command-line flags; validation.
+* ``data``        JSONL ({prompt, response} or chat messages), the embedded synthetic tasks, batch order.
+* ``tokenizer``   the embedded WordLevel tokenizer, trained offline with ``tokenizers``.
+* ``model``       the embedded tiny bidirectional Llama, Hugging Face loading (LLaDA opt-in), special ids.
+* ``objectives``  the forward process and the ``ce`` / ``ctc`` / ``ce+ctc`` losses (design notes inside).
+* ``train``       the loop: accumulation, clipping, schedules, checkpoints, resume, DDP.
+* ``sampler``     LLaDA low-confidence remasking with semi-autoregressive blocks; the shift probe.
+* ``evaluate``    metrics, bootstrap intervals, shift robustness, pairwise win rates.
+* ``report``      Markdown report, PNG plots, the summary table.
+* ``compare``     the main job: CE and CTC from one initialisation, evaluated and reported.
+
+The loop uses only mdlm-ctc's public loss API (``slack_ctc_loss``, ``best_alignment`` and, when the
+package has it, ``linear_slack_ctc_loss``). Heavy imports (transformers, matplotlib) happen inside
+functions, so importing this package is cheap and touches no GPU.
+"""
+
+from .config import Config
+
+__all__ = ["Config", "run_compare", "train_run", "prepare"]
+
+
+def __getattr__(name):
+    if name == "run_compare":
+        from .compare import run_compare
+
+        return run_compare
+    if name in ("train_run", "prepare"):
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(name)

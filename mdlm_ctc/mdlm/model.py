@@ -1,0 +1,311 @@
+"""Models: the embedded tiny bidirectional Llama, Hugging Face loading, special ids, model folders.
+
+* **Embedded default.** ``LlamaForCausalLM(LlamaConfig(..., is_causal=False))``: a Llama with the
+  causal mask removed (transformers >= 5 honours ``is_causal=False`` for every attention kernel),
+  i.e. "LLaDA's architecture, tiny", randomly initialised from the run seed. No Hub access.
+* **Any Hugging Face masked-diffusion LM** from a folder or id; the first of
+  ``AutoModelForCausalLM``, ``AutoModelForMaskedLM``, ``AutoModel`` that loads is used, and the model
+  must return ``.logits`` ``[B, L, V]``. **LLaDA** needs ``--trust-remote-code`` (opt-in, never the
+  default): e.g. ``--model GSAI-ML/LLaDA-8B-Instruct --trust-remote-code``.
+* **Special ids are read, never hard-coded**: the mask from the tokenizer's mask token, else the
+  config's ``mask_token_id`` (LLaDA: 126336), else ``<|mdm_mask|>``; EOS from the tokenizer (LLaDA:
+  126081) unless ``--eos-token`` names another.
+* **`<slack>`** (``--slack-token``). If the vocabulary has it, it is used as is. Otherwise it is added
+  to the tokenizer as a special token. Its id is the tokenizer's next id; when that id is beyond the
+  embedding matrix the embeddings are resized (``resize_token_embeddings``), and when it falls into a
+  spare row that the checkpoint already has (LLaDA pads its 126,464-row embedding beyond the
+  tokenizer), that row is reused. Either way the slack row of the input embedding and of the output
+  head is set to the mean of the rows in use (what transformers' ``mean_resizing`` does), so the
+  initialisation is deterministic and identical for the CE baseline and the CTC run. Alternatively,
+  name a reserved token the model already has with ``--slack-token``.
+* **LM head access** (for the fused CTC path): exposed only when the model has a plain linear output
+  layer (``get_output_embeddings``) on top of ``base_model``'s last hidden state, and no final-logit
+  scaling or soft-capping; otherwise the loss uses logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+
+META_FILE = "mdlm_ctc.json"
+
+
+@dataclass
+class SpecialIds:
+    mask_id: int
+    eos_id: int
+    slack_id: int
+    pad_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------ device and precision
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {name!r} but CUDA is not available on this machine; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast on CUDA (precision 'auto' or 'bf16'); nothing on CPU."""
+    import contextlib
+
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError("`precision` 'bf16' needs a CUDA device; use 'auto' or 'fp32' on CPU")
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------ building and loading
+def build_embedded_model(cfg, vocab_size: int, max_positions: int, seed: int):
+    """The tiny bidirectional Llama, randomly initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=m.tiny_hidden_size, intermediate_size=m.tiny_intermediate_size,
+        num_hidden_layers=m.tiny_layers, num_attention_heads=m.tiny_heads, num_key_value_heads=m.tiny_kv_heads,
+        max_position_embeddings=max(max_positions, 64), is_causal=False, tie_word_embeddings=False,
+        attention_dropout=0.0, pad_token_id=0, bos_token_id=None, eos_token_id=1,
+    )
+    config._attn_implementation = m.attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def _load_dtype(cfg, device):
+    if cfg.model.load_dtype == "float32":
+        return torch.float32
+    if cfg.model.load_dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.float32 if device.type == "cpu" else "auto"
+
+
+def load_pretrained(path: str, cfg, device: torch.device):
+    """A Hugging Face model from a folder or id (see the module docstring for the class order)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    trust = cfg.model.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ValueError(f"`model` {path!r} needs its own code; pass --trust-remote-code to allow it") from None
+        raise
+    if getattr(config, "is_causal", None) is True:
+        warnings.warn(f"{path}: config.is_causal is True; a masked diffusion LM must attend both ways "
+                      f"(set is_causal=False in its config)", stacklevel=2)
+    kwargs = dict(trust_remote_code=trust, dtype=_load_dtype(cfg, device))
+    if not trust:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    errors = []
+    for auto in (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModel):
+        try:
+            return auto.from_pretrained(path, **kwargs)
+        except (ValueError, KeyError) as err:  # this Auto class has no mapping for the config
+            errors.append(f"{auto.__name__}: {err}")
+    raise ValueError(f"`model` {path!r} could not be loaded as a masked LM:\n  " + "\n  ".join(errors))
+
+
+def load_tokenizer(path: str, cfg):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    tok.padding_side = "right"
+    return tok
+
+
+# ------------------------------------------------------------------------------ special ids
+def _token_id(tokenizer, token: str) -> int | None:
+    vocab = tokenizer.get_vocab()
+    return vocab.get(token)
+
+
+def _mean_init_row(model, row: int, n_rows_in_use: int) -> None:
+    """Set the input-embedding row (and the output-head row, if untied) to the mean of the used rows."""
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[row] = emb[:n_rows_in_use].float().mean(0).to(emb.dtype)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[row] = out.weight[:n_rows_in_use].float().mean(0).to(out.weight.dtype)
+            if getattr(out, "bias", None) is not None:
+                out.bias[row] = out.bias[:n_rows_in_use].float().mean(0).to(out.bias.dtype)
+
+
+def ensure_slack_token(model, tokenizer, slack_token: str) -> tuple[int, bool]:
+    """The slack id; adds the token (and an embedding row) when the vocabulary lacks it.
+
+    Returns ``(slack_id, added)``.
+    """
+    existing = _token_id(tokenizer, slack_token)
+    if existing is not None:
+        return existing, False
+    n_before = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": [slack_token]}, replace_extra_special_tokens=False)
+    slack_id = _token_id(tokenizer, slack_token)
+    try:
+        rows = model.get_input_embeddings().weight.shape[0]
+        if slack_id >= rows:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        _mean_init_row(model, slack_id, min(n_before, rows))
+    except (NotImplementedError, AttributeError) as err:
+        raise ValueError(
+            f"the vocabulary has no {slack_token!r} and this model's embeddings cannot be resized ({err}); "
+            f"pass --slack-token with a reserved token the model already has") from None
+    return slack_id, True
+
+
+def resolve_special_ids(model, tokenizer, cfg, hf_config=None) -> SpecialIds:
+    """Mask, EOS and slack ids (see the module docstring); adds ``<slack>`` when missing.
+
+    With ``model=None`` only the tokenizer gets the slack token (and the ids are what loading the model
+    later gives): used to prepare a job without loading a large model twice.
+    """
+    m = cfg.model
+    config = hf_config if hf_config is not None else getattr(model, "config", None)
+    if m.mask_token is not None:
+        mask_id = _token_id(tokenizer, m.mask_token)
+        if mask_id is None:
+            raise ValueError(f"`mask_token` {m.mask_token!r} is not in the tokenizer's vocabulary")
+    elif tokenizer.mask_token_id is not None:
+        mask_id = tokenizer.mask_token_id
+    elif getattr(config, "mask_token_id", None) is not None:
+        mask_id = int(config.mask_token_id)
+    elif _token_id(tokenizer, "<|mdm_mask|>") is not None:
+        mask_id = _token_id(tokenizer, "<|mdm_mask|>")
+    else:
+        raise ValueError("no mask token found (tokenizer mask token, config.mask_token_id, '<|mdm_mask|>'); "
+                         "pass --mask-token")
+    if m.eos_token is not None:
+        eos_id = _token_id(tokenizer, m.eos_token)
+        if eos_id is None:
+            raise ValueError(f"`eos_token` {m.eos_token!r} is not in the tokenizer's vocabulary")
+    elif tokenizer.eos_token_id is not None:
+        eos_id = tokenizer.eos_token_id
+    else:
+        raise ValueError("the tokenizer has no EOS token; pass --eos-token")
+    if model is not None:
+        slack_id, _ = ensure_slack_token(model, tokenizer, m.slack_token)
+    else:
+        if _token_id(tokenizer, m.slack_token) is None:
+            tokenizer.add_special_tokens({"additional_special_tokens": [m.slack_token]},
+                                         replace_extra_special_tokens=False)
+        slack_id = _token_id(tokenizer, m.slack_token)
+    if len({mask_id, eos_id, slack_id}) != 3:
+        raise ValueError(f"mask ({mask_id}), EOS ({eos_id}) and slack ({slack_id}) must be three different tokens")
+    return SpecialIds(mask_id=int(mask_id), eos_id=int(eos_id), slack_id=int(slack_id),
+                      pad_id=tokenizer.pad_token_id)
+
+
+def prepare_tokenizer(path: str, cfg) -> tuple[object, SpecialIds]:
+    """Tokenizer and special ids of a model folder/id without loading its weights."""
+    from transformers import AutoConfig
+
+    meta = read_meta(path) if os.path.isdir(path) else {}
+    tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg)
+    if "special_ids" in meta:
+        return tokenizer, SpecialIds(**meta["special_ids"])
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    return tokenizer, resolve_special_ids(None, tokenizer, cfg, hf_config=config)
+
+
+# ------------------------------------------------------------------------------ forward helpers
+@dataclass
+class LMHead:
+    """A model split into a backbone (hidden states) and its linear output layer."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def lm_head_of(model) -> LMHead | None:
+    """The plain linear LM head of ``model``, or ``None`` when it is not safely exposed."""
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    if any(getattr(config, attr, None) not in (None, 1.0, 0.0, False)
+           for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    try:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    except (NotImplementedError, AttributeError):
+        return None
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+        return None
+    return LMHead(weight=head.weight, bias=head.bias)
+
+
+def unwrap(model):
+    """The Hugging Face model inside a :class:`DiffusionLM` and/or DDP wrapper."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if isinstance(model, DiffusionLM):
+        model = model.hf
+    return model
+
+
+class DiffusionLM(torch.nn.Module):
+    """Thin wrapper so that one (DDP-wrappable) forward returns logits or last hidden states."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, input_ids: torch.Tensor, want: str = "logits") -> torch.Tensor:
+        if want == "hidden":
+            out = self.hf.base_model(input_ids=input_ids)
+            if not hasattr(out, "last_hidden_state"):
+                raise ValueError("this model's base_model does not return last_hidden_state; use "
+                                 "--fused-lm-head off")
+            return out.last_hidden_state
+        return self.hf(input_ids=input_ids).logits
+
+
+# ------------------------------------------------------------------------------ model folders
+def save_model_dir(model, tokenizer, special: SpecialIds, path: str, extra: dict | None = None) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer + ``mdlm_ctc.json`` (special ids), written atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+        json.dump({"special_ids": special.to_dict(), **(extra or {})}, f, indent=1)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def read_meta(path: str) -> dict:
+    meta = os.path.join(path, META_FILE)
+    if not os.path.exists(meta):
+        return {}
+    with open(meta) as f:
+        return json.load(f)
+
+
+def load_model_dir(path: str, cfg, device: torch.device):
+    """(model, tokenizer, special ids) from a folder written by :func:`save_model_dir` (or any HF folder)."""
+    if not os.path.isdir(path) and not cfg.model.trust_remote_code and os.path.sep in path:
+        raise ValueError(f"model folder not found: {path!r}")
+    model = load_pretrained(path, cfg, device)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg)
+    meta = read_meta(path) if os.path.isdir(path) else {}
+    if "special_ids" in meta:
+        special = SpecialIds(**meta["special_ids"])
+    else:
+        special = resolve_special_ids(model, tokenizer, cfg)
+    return model.to(device), tokenizer, special
