@@ -138,6 +138,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "triton": ["triton>=3.6"],
+        # the fine-tuning loop (mdlm_ctc.mdlm, the `mdlm-ctc` CLI)
+        "mdlm": ["transformers>=5.24", "tokenizers>=0.22", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.66",
+                 "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["mdlm-ctc = mdlm_ctc.cli:main"]},
     ext_modules=ext_modules,

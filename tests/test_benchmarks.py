@@ -10,7 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_slack_ctc_smoke_rows():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_slack_ctc.py"), "--smoke",
-                             "--json", "--repeats", "2", "--no-memory"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                             "--json", "--repeats", "2", "--no-memory",
+                             "--providers", "torch", "reference", "cpu"],  # Triton is only interpreted here: slow
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     providers = {(row["workload"], row["provider"]) for row in rows}
