@@ -25,7 +25,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -115,6 +118,73 @@ acc_t* thread_scratch(int slot, size_t count, std::unique_ptr<acc_t[]>& fallback
   if (buffer.size() < count) buffer.resize(count);
   return buffer.data();
 }
+
+// Output buffers (the band table, the gradient) are tens of MB. glibc serves allocations above 32 MB
+// with fresh mmaps, whose page faults and zeroing cost a fifth of a C1-sized loss, on every call.
+// This pool keeps freed output buffers (up to MDLM_CTC_CPU_POOL_MB, default 1024; 0 disables it) and
+// hands them out again for the next request of the same size class.
+class OutputPool {
+ public:
+  static OutputPool& get() {
+    static OutputPool* pool = new OutputPool();  // never destroyed: tensors may outlive static teardown
+    return *pool;
+  }
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (const int64_t s : sizes) numel *= s;
+    const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+    if (bytes < kMinBytes || cap_bytes_ == 0) return at::empty(sizes, options);
+    const size_t rounded = round_up(bytes);
+    void* data = take(rounded);
+    if (data == nullptr) {
+      data = std::aligned_alloc(64, rounded);
+      TORCH_CHECK(data != nullptr, "mdlm_ctc: out of memory allocating ", rounded, " bytes");
+    }
+    return at::from_blob(data, sizes, [rounded](void* p) { OutputPool::get().give_back(p, rounded); }, options);
+  }
+
+ private:
+  static constexpr size_t kMinBytes = size_t(4) << 20;  // smaller buffers: the allocator is fine
+  OutputPool() {
+    const char* env = std::getenv("MDLM_CTC_CPU_POOL_MB");
+    cap_bytes_ = (env != nullptr ? static_cast<size_t>(std::max(0L, std::atol(env))) : size_t(1024)) << 20;
+  }
+  static size_t round_up(size_t bytes) {  // size classes: multiples of 1/8 of the next power of two
+    size_t power = 1;
+    while (power < bytes) power <<= 1;
+    const size_t step = std::max<size_t>(power / 8, 4096);
+    return (bytes + step - 1) / step * step;
+  }
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = free_.find(bytes);
+    if (it == free_.end()) return nullptr;
+    void* data = it->second;
+    free_.erase(it);
+    cached_ -= bytes;
+    return data;
+  }
+  void give_back(void* data, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (cached_ + bytes > cap_bytes_ && !free_.empty()) {  // evict the largest cached buffers first
+      auto largest = std::prev(free_.end());
+      std::free(largest->second);
+      cached_ -= largest->first;
+      free_.erase(largest);
+    }
+    if (cached_ + bytes > cap_bytes_) {
+      std::free(data);
+      return;
+    }
+    free_.emplace(bytes, data);
+    cached_ += bytes;
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0, cap_bytes_ = 0;
+};
 
 // Lattice rows for t = 0..T, each addressable by absolute state over [lo[t] - 2, hi[t] + 2] (two -inf
 // guards each side, set by seal). keep_all stores every row, band-sized (the posteriors need every
@@ -268,9 +338,15 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
                      [&](int64_t t) { return standard_blank_hi(t, U); });
   const Bands labels(T, [&](int64_t t) { return standard_label_lo(t, T, U); },
                      [&](int64_t t) { return standard_label_hi(t, U); });
+  // The cells of lattice.h with their shared two-term sum factored out, which saves an exp per state:
+  //   m(u) = logaddexp(B_{t-1}(u), L_{t-1}(u)),  B_t(u) = m(u) + e_t(k),
+  //   L_t(u) = logaddexp(L_{t-1}(u), skip_u ? m(u-1) : B_{t-1}(u-1)) + e_t(y_u)
+  //   beta: B_{t-1}(u) = logaddexp(B_t(u) + e_t(k), L_t(u+1) + e_t(y_{u+1})),
+  //         L_{t-1}(u) = logaddexp(L_t(u) + e_t(y_u), skip_{u+1} ? B_{t-1}(u) : B_t(u) + e_t(k))
   Rows<acc_t> alpha_b(blanks, U + 1, need_grad, 0), alpha_l(labels, U + 1, need_grad, 1);
-  StateRow<acc_t> emit(U + 2);
+  StateRow<acc_t> emit(U + 2), merged(U + 1);
   acc_t* e = emit.at();
+  acc_t* mg = merged.at();
   alpha_b.row(0)[0] = 0;
   alpha_b.seal(0);
   alpha_l.seal(0);
@@ -281,11 +357,14 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
     acc_t* cb = alpha_b.row(t);
     acc_t* cl = alpha_l.row(t);
     const int64_t b_lo = blanks.lo[t], b_hi = blanks.hi[t], l_lo = labels.lo[t], l_hi = labels.hi[t];
+    const int64_t m_lo = std::min(b_lo, l_lo - 1), m_hi = std::max(b_hi, l_hi - 1);
 #pragma omp simd
-    for (int64_t u = b_lo; u <= b_hi; ++u) cb[u] = standard_blank_alpha_cell(ab[u], al[u], e_special);
+    for (int64_t u = m_lo; u <= m_hi; ++u) mg[u] = logaddexp(ab[u], al[u]);
+#pragma omp simd
+    for (int64_t u = b_lo; u <= b_hi; ++u) cb[u] = mg[u] + e_special;
     row.load_targets(t, l_lo, l_hi, e);
 #pragma omp simd
-    for (int64_t u = l_lo; u <= l_hi; ++u) cl[u] = standard_label_alpha_cell(al[u], ab[u - 1], al[u - 1] + k[u], e[u]);
+    for (int64_t u = l_lo; u <= l_hi; ++u) cl[u] = logaddexp(al[u], k[u] == 0 ? mg[u - 1] : ab[u - 1]) + e[u];
     alpha_b.seal(t);
     alpha_l.seal(t);
   }
@@ -305,7 +384,8 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
     const acc_t* nb = beta_b.row(t);
     const acc_t* nl = beta_l.row(t);
     const int64_t lp_lo = labels.lo[t - 1], lp_hi = labels.hi[t - 1];
-    row.load_targets(t, std::min(lp_lo, labels.lo[t]), std::max(lp_hi + 1, labels.hi[t]), e);
+    const int64_t bp_lo = blanks.lo[t - 1], bp_hi = std::max(blanks.hi[t - 1], lp_hi);  // (see below)
+    row.load_targets(t, std::min(lp_lo, bp_lo + 1), std::max(bp_hi + 1, labels.hi[t]), e);
 
     // posteriors of frame t: blank occupancies sum into the special token, labels go to the table
     acc_t slack = 0;
@@ -320,14 +400,15 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
 #pragma omp simd
     for (int64_t u = c_lo; u <= c_hi; ++u) post[u] = LogMath<acc_t>::exp(al[u] + nl[u] - loglik);
 
+    // B_{t-1}(u) over the blank band and one state past it: the label cells read it as their skip term
+    // even where the blank state itself is off the band; seal() then restores the -inf guards
     acc_t* bb = beta_b.row(t - 1);
     acc_t* bl = beta_l.row(t - 1);
 #pragma omp simd
-    for (int64_t u = blanks.lo[t - 1]; u <= blanks.hi[t - 1]; ++u)
-      bb[u] = standard_blank_beta_cell(nb[u], nl[u + 1], e_special, e[u + 1]);
+    for (int64_t u = bp_lo; u <= bp_hi; ++u) bb[u] = logaddexp(nb[u] + e_special, nl[u + 1] + e[u + 1]);
 #pragma omp simd
     for (int64_t u = lp_lo; u <= lp_hi; ++u)
-      bl[u] = standard_label_beta_cell(nl[u], nb[u], nl[u + 1] + k[u + 1], e_special, e[u], e[u + 1]);
+      bl[u] = logaddexp(nl[u] + e[u], k[u + 1] == 0 ? bb[u] : nb[u] + e_special);
     beta_b.seal(t - 1);
     beta_l.seal(t - 1);
   }
@@ -377,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emissions_cpu(
   TORCH_CHECK(band_width >= needed, "emissions: band_width=", band_width, " is smaller than a row's band (", needed,
               ")");
   const auto opts = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor lse = at::empty({B, T}, opts), table = at::empty({B, T, band_width}, opts),
+  at::Tensor lse = at::empty({B, T}, opts), table = OutputPool::get().empty({B, T, band_width}, opts),
              special = at::empty({B, T}, opts);
   if (B * T == 0) return {lse, table, special};
   const int64_t W = band_width, k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
@@ -407,9 +488,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emissions_cpu(
         const int64_t width = std::max<int64_t>(0, std::min(column_hi(t + 1, U_b) - c_lo + 1, W));
         const int64_t* y = tok + b * U_max + (c_lo - 1);
         bool nan = l != l;
-        for (int64_t j = 0; j < width; ++j) {
-          row[j] = emission(xr, l, o, y[j], normalize);
-          nan |= row[j] != row[j];
+        if (o < 0 && l != neg_inf<acc_t>()) {  // the common case, a free frame: a vectorisable gather
+          _Pragma("omp simd reduction(| : nan)")
+          for (int64_t j = 0; j < width; ++j) {
+            row[j] = load_as<scalar_t, acc_t>(xr + y[j]) - l;
+            nan |= row[j] != row[j];
+          }
+        } else {
+          for (int64_t j = 0; j < width; ++j) {
+            row[j] = emission(xr, l, o, y[j], normalize);
+            nan |= row[j] != row[j];
+          }
         }
         std::fill(row + width, row + W, acc_t(0));
         lse_p[i] = l;
@@ -493,11 +582,11 @@ at::Tensor gradient_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits,
                   post_special_in.dim() == 2 && post_special_in.size(1) == T,
               "gradient: the posteriors were not computed (the forward ran without need_grad)");
   const int64_t W = post_target_in.size(2);
-  const at::Tensor targets = as_long(targets_in), input_lengths = as_long(input_lengths_in),
-                   target_lengths = as_long(target_lengths_in);
+  const at::Tensor input_lengths = as_long(input_lengths_in), target_lengths = as_long(target_lengths_in);
+  const at::Tensor tokens = targets_in.to(at::kInt).clamp(0, V - 1).contiguous();  // clamped once
   const c10::optional<at::Tensor> observed =
       observed_in.has_value() ? c10::optional<at::Tensor>(as_long(*observed_in)) : c10::nullopt;
-  at::Tensor grad = at::empty({B, T, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = OutputPool::get().empty({B, T, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad.numel() == 0) return grad;
   const int64_t k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -516,7 +605,7 @@ at::Tensor gradient_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits,
     const int64_t sb = logits.stride(0), st = logits.stride(1);
     const int64_t* in_len = input_lengths.data_ptr<int64_t>();
     const int64_t* tg_len = target_lengths.data_ptr<int64_t>();
-    const int64_t* tg = targets.data_ptr<int64_t>();
+    const int32_t* tg = tokens.data_ptr<int32_t>();
     const int64_t* obs = observed.has_value() ? observed->data_ptr<int64_t>() : nullptr;
     scalar_t* out = grad.data_ptr<scalar_t>();
 
@@ -545,10 +634,9 @@ at::Tensor gradient_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits,
         row[k] -= ps_p[i];
         const int64_t U = clamp_len(tg_len[b], U_max);
         const int64_t c_lo = column_lo(t + 1, T_b, U, max_shift), c_hi = std::min(column_hi(t + 1, U), c_lo + W - 1);
-        for (int64_t u = c_lo; u <= c_hi; ++u) {
-          const int64_t token = std::min<int64_t>(std::max<int64_t>(tg[b * U_max + u - 1], 0), V - 1);
-          row[token] -= pt_p[i * W + (u - c_lo)];
-        }
+        const int32_t* y = tg + b * U_max + (c_lo - 1);  // y[j] is the token of band column j
+        const acc_t* post = pt_p + i * W;
+        for (int64_t j = 0; j <= c_hi - c_lo; ++j) row[y[j]] -= post[j];  // in order: repeats sum exactly
         const acc_t gb = g[b];
         _Pragma("omp simd")
         for (int64_t v = 0; v < V; ++v) o[v] = static_cast<scalar_t>(gb * row[v]);
