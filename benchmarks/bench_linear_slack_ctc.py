@@ -209,17 +209,8 @@ def make_step(provider, w, hidden, weight, targets, chunk_size, device):
 
 
 def cpu_peak_mib(step):
-    """Largest growth of live CPU-allocator bytes during ``step`` (profiler allocation events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
+    """Peak growth of live CPU-allocator memory during ``step``, MiB (see common.cpu_allocator_peak_bytes)."""
+    return common.cpu_allocator_peak_bytes(step) / 2**20
 
 
 def run_workload(name, w, device, provider_names, repeats, warmup, chunk_size):
@@ -337,21 +328,8 @@ def main(argv=None):
             print(f"running {name} on {device}, chunk {chunk} ...", file=sys.stderr, flush=True)
             rows.extend(run_workload(name, w, device, providers, repeats, args.warmup, chunk))
     rows = judge(rows)
-    stamp = common.stamp()
-    if args.json:
-        for row in rows:
-            print(json.dumps({**row, **stamp}))
-    else:
-        print(f"machine: {stamp['machine']}\ncommit {stamp['commit']}, versions {stamp['versions']}\n")
-        print(table(rows))
-    if args.record and rows:
-        path = common.record([{**row, **stamp} for row in rows], "linear_slack_ctc")
-        summary = os.path.join(common.RESULTS, "linear_slack_ctc_latest.md")
-        with open(summary, "w") as f:
-            f.write(f"# linear_slack_ctc benchmark ({', '.join(names)})\n\n{stamp['date']}, commit "
-                    f"`{stamp['commit']}`\n\nMachine: `{json.dumps(stamp['machine'])}`\n\n"
-                    f"Versions: `{json.dumps(stamp['versions'])}`\n\n{table(rows)}\n")
-        print(f"\nrecorded {len(rows)} rows in {path} and {summary}", file=sys.stderr)
+    common.emit(rows, table(rows), name="linear_slack_ctc", summary_name="linear_slack_ctc_latest",
+                title=f"linear_slack_ctc benchmark ({', '.join(names)})", as_json=args.json, record_rows=args.record)
     failed = [r for r in rows if r["goal_met"] is False]
     return 1 if failed and os.environ.get("MDLM_CTC_BENCH_STRICT") == "1" else 0
 

@@ -267,21 +267,8 @@ def main(argv=None):
         print(f"running {name} on {device} ...", file=sys.stderr, flush=True)
         rows.extend(run_workload(name, w, device, args.providers, repeats, args.warmup, not args.no_memory))
     rows = judge(rows)
-    stamp = common.stamp()
-    if args.json:
-        for row in rows:
-            print(json.dumps({**row, **stamp}))
-    else:
-        print(f"machine: {stamp['machine']}\ncommit {stamp['commit']}, versions {stamp['versions']}\n")
-        print(table(rows))
-    if args.record and rows:
-        path = common.record([{**row, **stamp} for row in rows], "slack_ctc")
-        summary = os.path.join(common.RESULTS, f"slack_ctc_{suite}_latest.md")
-        with open(summary, "w") as f:
-            f.write(f"# slack_ctc benchmark, suite `{suite}`\n\n{stamp['date']}, commit `{stamp['commit']}`\n\n"
-                    f"Machine: `{json.dumps(stamp['machine'])}`\n\nVersions: `{json.dumps(stamp['versions'])}`\n\n"
-                    f"{table(rows)}\n")
-        print(f"\nrecorded {len(rows)} rows in {path} and {summary}", file=sys.stderr)
+    common.emit(rows, table(rows), name="slack_ctc", summary_name=f"slack_ctc_{suite}_latest",
+                title=f"slack_ctc benchmark, suite `{suite}`", as_json=args.json, record_rows=args.record)
     failed = [r for r in rows if r["goal_met"] is False]
     return 1 if failed and suite != "smoke" and os.environ.get("MDLM_CTC_BENCH_STRICT") == "1" else 0
 

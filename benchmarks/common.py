@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -168,6 +169,48 @@ def peak_rss_in_subprocess(command: list[str]):
             value = float(line.split()[1])
             return None if value != value else value
     return None
+
+
+def cpu_allocator_peak_bytes(step) -> int:
+    """Largest growth of live bytes in torch's CPU allocator while ``step`` runs.
+
+    The profiler with ``profile_memory=True`` records every allocation and free of the c10 CPU
+    allocator (every tensor, including the temporaries inside ATen kernels) with a timestamp; the
+    running sum in time order is the live memory, its maximum the peak. Storage freed during ``step``
+    but allocated before it counts negative, so the figure never overstates the growth. Memory that
+    kernels allocate outside torch's allocator (scratch, buffer pools) is not seen.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def emit(rows: list[dict], table_markdown: str, *, name: str, summary_name: str, title: str, as_json: bool,
+         record_rows: bool) -> None:
+    """Print the rows (a table, or JSON lines) stamped with machine/commit/versions; with
+    ``record_rows`` append them to results/<name>.jsonl and write results/<summary_name>.md."""
+    stamp_ = stamp()
+    if as_json:
+        for row in rows:
+            print(json.dumps({**row, **stamp_}))
+    else:
+        print(f"machine: {stamp_['machine']}\ncommit {stamp_['commit']}, versions {stamp_['versions']}\n")
+        print(table_markdown)
+    if record_rows and rows:
+        path = record([{**row, **stamp_} for row in rows], name)
+        summary = os.path.join(RESULTS, f"{summary_name}.md")
+        with open(summary, "w") as f:
+            f.write(f"# {title}\n\n{stamp_['date']}, commit `{stamp_['commit']}`\n\n"
+                    f"Machine: `{json.dumps(stamp_['machine'])}`\n\nVersions: `{json.dumps(stamp_['versions'])}`\n\n"
+                    f"{table_markdown}\n")
+        print(f"\nrecorded {len(rows)} rows in {path} and {summary}", file=sys.stderr)
 
 
 def record(rows: list[dict], name: str) -> str:

@@ -6,6 +6,7 @@ memory bound on the CPU, the op layer (opcheck, torch.compile), the Triton vocab
 interpreter, and a bf16 check on a GPU."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -274,23 +275,11 @@ def test_low_precision_relative_rule(monkeypatch, dtype, chunk_size, min_tile):
 # ---------------------------------------------------------------------------------------------
 
 def cpu_peak_bytes(step):
-    """Largest growth of live bytes in the CPU allocator while ``step`` runs.
+    """Largest growth of live bytes in torch's CPU allocator while ``step`` runs (benchmarks/common.py)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import common
 
-    The profiler with ``profile_memory=True`` records every allocation and free of the c10 CPU
-    allocator (every tensor, including the temporaries inside ATen kernels) with a timestamp; the
-    running sum in time order is the live memory, its maximum the peak. Storage freed during ``step``
-    but allocated before it counts negative, so the figure never overstates the growth.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return common.cpu_allocator_peak_bytes(step)
 
 
 def test_peak_memory_is_bounded_by_the_chunk():
