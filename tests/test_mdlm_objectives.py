@@ -236,3 +236,26 @@ def test_slack_is_added_when_the_vocabulary_lacks_it(tmp_path):
     M.save_model_dir(hf, tok, special, str(tmp_path / "m"))
     _, tok2, special2 = M.load_model_dir(str(tmp_path / "m"), cfg, torch.device("cpu"))
     assert special2 == special and tok2.convert_tokens_to_ids("<slack>") == special.slack_id
+
+
+def test_fused_lm_head_with_the_real_fused_loss(setup):
+    """The loop's fused path through mdlm_ctc.linear_slack_ctc_loss gives the loss and the gradients of
+    the logits path."""
+    cfg, _, hf, special, rows = setup
+    head = O.resolve_fused_lm_head("on", hf)
+    assert head is not None
+    net = M.DiffusionLM(hf)
+    batch = _batch(rows, special)
+    denoms = O.denominators(rows, 16)
+    results = []
+    for use_head in (head, None):
+        net.zero_grad(set_to_none=True)
+        loss, _ = O.compute_loss(net, batch, objective="ctc", special=special, obj_cfg=cfg.objective, denoms=denoms,
+                                 head=use_head)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (fused, fused_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
