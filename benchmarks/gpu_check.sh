@@ -52,6 +52,13 @@ except ImportError:
 PYEOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 
+# The tests need pytest and hypothesis, which a bare GPU machine may lack and cannot download: carry a
+# wheelhouse made beforehand (`pip download -d wheelhouse pytest hypothesis`; the device tool's
+# `carry`), and it is installed from there.
+if ! "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
+  step test_deps 120 "$PY" -m pip install --no-index --find-links "${WHEELHOUSE:-$ROOT/wheelhouse}" pytest hypothesis
+fi
+
 if [ $SMOKE -eq 1 ]; then
   # the package is already installed on a development machine; only check that it imports
   step install 120 "$PY" -c "import mdlm_ctc; print(mdlm_ctc.available_backends())"

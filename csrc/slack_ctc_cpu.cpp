@@ -108,7 +108,7 @@ struct Bands {
 // MB, and fresh pages cost more than the lattice itself. Buffers above the cap are not kept.
 template <typename acc_t>
 acc_t* thread_scratch(int slot, size_t count, std::unique_ptr<acc_t[]>& fallback) {
-  constexpr size_t kKeepBytes = size_t(256) << 20;
+  constexpr size_t kKeepBytes = size_t(64) << 20;
   thread_local std::vector<acc_t> buffers[2];
   if (count * sizeof(acc_t) > kKeepBytes) {
     fallback.reset(new acc_t[count]);
@@ -121,7 +121,7 @@ acc_t* thread_scratch(int slot, size_t count, std::unique_ptr<acc_t[]>& fallback
 
 // Output buffers (the band table, the gradient) are tens of MB. glibc serves allocations above 32 MB
 // with fresh mmaps, whose page faults and zeroing cost a fifth of a C1-sized loss, on every call.
-// This pool keeps freed output buffers (up to MDLM_CTC_CPU_POOL_MB, default 1024; 0 disables it) and
+// This pool keeps freed output buffers (up to MDLM_CTC_CPU_POOL_MB, default 512; 0 disables it) and
 // hands them out again for the next request of the same size class.
 class OutputPool {
  public:
@@ -148,7 +148,7 @@ class OutputPool {
   static constexpr size_t kMinBytes = size_t(4) << 20;  // smaller buffers: the allocator is fine
   OutputPool() {
     const char* env = std::getenv("MDLM_CTC_CPU_POOL_MB");
-    cap_bytes_ = (env != nullptr ? static_cast<size_t>(std::max(0L, std::atol(env))) : size_t(1024)) << 20;
+    cap_bytes_ = (env != nullptr ? static_cast<size_t>(std::max(0L, std::atol(env))) : size_t(512)) << 20;
   }
   static size_t round_up(size_t bytes) {  // size classes: multiples of 1/8 of the next power of two
     size_t power = 1;

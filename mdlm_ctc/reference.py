@@ -388,7 +388,7 @@ def viterbi_reference(logits, targets, input_lengths, target_lengths, observed, 
         skip = (s % 2 == 1) & (s >= 3) & (label_of_state != prev_label)
     score = em.new_full((B, S), NEG_INF)
     score[:, 0] = 0.0
-    step_back = torch.zeros(B, T, S, dtype=torch.long, device=device)  # how many states the best move advanced
+    step_back = torch.zeros(B, T, S, dtype=torch.uint8, device=device)  # how many states the best move advanced
     emitted_special = torch.zeros(B, T, S, dtype=torch.bool, device=device)
     for t in range(1, T + 1):
         e = em[:, t - 1]
@@ -407,7 +407,7 @@ def viterbi_reference(logits, targets, input_lengths, target_lengths, observed, 
             best, arg = torch.stack([score, shift_right(score, 1), from_skip]).max(0)
             new = (best + e_state).masked_fill(~(torch.arange(S, device=device) <= 2 * U_b[:, None]), NEG_INF)
             emitted_special[:, t - 1] = (torch.arange(S, device=device) % 2 == 0).expand(B, S)
-        step_back[:, t - 1] = arg
+        step_back[:, t - 1] = arg.to(torch.uint8)
         score = torch.where((t <= T_b)[:, None], new, score)
     if mode == PRESERVE:
         final = U_b.clone()
@@ -428,6 +428,6 @@ def viterbi_reference(logits, targets, input_lengths, target_lengths, observed, 
         token = torch.where(special, torch.full_like(state, special_id),
                             padded_targets.gather(1, state_column[state][:, None]).squeeze(1).long())
         canvas[:, t - 1] = torch.where(live, token, canvas[:, t - 1])
-        back = step_back[rows, t - 1, state]
+        back = step_back[rows, t - 1, state].long()
         state = torch.where(live, state - back, state)
     return canvas
