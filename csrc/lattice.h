@@ -95,6 +95,12 @@ MDLM_HD acc_t preserve_beta_cell(acc_t next_u, acc_t next_u_plus_1, acc_t e_spec
 //   beta:  B_{t-1}(u) = logaddexp(B_t(u) + e_t(k), L_t(u+1) + e_t(y_{u+1}))
 //          L_{t-1}(u) = logsumexp(L_t(u) + e_t(y_u), B_t(u) + e_t(k), [skip_{u+1}] L_t(u+1) + e_t(y_{u+1}))
 // with skip_u: y_u != y_{u-1} (u >= 2). `*_masked` arguments are already -inf where the skip is not allowed.
+// The same values with the two-term sum the blank and the skip share factored out (one exp fewer per
+// state; the CPU kernels use it):
+//   alpha: m(u) = logaddexp(B_{t-1}(u), L_{t-1}(u)),  B_t(u) = m(u) + e_t(k),
+//          L_t(u) = logaddexp(L_{t-1}(u), skip_u ? m(u-1) : B_{t-1}(u-1)) + e_t(y_u)
+//   beta:  B_{t-1}(u) as below, L_{t-1}(u) = logaddexp(L_t(u) + e_t(y_u), skip_{u+1} ? B_{t-1}(u) : B_t(u) + e_t(k))
+//          (B_{t-1}(u) is then needed one state past the blank band, where a label reads it)
 template <typename acc_t>
 MDLM_HD acc_t standard_blank_alpha_cell(acc_t blank_u, acc_t label_u, acc_t e_special) {
   return logaddexp(blank_u, label_u) + e_special;

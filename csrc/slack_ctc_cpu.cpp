@@ -338,11 +338,7 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
                      [&](int64_t t) { return standard_blank_hi(t, U); });
   const Bands labels(T, [&](int64_t t) { return standard_label_lo(t, T, U); },
                      [&](int64_t t) { return standard_label_hi(t, U); });
-  // The cells of lattice.h with their shared two-term sum factored out, which saves an exp per state:
-  //   m(u) = logaddexp(B_{t-1}(u), L_{t-1}(u)),  B_t(u) = m(u) + e_t(k),
-  //   L_t(u) = logaddexp(L_{t-1}(u), skip_u ? m(u-1) : B_{t-1}(u-1)) + e_t(y_u)
-  //   beta: B_{t-1}(u) = logaddexp(B_t(u) + e_t(k), L_t(u+1) + e_t(y_{u+1})),
-  //         L_{t-1}(u) = logaddexp(L_t(u) + e_t(y_u), skip_{u+1} ? B_{t-1}(u) : B_t(u) + e_t(k))
+  // the factored form of lattice.h's split recurrences (one exp fewer per state)
   Rows<acc_t> alpha_b(blanks, U + 1, need_grad, 0), alpha_l(labels, U + 1, need_grad, 1);
   StateRow<acc_t> emit(U + 2), merged(U + 1);
   acc_t* e = emit.at();
@@ -405,7 +401,7 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
     acc_t* bb = beta_b.row(t - 1);
     acc_t* bl = beta_l.row(t - 1);
 #pragma omp simd
-    for (int64_t u = bp_lo; u <= bp_hi; ++u) bb[u] = logaddexp(nb[u] + e_special, nl[u + 1] + e[u + 1]);
+    for (int64_t u = bp_lo; u <= bp_hi; ++u) bb[u] = standard_blank_beta_cell(nb[u], nl[u + 1], e_special, e[u + 1]);
 #pragma omp simd
     for (int64_t u = lp_lo; u <= lp_hi; ++u)
       bl[u] = logaddexp(nl[u] + e[u], k[u + 1] == 0 ? bb[u] : nb[u] + e_special);

@@ -122,8 +122,7 @@ def _skip_value_checks(validate, device):
 def check_lattice_values(args: LatticeArgs, *, names, explicit_lengths, validate, extra=()):
     """The value checks of SPEC §4 (one device reduction, one host sync) and the exact band width.
 
-    ``names`` maps roles to the caller's argument names (``logits`` or ``log_probs``, ``slack_id`` or
-    ``blank``); ``extra`` holds more ``(mask, values, message)`` checks for the same sync. Returns the
+    ``names`` maps roles to the caller's argument names (``logits`` or ``log_probs``); ``extra`` holds more ``(mask, values, message)`` checks for the same sync. Returns the
     band width the posterior table needs.
     """
     x, targets = args.logits, args.targets
@@ -223,7 +222,7 @@ def check_slack_ctc_args(logits, targets, target_lengths, slack_id, input_length
     args = LatticeArgs(logits, targets, T_b, U_b, observed, slack_id, mode,
                        -1 if max_shift is None else max_shift, 0)
     names = {"logits": name, "targets": "targets", "input_lengths": "input_lengths",
-             "target_lengths": "target_lengths", "special_id": "slack_id"}
+             "target_lengths": "target_lengths"}
     args.band_width = check_lattice_values(args, names=names, explicit_lengths=explicit_in or explicit_tl,
                                            validate=validate)
     return args
@@ -277,7 +276,7 @@ def check_ctc_loss_args(log_probs, targets, input_lengths, target_lengths, blank
         raise TypeError(f"`zero_infinity` must be a bool; got {zero_infinity!r}")
     args = LatticeArgs(log_probs.transpose(0, 1), padded, T_b, U_b, None, blank, COLLAPSE_MODES["standard"], -1, 0)
     names = {"logits": "log_probs", "targets": "targets", "input_lengths": "input_lengths",
-             "target_lengths": "target_lengths", "special_id": "blank"}
+             "target_lengths": "target_lengths"}
     args.band_width = check_lattice_values(args, names=names, explicit_lengths=True, validate=True, extra=extra)
     return args, unbatched
 

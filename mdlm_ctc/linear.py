@@ -91,7 +91,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validation, backends
-from .losses import _reduce
+from .losses import SlackCTCLoss, _reduce
 from .reference import NEG_INF, PRESERVE, acc_dtype, column_lo
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -715,20 +715,15 @@ def linear_slack_ctc_loss(hidden: Tensor, weight: Tensor, targets: Tensor, targe
     return _reduce(nll, args.target_lengths, reduction, zero_infinity)
 
 
-class LinearSlackCTCLoss(nn.Module):
-    """Module form of :func:`linear_slack_ctc_loss`; ``forward(hidden, weight, targets, ...)`` or, with
-    an ``nn.Linear`` LM head, ``forward(hidden, lm_head, targets, ...)``."""
+class LinearSlackCTCLoss(SlackCTCLoss):
+    """Module form of :func:`linear_slack_ctc_loss` (the options of :class:`SlackCTCLoss` plus
+    ``chunk_size``); ``forward(hidden, weight, targets, ...)`` or, with an ``nn.Linear`` LM head,
+    ``forward(hidden, lm_head, targets, ...)``."""
 
     def __init__(self, slack_id: int, collapse: str = "preserve", max_shift: int | None = None,
                  reduction: str = "mean", zero_infinity: bool = False, backend: str = "auto",
                  chunk_size: int = DEFAULT_CHUNK_SIZE):
-        super().__init__()
-        self.slack_id = slack_id
-        self.collapse = collapse
-        self.max_shift = max_shift
-        self.reduction = reduction
-        self.zero_infinity = zero_infinity
-        self.backend = backend
+        super().__init__(slack_id, collapse, max_shift, reduction, zero_infinity, backend)
         self.chunk_size = chunk_size
 
     def forward(self, hidden: Tensor, weight: Tensor | nn.Linear, targets: Tensor, target_lengths: Tensor | None = None,
@@ -742,6 +737,4 @@ class LinearSlackCTCLoss(nn.Module):
                                      backend=self.backend, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
-        return (f"slack_id={self.slack_id}, collapse={self.collapse!r}, max_shift={self.max_shift}, "
-                f"reduction={self.reduction!r}, zero_infinity={self.zero_infinity}, backend={self.backend!r}, "
-                f"chunk_size={self.chunk_size}")
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
