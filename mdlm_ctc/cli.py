@@ -1,10 +1,11 @@
 """The ``mdlm-ctc`` command line (also ``python -m mdlm_ctc``).
 
-    mdlm-ctc compare                      # the main job: embedded CE vs CTC on CPU, report in runs/default/
+    mdlm-ctc compare                      # the main job: CE base, then CE vs CTC fine-tuning, report in runs/default/
+    mdlm-ctc ablate                       # the CTC design variants on the validation split (same base)
     mdlm-ctc compare --config job.yaml    # the same job on a real model and data
     mdlm-ctc train --objective ctc        # one training run (torchrun-able for DDP)
-    mdlm-ctc eval --checkpoint runs/default/ctc/final --baseline runs/default/ce/final
-    mdlm-ctc sample --checkpoint runs/default/ctc/final --prompt "copy : a b c"
+    mdlm-ctc eval --checkpoint runs/default/ft/ctc/seed1/final --baseline runs/default/ft/ce/seed1/final
+    mdlm-ctc sample --checkpoint runs/default/ft/ctc/seed1/final --prompt "copy : a b c"
 
 Every option is a field of :class:`mdlm_ctc.mdlm.config.Config`; ``mdlm-ctc COMMAND --help`` lists the
 options of a command with their meaning and defaults.
@@ -22,8 +23,9 @@ _DESCRIPTION = """\
 Fine-tune masked diffusion LMs with the slack-CTC loss of mdlm-ctc against the matched LLaDA
 cross-entropy baseline, sample them, and measure what changes (exact match, edit distance,
 robustness to positional shifts). Start with `mdlm-ctc compare`: with no options it trains a tiny CE
-model and a tiny CTC model from the same initialisation on the embedded synthetic data (CPU, about
-ten minutes on 2 cores), evaluates both and writes runs/default/report.md."""
+base model on the embedded synthetic data, fine-tunes it with CE and with slack-CTC on three seeds
+(CPU, about ten minutes on 2 cores), evaluates every model under the paper's shift probe and writes
+runs/default/report.md."""
 
 _LOOP_DEPENDENCIES = ("transformers", "tokenizers", "safetensors", "yaml", "tqdm", "matplotlib")
 
@@ -36,6 +38,14 @@ _COMMANDS = {
                     "<output_dir>/<name>/report.md, PNG plots, summary.json and print a summary table. With no "
                     "options: the embedded CPU default.",
         exclude={"objective", "checkpoint", "baseline", "prompt", "num_samples", "show_canvas", "shift_fraction"}),
+    "ablate": dict(
+        help="fine-tune every CTC design variant from the comparison's base; evaluate on the validation split",
+        description="Fine-tune the variants of mdlm_ctc/mdlm/ablation.py (--variants) from the base model of the run "
+                    "folder (built if missing), once per --finetune-seeds, evaluate them on the validation split "
+                    "(never the evaluation set) and write <output_dir>/<name>/ablation/ablation.md; `compare` then "
+                    "includes the table in its report.",
+        exclude={"objective", "checkpoint", "baseline", "prompt", "num_samples", "show_canvas", "shift_fraction",
+                 "compare_objectives", "control"}),
     "train": dict(
         help="train one model (--objective); DDP with `torchrun --nproc_per_node=N -m mdlm_ctc train ...`",
         description="Train one model with --objective into <output_dir>/<name>/ (metrics.jsonl, checkpoints/, "
@@ -76,6 +86,13 @@ def _cmd_compare(cfg) -> int:
     return 0
 
 
+def _cmd_ablate(cfg) -> int:
+    from .mdlm.ablation import run_ablation
+
+    run_ablation(cfg)
+    return 0
+
+
 def _cmd_train(cfg) -> int:
     from .mdlm.train import _barrier, init_distributed, prepare, train_run
 
@@ -106,7 +123,7 @@ def _cmd_eval(cfg) -> int:
     from .mdlm.report import summary_table
 
     if cfg.eval.checkpoint is None:
-        raise ValueError("`checkpoint` is required for eval (a model folder, e.g. runs/default/ctc/final)")
+        raise ValueError("`checkpoint` is required for eval (a model folder, e.g. runs/default/ft/ctc/seed1/final)")
     _, examples, _ = load_datasets(cfg, need_train=False)
     if cfg.eval.max_eval_examples:
         examples = examples[: cfg.eval.max_eval_examples]
@@ -132,7 +149,7 @@ def _cmd_sample(cfg) -> int:
     from .mdlm.sampler import generate
 
     if cfg.eval.checkpoint is None:
-        raise ValueError("`checkpoint` is required for sample (a model folder, e.g. runs/default/ctc/final)")
+        raise ValueError("`checkpoint` is required for sample (a model folder, e.g. runs/default/ft/ctc/seed1/final)")
     device = resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -168,7 +185,7 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = config_from_args(args)
-        return {"compare": _cmd_compare, "train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample}[
+        return {"compare": _cmd_compare, "ablate": _cmd_ablate, "train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample}[
             args.command](cfg)
     except ImportError as err:
         if err.name not in _LOOP_DEPENDENCIES:

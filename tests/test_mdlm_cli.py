@@ -19,7 +19,7 @@ TINY = ["--tiny-hidden-size", "32", "--tiny-layers", "2", "--tiny-intermediate-s
         "--synthetic-max-len", "6",
         "--batch-size", "8", "--steps", "8", "--log-every", "2", "--checkpoint-every", "4", "--no-progress",
         "--gen-length", "16", "--sample-steps", "8", "--block-length", "8", "--bootstrap-samples", "50",
-        "--shift-fractions", "0,0.5"]
+        "--shift-fractions", "0,0.5", "--base-steps", "6", "--finetune-seeds", "1,2"]
 EVAL = ["--synthetic-train-size", "300", "--synthetic-eval-size", "12", "--synthetic-max-len", "6", "--no-progress",
         "--gen-length", "16", "--sample-steps", "8", "--block-length", "8", "--bootstrap-samples", "50",
         "--shift-fractions", "0,0.5"]
@@ -40,55 +40,107 @@ def compared(tmp_path_factory):
 def test_compare_writes_the_report_and_prints_the_table(compared):
     root, printed = compared
     for name in ("report.md", "loss_curves.png", "shift_robustness.png", "per_task.png", "summary.json",
-                 "config.yaml", "ce/metrics.jsonl", "ctc/metrics.jsonl", "ce/final/model.safetensors",
-                 "ctc/final/model.safetensors", "eval/ce.jsonl", "eval/ctc.jsonl", "init/model.safetensors",
-                 "tokenizer/tokenizer.json", "data/train.jsonl", "data/eval.jsonl"):
+                 "config.yaml", "base/final/model.safetensors", "base/metrics.jsonl", "init/model.safetensors",
+                 "tokenizer/tokenizer.json", "data/train.jsonl", "data/eval.jsonl", "eval/base.jsonl"):
         assert (root / name).exists(), name
+    for label, files in (("ce", "ce"), ("ctc", "ctc"), ("ctc_ms0", "ctc_ms0")):
+        for seed in ((1, 2) if label != "ctc_ms0" else (1,)):
+            for name in (f"ft/{label}/seed{seed}/metrics.jsonl", f"ft/{label}/seed{seed}/final/model.safetensors",
+                         f"eval/{files}-seed{seed}.jsonl"):
+                assert (root / name).exists(), name
+    assert not (root / "ft" / "ctc_ms0" / "seed2").exists()  # the control runs on the first seed only
     for png in ("loss_curves.png", "shift_robustness.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "exact@0 [95% CI]" in printed and "win vs ce@0" in printed and "report:" in printed
     report = (root / "report.md").read_text()
-    for section in ("## Results without shift", "## Shift robustness", "## Pairwise comparison against `ce`",
-                    "## Training", "## Caveats", "![loss curves](loss_curves.png)"):
-        assert section in report
+    for section in ("## Protocol", "## Results without shift", "## Shift robustness", "## Against `ce`",
+                    "## The paper's claims, read from the intervals", "Claim 1", "Claim 2", "**Control**",
+                    "## How the CTC settings were chosen", "## Training", "## Caveats",
+                    "![loss curves](loss_curves.png)", "draws the fine-tuning seeds with replacement"):
+        assert section in report, section
     summary = json.loads((root / "summary.json").read_text())
-    assert set(summary["results"]) == {"ce", "ctc"}
-    assert set(summary["comparison"]["pairs"]["ctc"]) == {"0.0", "0.5"}
-    records = [json.loads(line) for line in (root / "eval" / "ctc.jsonl").read_text().splitlines()]
+    assert set(summary["results"]) == {"base", "ce", "ctc", "ctc@ms0"}
+    assert set(summary["results"]["ce"]) == {"1", "2"}
+    assert set(summary["stats"]["pairs"]) == {"ctc", "ctc@ms0"}
+    assert summary["stats"]["pairs"]["ctc"]["seeds"] == [1, 2]
+    assert set(summary["stats"]["pairs"]["ctc"]) == {"seeds", "0.0", "0.5"}
+    records = [json.loads(line) for line in (root / "eval" / "ctc-seed1.jsonl").read_text().splitlines()]
     assert len(records) == 24 and {"prediction", "reference", "exact", "edit"} <= set(records[0])
 
 
-def test_both_runs_start_from_the_same_weights(compared):
+def test_fine_tunes_start_from_the_base_and_differ_only_where_they_should(compared):
     root, _ = compared
+    import yaml
     from safetensors.torch import load_file
 
-    ce = load_file(str(root / "ce" / "checkpoints" / "step_0000004" / "model.safetensors"))
+    base = load_file(str(root / "base" / "final" / "model.safetensors"))
     init = load_file(str(root / "init" / "model.safetensors"))
-    assert ce.keys() == init.keys()
-    cfg_ce = (root / "ce" / "config.yaml").read_text()
-    cfg_ctc = (root / "ctc" / "config.yaml").read_text()
-    # the two runs differ only in the objective
-    assert cfg_ce.replace("objective: ce\n", "objective: ctc\n") == cfg_ctc
+    assert base.keys() == init.keys() and any(not (base[k] == init[k]).all() for k in base)  # the base trained
+    config = {}
+    for label, seed in (("ce", 1), ("ctc", 1), ("ce", 2), ("ctc_ms0", 1)):
+        config[label, seed] = yaml.safe_load((root / "ft" / label / f"seed{seed}" / "config.yaml").read_text())
+        assert config[label, seed]["train"]["init_from"] == str(root / "base" / "final")
+    ce, ctc = config["ce", 1], config["ctc", 1]
+    assert ce["objective"].pop("objective") == "ce" and ctc["objective"].pop("objective") == "ctc"
+    assert ce == ctc  # same seed: only the objective differs
+    assert config["ce", 2]["run"]["seed"] == 2 and ce["run"]["seed"] == 1
+    assert config["ctc_ms0", 1]["objective"]["ctc_max_shift"] == 0
 
 
-def test_compare_resume_skips_finished_runs(compared, capsys):
+def test_compare_reuses_the_base_and_finished_runs(compared, capsys):
     root, _ = compared
     assert main(["compare", "--output-dir", str(root.parent), "--name", "job", *TINY, "--resume",
                  "--shift-fractions", "0"]) == 0
     out = capsys.readouterr().out
-    assert "already finished" in out
+    assert "reusing" in out and str(root / "base") in out
+    assert "training it again" not in out
+
+
+def test_a_changed_base_setting_retrains_the_base(tmp_path, capsys):
+    from mdlm_ctc.mdlm.compare import train_once
+    from mdlm_ctc.mdlm.config import Config
+    from mdlm_ctc.mdlm.train import prepare
+
+    cfg = Config.from_dict(dict(tiny_hidden_size=32, tiny_layers=2, tiny_intermediate_size=64, synthetic_train_size=50,
+                                synthetic_eval_size=4, max_length=32, synthetic_max_len=6, batch_size=4, steps=2,
+                                checkpoint_every=0, output_dir=str(tmp_path), progress=False))
+    prepared = prepare(cfg, str(tmp_path / "r"), log=lambda *a: None)
+    run_dir = str(tmp_path / "r" / "run")
+    first = train_once(cfg, prepared, run_dir, "ce", log=print)
+    again = train_once(cfg, prepared, run_dir, "ce", log=print)
+    assert again == first and "reusing" in capsys.readouterr().out
+    cfg.train.lr = cfg.train.lr / 2
+    train_once(cfg, prepared, run_dir, "ce", log=print)
+    assert "training it again" in capsys.readouterr().out
 
 
 def test_eval_and_sample_commands(compared, capsys):
     root, _ = compared
-    assert main(["eval", "--output-dir", str(root.parent), "--name", "job", "--checkpoint", str(root / "ctc" / "final"),
-                 "--baseline", str(root / "ce" / "final"), *EVAL]) == 0
+    ctc, ce = root / "ft" / "ctc" / "seed1" / "final", root / "ft" / "ce" / "seed1" / "final"
+    assert main(["eval", "--output-dir", str(root.parent), "--name", "job", "--checkpoint", str(ctc),
+                 "--baseline", str(ce), *EVAL]) == 0
     out = capsys.readouterr().out
     assert "ctc" in out and "win vs ce@0" in out
-    assert main(["sample", "--checkpoint", str(root / "ctc" / "final"), "--prompt", "copy : a b c", "--show-canvas",
+    assert main(["sample", "--checkpoint", str(ctc), "--prompt", "copy : a b c", "--show-canvas",
                  "--gen-length", "16", "--sample-steps", "8", "--block-length", "8", "--shift-fraction", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "prompt:    copy : a b c" in out and "canvas:" in out and "content tokens displaced" in out
+
+
+def test_ablate_writes_its_table_and_compare_reports_it(compared, capsys):
+    root, _ = compared
+    assert main(["ablate", "--output-dir", str(root.parent), "--name", "job", *TINY, "--variants", "eos-b1",
+                 "--synthetic-val-size", "10", "--finetune-seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing" in out and "chosen:" in out  # the comparison's base is reused
+    table = (root / "ablation" / "ablation.md").read_text()
+    assert "`ce`" in table and "`eos-b1`" in table and "Validation split (10 examples" in table
+    data = json.loads((root / "ablation" / "ablation.json").read_text())
+    assert set(data["variants"]) == {"ce", "eos-b1"} and data["chosen"] == "eos-b1" and data["examples"] == 10
+    assert main(["compare", "--output-dir", str(root.parent), "--name", "job", *TINY, "--resume",
+                 "--shift-fractions", "0,0.5"]) == 0
+    capsys.readouterr()
+    assert "`eos-b1`" in (root / "report.md").read_text()
 
 
 def test_python_dash_m_help():

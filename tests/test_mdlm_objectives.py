@@ -98,6 +98,98 @@ def test_ctc_canvas_collapses_to_answer_plus_eos(setup):
                 assert clean[b, P:P + len(r.answer_ids) + 1].tolist() == r.answer_ids + [special.eos_id]
 
 
+@pytest.mark.parametrize("budget,ratio,max_shift", [(0, 0.0, None), (2, 0.0, None), (1, 0.5, None), (3, 0.0, 1),
+                                                    (20, 0.0, None)])
+def test_eos_canvas_is_llada_canvas_with_a_slack_budget(setup, budget, ratio, max_shift):
+    cfg, _, _, special, rows = setup
+    obj = Config.from_dict(dict(TINY, max_length=16, ctc_canvas="eos", slack_budget=budget, slack_budget_ratio=ratio,
+                                ctc_max_shift=max_shift, slack_insertion="random", slack_rate=0.6)).objective
+    batch = _batch(rows, special)
+    targets, lengths = O.ctc_targets(batch, special.eos_id, obj)
+    budgets = O.slack_budgets(batch, obj)
+    noise = O.draw_noise(batch, 1e-3)
+    clean = O.clean_ctc_canvas(batch, targets, lengths, noise, slack_id=special.slack_id, insertion="random",
+                               rate=obj.slack_rate)
+    for b, r in enumerate(rows):
+        P, A = len(r.prompt_ids), len(r.answer_ids)
+        T = 16 - P
+        m = min(budget + int(torch.ceil(torch.tensor(ratio * A)).item()), max_shift if max_shift is not None else 99,
+                T - A - 1)
+        assert int(budgets[b]) == m and int(lengths[b]) == T - m
+        # the target is LLaDA's canvas (answer, then EOS padding) less m EOS
+        assert targets[b, : lengths[b]].tolist() == r.answer_ids + [special.eos_id] * (T - m - A)
+        canvas = clean[b, P:]
+        assert int((canvas == special.slack_id).sum()) == m  # exactly the budget
+        ids, n = mdlm_ctc.collapse(canvas, special.slack_id)
+        assert ids[:n].tolist() == targets[b, : lengths[b]].tolist()
+
+
+def test_eos_canvas_without_slack_is_exactly_ce(setup):
+    """The control: slack_budget 0 (or ctc_max_shift 0) on the eos canvas is LLaDA's CE, loss and gradients."""
+    _, _, hf, special, rows = setup
+    net = M.DiffusionLM(hf)
+    batch = _batch(rows, special)
+    denoms = O.denominators(rows, 16)
+
+    def loss_and_grads(objective, **options):
+        obj = Config.from_dict(dict(TINY, max_length=16, **options)).objective
+        net.zero_grad()
+        loss, _ = O.compute_loss(net, batch, objective=objective, special=special, obj_cfg=obj, denoms=denoms)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    ce, ce_grad = loss_and_grads("ce")
+    for options in ({"slack_budget": 0, "slack_insertion": "random"}, {"slack_budget": 3, "ctc_max_shift": 0}):
+        ctc, ctc_grad = loss_and_grads("ctc", ctc_canvas="eos", **options)
+        torch.testing.assert_close(ctc, ce, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ctc_grad, ce_grad, rtol=1e-5, atol=1e-6)
+    # with slack slots the lattice sums over every canvas with that many slack tokens, the clean one among
+    # them: its loss is below position-wise CE against that clean canvas (same masks, same weights)
+    for insertion in ("none", "random"):
+        options = dict(ctc_canvas="eos", slack_budget=2, slack_insertion=insertion, slack_rate=0.5)
+        free, _ = loss_and_grads("ctc", **options)
+        fixed, _ = loss_and_grads("ce+ctc", ctc_weight=0.0, **options)
+        assert float(free) < float(fixed)
+
+
+def test_probe_insertion_is_the_shift_probes_canvas(setup, monkeypatch):
+    """``probe``: one slack before a random answer token (rate 1: every row with room), always masked."""
+    cfg, _, hf, special, rows = setup
+    obj = Config.from_dict(dict(TINY, max_length=16, ctc_canvas="eos", slack_budget=2, slack_insertion="probe",
+                                slack_rate=1.0)).objective
+    batch = _batch(rows, special)
+    targets, lengths = O.ctc_targets(batch, special.eos_id, obj)
+    noise = O.draw_noise(batch, 1e-3)
+    clean, inserted = O.clean_ctc_canvas(batch, targets, lengths, noise, slack_id=special.slack_id, insertion="probe",
+                                         rate=1.0, return_inserted=True)
+    for b, r in enumerate(rows):
+        P, A = len(r.prompt_ids), len(r.answer_ids)
+        ids, n = mdlm_ctc.collapse(clean[b, P:], special.slack_id)
+        assert ids[:n].tolist() == targets[b, : lengths[b]].tolist()
+        where = inserted[b].nonzero().flatten().tolist()
+        assert len(where) == (1 if A >= 1 else 0)  # the empty answer has no token to displace
+        if where:
+            k = where[0] - P
+            assert 0 <= k < A and clean[b, where[0]] == special.slack_id
+            assert clean[b, P + k + 1] == r.answer_ids[k]  # the displaced token sits one position right
+    # nothing masked by the forward process: only the probe's positions are free, so the loss is not 0
+    real = O.draw_noise
+
+    def unmasked(batch, eps):
+        noise = real(batch, eps)
+        noise.masked[:] = False
+        return noise
+
+    monkeypatch.setattr(O, "draw_noise", unmasked)
+    net = M.DiffusionLM(hf)
+    denoms = O.denominators(rows, 16)
+    probe, _ = O.compute_loss(net, batch, objective="ctc", special=special, obj_cfg=obj, denoms=denoms)
+    none, _ = O.compute_loss(net, batch, objective="ctc", special=special,
+                             obj_cfg=Config.from_dict(dict(TINY, max_length=16, slack_insertion="none")).objective,
+                             denoms=denoms)
+    assert float(none) == 0.0 and float(probe) > 0.0
+
+
 def test_random_slack_counts_fit_the_room():
     g = torch.Generator().manual_seed(0)
     for room in (0, 1, 3, 10):
@@ -111,11 +203,12 @@ def test_ctc_loss_is_slack_ctc_with_observed_anchors(setup):
     net = M.DiffusionLM(hf)
     batch = _batch(rows, special)
     denoms = O.denominators(rows, 16)
-    loss, stats = O.compute_loss(net, batch, objective="ctc", special=special, obj_cfg=cfg.objective, denoms=denoms)
-    noise = O.draw_noise(batch, cfg.objective.mask_eps)
-    targets, lengths = O.ctc_targets(batch, special.eos_id)
+    obj = Config.from_dict(dict(TINY, max_length=16, slack_insertion="random", slack_rate=0.3)).objective
+    loss, stats = O.compute_loss(net, batch, objective="ctc", special=special, obj_cfg=obj, denoms=denoms)
+    noise = O.draw_noise(batch, obj.mask_eps)
+    targets, lengths = O.ctc_targets(batch, special.eos_id, obj)
     clean = O.clean_ctc_canvas(batch, targets, lengths, noise, slack_id=special.slack_id, insertion="random",
-                               rate=cfg.objective.slack_rate)
+                               rate=obj.slack_rate)
     noisy = torch.where(noise.masked, special.mask_id, clean)
     logits = hf(input_ids=noisy).logits
     expected = 0.0

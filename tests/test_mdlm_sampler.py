@@ -86,6 +86,22 @@ def test_shift_fraction_zero_moves_nothing():
     assert out.canvas == [10, 11, 12, 13] and out.displaced == 0 and out.content_committed == 4
 
 
+def test_sampler_slack_budget_and_eos_fill():
+    slacky = TableModel(2, [3, 3, 3, 3])
+    prompts = torch.tensor([[5, 6]])
+    free = generate_group(slacky, prompts, [torch.Generator()], SPECIAL, _cfg())[0]
+    assert free.canvas == [3, 3, 3, 3]
+    capped = generate_group(slacky, prompts, [torch.Generator()], SPECIAL, _cfg(sample_slack_budget=1))[0]
+    assert capped.canvas.count(3) == 1 and capped.canvas[0] == 3  # then slack is no longer a candidate
+    none = generate_group(slacky, prompts, [torch.Generator()], SPECIAL, _cfg(sample_slack_budget=0))[0]
+    assert 3 not in none.canvas
+    ending = TableModel(2, [10, 1, 12, 13])
+    plain = generate_group(ending, prompts, [torch.Generator()], SPECIAL, _cfg())[0]
+    assert plain.canvas == [10, 1, 12, 13] and plain.tokens == [10]
+    filled = generate_group(ending, prompts, [torch.Generator()], SPECIAL, _cfg(eos_fill=True))[0]
+    assert filled.canvas == [10, 1, 1, 1] and filled.tokens == [10]
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = Config.from_dict({"tiny_hidden_size": 32, "tiny_layers": 2, "tiny_intermediate_size": 64})

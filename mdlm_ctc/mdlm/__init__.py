@@ -9,9 +9,11 @@ Modules, in the order a run uses them:
 * ``objectives``  the forward process and the ``ce`` / ``ctc`` / ``ce+ctc`` losses (design notes inside).
 * ``train``       the loop: accumulation, clipping, schedules, checkpoints, resume, DDP.
 * ``sampler``     LLaDA low-confidence remasking with semi-autoregressive blocks; the shift probe.
-* ``evaluate``    metrics, bootstrap intervals, shift robustness, pairwise win rates.
-* ``report``      Markdown report, PNG plots, the summary table.
-* ``compare``     the main job: CE and CTC from one initialisation, evaluated and reported.
+* ``evaluate``    metrics, bootstrap intervals (over examples, and over fine-tuning seeds and examples),
+                  shift robustness, pairwise win rates.
+* ``report``      Markdown report, PNG plots, the summary table, the paper's claims read from the intervals.
+* ``compare``     the main job: a CE base model, then CE and CTC fine-tuning from it on several seeds.
+* ``ablation``    the CTC design variants, fine-tuned from the same base, chosen on the validation split.
 
 The loop uses only mdlm-ctc's public loss API (``slack_ctc_loss``, ``best_alignment`` and, when the
 package has it, ``linear_slack_ctc_loss``). Heavy imports (transformers, matplotlib) happen inside

@@ -1,34 +1,44 @@
-"""The main job: train CE and CTC from one initialisation, evaluate both, write the report.
+"""The main job: a CE base model, then CE and slack-CTC fine-tuning from it, evaluated like the paper.
 
-``mdlm-ctc compare`` (no arguments) runs the embedded default on CPU:
+``mdlm-ctc compare`` (no arguments) runs the embedded default on CPU, in the order of the paper
+(arXiv 2601.22947: a CE-trained MDLM, fine-tuned with CE or with CTC, matched):
 
 1. data: the embedded synthetic training set and a held-out evaluation set (``<run>/data/``);
 2. tokenizer: trained offline on the training data (``<run>/tokenizer/``);
-3. initial weights: one random tiny bidirectional Llama (``<run>/init/``);
-4. one training run per objective of ``compare_objectives`` (``<run>/<objective>/``), all from those
-   weights with the same data order, masking noise, steps and hyper-parameters;
-5. evaluation of every final model at every shift fraction (``<run>/eval/``);
-6. ``report.md``, ``loss_curves.png``, ``shift_robustness.png``, ``per_task.png``, ``summary.json``, and
-   the summary table on stdout.
+3. the **base model**: the tiny bidirectional Llama trained with LLaDA's masked CE for ``base_steps``
+   from a seeded random initialisation (``<run>/base/``; built once and reused while its settings are
+   unchanged);
+4. **fine-tuning**: every objective of ``compare_objectives`` once per seed of ``finetune_seeds``
+   (``<run>/ft/<objective>/seed<k>/``), all from the base weights; seed k gives every objective the
+   same data order and masking noise, and every hyper-parameter is shared. With ``control`` the CTC
+   objective is also fine-tuned with ``ctc_max_shift=0`` on the first seed (``ctc@ms0``), which on the
+   ``eos`` canvas is CE by construction;
+5. evaluation of the base and of every fine-tuned model at every shift fraction (``<run>/eval/``);
+6. statistics over fine-tuning seeds and examples (``evaluate.compare_seeded``), ``report.md``, the
+   plots, ``summary.json`` and the summary table on stdout.
 
-With ``--config job.yaml`` (a real model and JSONL files) the same steps run a real job. With
-``--resume`` a killed comparison continues: finished runs are skipped and an interrupted one resumes
-from its last checkpoint.
+With ``--config job.yaml`` (a real model and JSONL files) the same steps run a real job; with
+``base_steps 0`` the fine-tunes start from the model itself. With ``--resume`` a killed comparison
+continues: finished runs are skipped and an interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import time
 
 import torch
 
 from .config import Config, copy_config, save_config
-from .evaluate import compare_results, evaluate_model
+from .evaluate import compare_results, compare_seeded, evaluate_model
 from .model import DiffusionLM, load_model_dir, resolve_device
-from .report import summary_table, write_report
-from .train import init_distributed, prepare, read_metrics, train_run
+from .report import seeded_summary_table, write_report
+from .train import DONE_FILE, init_distributed, prepare, read_metrics, train_run
+
+CONTROL = "ctc@ms0"
 
 
 def _write_records(path: str, result: dict) -> None:
@@ -46,22 +56,125 @@ def _strip_records(result: dict) -> dict:
 
 
 def evaluate_runs(cfg: Config, model_dirs: dict[str, str], examples, root: str, log=print) -> tuple[dict, dict]:
-    """Evaluate every model folder; returns (results, pairwise comparison)."""
-    device = resolve_device(cfg.run.device)
-    results = {}
-    os.makedirs(os.path.join(root, "eval"), exist_ok=True)
-    for name, path in model_dirs.items():
-        hf, tokenizer, special = load_model_dir(path, cfg, device)
-        model = DiffusionLM(hf).to(device)
-        results[name] = evaluate_model(model, tokenizer, special, examples, cfg, device=device,
-                                       progress=cfg.run.progress, label=name)
-        _write_records(os.path.join(root, "eval", f"{name.replace('+', '_')}.jsonl"), results[name])
-        s0 = results[name]["fractions"][cfg.shift_fraction_list()[0]]["summary"]["exact"]
-        log(f"[{name}] exact match {s0['mean']:.3f} [{s0['lo']:.3f}, {s0['hi']:.3f}] without shift")
-        del model, hf
+    """Evaluate every model folder; returns (results, pairwise comparison). Used by ``mdlm-ctc eval``."""
+    results = {name: evaluate_folder(cfg, path, examples, root, name, log) for name, path in model_dirs.items()}
     return results, compare_results(results, cfg)
 
 
+def evaluate_folder(cfg: Config, path: str, examples, root: str, name: str, log=print) -> dict:
+    """Sample one model folder at every shift fraction; per-example records go to ``<root>/eval/``."""
+    device = resolve_device(cfg.run.device)
+    os.makedirs(os.path.join(root, "eval"), exist_ok=True)
+    hf, tokenizer, special = load_model_dir(path, cfg, device)
+    model = DiffusionLM(hf).to(device)
+    result = evaluate_model(model, tokenizer, special, examples, cfg, device=device, progress=cfg.run.progress,
+                            label=name)
+    _write_records(os.path.join(root, "eval", f"{_file_label(name)}.jsonl"), result)
+    s0 = result["fractions"][cfg.shift_fraction_list()[0]]["summary"]["exact"]
+    log(f"[{name}] exact match {s0['mean']:.3f} [{s0['lo']:.3f}, {s0['hi']:.3f}] without shift")
+    return result
+
+
+def _file_label(name: str) -> str:
+    return name.replace("+", "_").replace("@", "_").replace("/", "-")
+
+
+# ------------------------------------------------------------------------------ the stages
+def base_config(cfg: Config) -> Config:
+    """The configuration of the base model's CE pre-training."""
+    b = copy_config(cfg)
+    b.objective.objective = "ce"
+    b.train.steps = cfg.compare.base_steps
+    b.train.lr = cfg.compare.base_lr
+    b.train.warmup_steps = cfg.compare.base_warmup_steps
+    b.train.init_from = None
+    return b
+
+
+_NOT_TRAINING = {
+    "run": ("name", "output_dir", "progress", "threads"),
+    "data": ("eval_file", "val_file", "synthetic_eval_size", "synthetic_val_size"),
+    "train": ("resume", "log_every", "checkpoint_every", "keep_checkpoints"),
+    "objective": ("compare_objectives",),
+}
+_CTC_ONLY = ("ctc_weight", "slack_insertion", "slack_rate", "ctc_max_shift", "ctc_canvas", "slack_budget",
+             "slack_budget_ratio")
+
+
+def _settings(cfg: Config) -> dict:
+    """What determines a trained model: not where it is written, how progress is shown, which examples are
+    evaluated, nor (for CE) the CTC options."""
+    d = cfg.to_dict()
+    for section, names in _NOT_TRAINING.items():
+        d[section] = {k: v for k, v in d[section].items() if k not in names}
+    if cfg.objective.objective == "ce":
+        d["objective"] = {k: v for k, v in d["objective"].items() if k not in _CTC_ONLY}
+    for section in ("sample", "eval", "compare"):
+        d.pop(section)
+    return d
+
+
+def train_once(cfg: Config, prepared, run_dir: str, objective: str, log=print) -> dict:
+    """Train ``objective`` into ``run_dir``, or reuse a finished run there with the same settings.
+
+    A finished run whose settings differ is trained again from scratch; an unfinished one resumes
+    from its last checkpoint when ``resume`` is set.
+    """
+    settings_path = os.path.join(run_dir, "settings.json")
+    settings = _settings(cfg)
+    if os.path.exists(os.path.join(run_dir, DONE_FILE)):
+        same = False
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                same = json.load(f) == json.loads(json.dumps(settings))
+        if same:
+            with open(os.path.join(run_dir, DONE_FILE)) as f:
+                summary = json.load(f)
+            log(f"[{objective}] reusing {run_dir} ({summary['steps']} steps, same settings)")
+            return summary
+        log(f"[{objective}] {run_dir} was trained with other settings; training it again")
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = f"{settings_path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(tmp, settings_path)
+    run_cfg = copy_config(cfg)
+    run_cfg.train.resume = cfg.train.resume or os.path.isdir(os.path.join(run_dir, "checkpoints"))
+    return train_run(run_cfg, prepared, run_dir, objective=objective, log=log)
+
+
+def finetune_plan(cfg: Config) -> list[tuple[str, str, int, dict]]:
+    """(label, objective, seed, objective overrides) of every fine-tuning run, in training order."""
+    plan = []
+    seeds = cfg.finetune_seed_list()
+    for seed in seeds:
+        for objective in cfg.compare_objective_list():
+            plan.append((objective, objective, seed, {}))
+    if cfg.compare.control and "ctc" in cfg.compare_objective_list():
+        plan.append((CONTROL, "ctc", seeds[0], {"ctc_max_shift": 0}))
+    return plan
+
+
+def finetune_config(cfg: Config, objective: str, seed: int, overrides: dict, source: str) -> Config:
+    run_cfg = copy_config(cfg)
+    run_cfg.run.seed = seed
+    run_cfg.objective.objective = objective
+    run_cfg.objective = dataclasses.replace(run_cfg.objective, **overrides)
+    run_cfg.train.init_from = source
+    return run_cfg.validate()
+
+
+def build_base(cfg: Config, prepared, root: str, log=print) -> tuple[str, dict | None]:
+    """Train (or reuse) the base model; returns (its folder, its training summary or None)."""
+    if cfg.compare.base_steps == 0:
+        return prepared.init_source, None
+    base_dir = os.path.join(root, "base")
+    summary = train_once(base_config(cfg), prepared, base_dir, "ce", log=log)
+    return os.path.join(base_dir, "final"), summary
+
+
+# ------------------------------------------------------------------------------ the job
 def run_compare(cfg: Config, log=print) -> dict:
     """Run the whole comparison; returns the summary (also in ``<run>/summary.json``)."""
     t0 = time.time()
@@ -79,55 +192,82 @@ def run_compare(cfg: Config, log=print) -> dict:
     prepared = prepare(cfg, root, log=log)
     timings["prepare_s"] = time.time() - t0
 
-    summaries, metrics, model_dirs = {}, {}, {}
-    for objective in cfg.compare_objective_list():
-        t1 = time.time()
-        run_cfg = copy_config(cfg)
-        run_cfg.objective.objective = objective
-        run_dir = os.path.join(root, objective)
-        summaries[objective] = train_run(run_cfg, prepared, run_dir, objective=objective, log=log)
-        metrics[objective] = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-        model_dirs[objective] = os.path.join(run_dir, "final")
-        timings[f"train_{objective}_s"] = time.time() - t1
+    t1 = time.time()
+    source, base_summary = build_base(cfg, prepared, root, log=log)
+    timings["base_s"] = time.time() - t1
+    ft_prepared = dataclasses.replace(prepared, init_source=source)
+
+    t1 = time.time()
+    train_summaries, metrics, model_dirs = {}, {}, {}
+    for label, objective, seed, overrides in finetune_plan(cfg):
+        run_cfg = finetune_config(cfg, objective, seed, overrides, source)
+        run_dir = os.path.join(root, "ft", _file_label(label), f"seed{seed}")
+        summary = train_once(run_cfg, ft_prepared, run_dir, objective, log=log)
+        train_summaries.setdefault(label, {})[seed] = summary
+        metrics.setdefault(label, {})[seed] = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        model_dirs.setdefault(label, {})[seed] = os.path.join(run_dir, "final")
+    timings["finetune_s"] = time.time() - t1
 
     t2 = time.time()
     examples = prepared.eval_examples
     if cfg.eval.max_eval_examples:
         examples = examples[: cfg.eval.max_eval_examples]
-    results, comparison = evaluate_runs(cfg, model_dirs, examples, root, log=log)
+    results = {}
+    if base_summary is not None:
+        results["base"] = {cfg.run.seed: evaluate_folder(cfg, source, examples, root, "base", log)}
+    for label, by_seed in model_dirs.items():
+        results[label] = {seed: evaluate_folder(cfg, path, examples, root, f"{label}/seed{seed}", log)
+                          for seed, path in by_seed.items()}
+    fractions = cfg.shift_fraction_list()
+    baseline = cfg.compare_objective_list()[0]
+    stats = compare_seeded(results, fractions, baseline, samples=cfg.eval.bootstrap_samples,
+                           confidence=cfg.eval.confidence, seed=cfg.run.seed)
     timings["eval_s"] = time.time() - t2
 
     t3 = time.time()
-    hf_params = None
-    init_dir = prepared.init_source
-    if os.path.isdir(init_dir) and os.path.exists(os.path.join(init_dir, "model.safetensors")):
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(init_dir, "model.safetensors"), "pt") as f:
-            hf_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
     info = dict(prepared.info, vocab_size=len(prepared.tokenizer), eval_used=len(examples),
-                parameters=hf_params if hf_params is not None else "?")
+                parameters=_parameters(source))
+    ablation = _read_ablation(root)
     timings["total_s"] = time.time() - t0
-    report_path = write_report(root, cfg, results=results, comparison=comparison, train_summaries=summaries,
-                               metrics=metrics, info=info, timings={k: v for k, v in timings.items()})
+    report_path = write_report(root, cfg, results=results, stats=stats, train_summaries=train_summaries,
+                               base_summary=base_summary, metrics=metrics, info=info, timings=dict(timings),
+                               ablation=ablation)
     timings["report_s"] = time.time() - t3
     timings["total_s"] = time.time() - t0
-    fractions = cfg.shift_fraction_list()
     summary = {
         "run_dir": root, "report": report_path, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "train": summaries, "info": info,
-        "results": {name: _strip_records(res) for name, res in results.items()},
-        "comparison": _jsonable(comparison), "config": cfg.to_dict(),
+        "base": base_summary, "train": _jsonable(train_summaries), "info": info,
+        "results": {label: {str(seed): _strip_records(res) for seed, res in by_seed.items()}
+                    for label, by_seed in results.items()},
+        "stats": _jsonable(stats), "config": cfg.to_dict(),
     }
     tmp = os.path.join(root, f"summary.json.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(tmp, os.path.join(root, "summary.json"))
-    table = summary_table(results, comparison, fractions)
+    table = seeded_summary_table(stats)
     log("\n" + table)
     log(f"\nreport: {report_path}   (total {timings['total_s']:.0f} s)")
     summary["table"] = table
     return summary
+
+
+def _parameters(folder: str):
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(path):
+        return "?"
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _read_ablation(root: str) -> dict | None:
+    path = os.path.join(root, "ablation", "ablation.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _numel(shape) -> int:

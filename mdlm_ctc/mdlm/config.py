@@ -75,6 +75,8 @@ class DataConfig:
                                      "per line; default: the embedded synthetic data")
     eval_file: Optional[str] = _opt(None, "evaluation JSONL (same formats); default: embedded synthetic "
                                     "(held out: no prompt seen in training)")
+    val_file: Optional[str] = _opt(None, "validation JSONL (same formats) on which `ablate` chooses settings; "
+                                   "default: embedded synthetic (held out from training and evaluation)")
     skip_bad: bool = _opt(False, "skip malformed JSONL lines (and count them) instead of stopping with the "
                           "line number")
     wrap_chat: bool = _opt(False, "wrap {prompt, response} pairs in the tokenizer's chat template (as a "
@@ -88,6 +90,8 @@ class DataConfig:
                          "'error'", ("drop", "error"))
     synthetic_train_size: int = _opt(20000, "embedded data: training examples")
     synthetic_eval_size: int = _opt(300, "embedded data: evaluation examples")
+    synthetic_val_size: int = _opt(300, "embedded data: validation examples (held out from training and "
+                                   "evaluation; `ablate` chooses settings on them)")
     synthetic_tasks: str = _opt("copy,reverse,expand,insert,dedup", "embedded data: comma-separated tasks "
                                 "(copy, reverse, expand = numbers with runs of equal digits, insert = insert "
                                 "then copy, dedup = variable-length answers)")
@@ -108,13 +112,22 @@ class ObjectiveConfig:
                               "then / batch: LLaDA), 'token' (/ canvas positions in the batch) or 'batch' "
                               "(/ rows)", ("sequence", "token", "batch"))
     slack_insertion: str = _opt("random", "CTC clean canvas: 'random' (slack before each target token, "
-                                "geometric with slack_rate), 'best' (the model's Viterbi alignment on the "
-                                "fully masked canvas) or 'none' (answer, EOS, then slack)",
-                                ("random", "best", "none"))
+                                "geometric with slack_rate), 'probe' (with probability slack_rate per row, one "
+                                "slack before a random answer token, that position masked: the shift probe's "
+                                "canvas), 'best' (the model's Viterbi alignment on the fully masked canvas) or "
+                                "'none' (the target, then slack)", ("random", "probe", "best", "none"))
     slack_rate: float = _opt(0.1, "slack_insertion=random: parameter of the geometric number of slack tokens "
-                             "before each target token (mean rate / (1 - rate)); in [0, 1)")
+                             "before each target token (mean rate / (1 - rate)), in [0, 1); probe: probability "
+                             "per row, in [0, 1]")
     ctc_max_shift: Optional[int] = _opt(None, "CTC lattice: at most this many slack tokens before any target "
                                         "token (0 = position-wise); default: unrestricted")
+    ctc_canvas: str = _opt("eos", "CTC canvas: 'eos' (LLaDA's canvas: the target is the answer and its EOS "
+                           "padding less slack_budget EOS, so every canvas holds exactly that many slack tokens, "
+                           "anywhere) or 'slack' (the answer and one EOS, padded with slack)", ("eos", "slack"))
+    slack_budget: int = _opt(2, "ctc_canvas=eos: slack tokens per canvas (bound by ctc_max_shift and by the room "
+                             "after the answer and one EOS); 0 with ctc_canvas=eos is exactly CE")
+    slack_budget_ratio: float = _opt(0.0, "ctc_canvas=eos: extra slack tokens per answer token (ceil(ratio * "
+                                     "answer length) added to slack_budget)")
 
 
 @dataclass
@@ -155,11 +168,15 @@ class SampleConfig:
                                  "by one position (the positional-shift probe); in [0, 1]")
     shift_direction: str = _opt("right", "sampler: direction of a displacement", ("right", "left", "random"))
     sample_batch_size: int = _opt(64, "sampler: rows per forward pass")
+    sample_slack_budget: int = _opt(-1, "sampler: at most this many <slack> tokens committed per canvas (then slack "
+                                    "is no longer a candidate); -1 = no limit")
+    eos_fill: bool = _opt(False, "sampler: once an EOS is committed, commit EOS at every later masked position (the "
+                          "tail of LLaDA's canvas)")
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: Optional[str] = _opt(None, "`eval`/`sample`: model folder to load (e.g. runs/default/ctc/final)")
+    checkpoint: Optional[str] = _opt(None, "`eval`/`sample`: model folder to load (e.g. runs/default/ft/ctc/seed1/final)")
     baseline: Optional[str] = _opt(None, "`eval`: a second model folder; pairwise win rates are reported "
                                    "against it")
     max_eval_examples: int = _opt(0, "evaluate at most this many examples; 0 = all")
@@ -171,6 +188,21 @@ class EvalConfig:
     show_canvas: bool = _opt(False, "`sample`: also print the raw canvas (slack, EOS)")
 
 
+@dataclass
+class CompareConfig:
+    base_steps: int = _opt(1500, "`compare`/`ablate`: CE pre-training steps of the base model that every fine-tune "
+                           "starts from (built once in <run>/base and reused while its settings are unchanged); "
+                           "0 fine-tunes the initial weights directly")
+    base_lr: float = _opt(2e-3, "peak learning rate of the base model's CE pre-training")
+    base_warmup_steps: int = _opt(100, "warmup steps of the base model's CE pre-training")
+    finetune_seeds: str = _opt("0,1,2", "`compare`/`ablate`: seeds of the fine-tuning stage (data order, masking "
+                               "noise); every objective is fine-tuned once per seed from the same base")
+    control: bool = _opt(True, "`compare`: also fine-tune the CTC control with ctc_max_shift=0 (equal to CE by "
+                         "construction on the eos canvas) on the first seed")
+    variants: str = _opt("all", "`ablate`: comma-separated variant names, or 'all' (the list is in "
+                         "mdlm_ctc/mdlm/ablation.py)")
+
+
 SECTIONS = {
     "run": RunConfig,
     "model": ModelConfig,
@@ -179,6 +211,7 @@ SECTIONS = {
     "train": TrainConfig,
     "sample": SampleConfig,
     "eval": EvalConfig,
+    "compare": CompareConfig,
 }
 
 
@@ -191,6 +224,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     # ---------------------------------------------------------------- conversion
     def to_dict(self) -> dict:
@@ -232,6 +266,9 @@ class Config:
 
     def compare_objective_list(self) -> list[str]:
         return [s.strip() for s in self.objective.compare_objectives.split(",") if s.strip()]
+
+    def finetune_seed_list(self) -> list[int]:
+        return _int_list(self.compare.finetune_seeds, "finetune_seeds")
 
     def synthetic_task_list(self) -> list[str]:
         return [s.strip() for s in self.data.synthetic_tasks.split(",") if s.strip()]
@@ -346,6 +383,16 @@ def _float_list(text: str, name: str) -> list[float]:
     return values
 
 
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"`{name}` must be comma-separated integers; got {text!r}") from None
+    if not values or len(set(values)) != len(values) or min(values) < 0:
+        raise ValueError(f"`{name}` must list distinct integers >= 0; got {text!r}")
+    return values
+
+
 # ------------------------------------------------------------------------------ validation
 def _need(ok: bool, name: str, value, requirement: str):
     if not ok:
@@ -390,7 +437,7 @@ def validate(cfg: Config) -> None:
     tasks = cfg.synthetic_task_list()
     _need(bool(tasks) and all(x in SYNTHETIC_TASKS for x in tasks), "synthetic_tasks", d.synthetic_tasks,
           f"a comma-separated subset of {', '.join(SYNTHETIC_TASKS)}")
-    for path_name in ("train_file", "eval_file"):
+    for path_name in ("train_file", "eval_file", "val_file"):
         path = getattr(d, path_name)
         _need(path is None or os.path.isfile(path), path_name, path, "an existing file")
     objs = cfg.compare_objective_list()
@@ -398,8 +445,13 @@ def validate(cfg: Config) -> None:
           "compare_objectives", o.compare_objectives, f"distinct comma-separated objectives among {OBJECTIVES}")
     _need(0.0 <= o.ctc_weight <= 1.0, "ctc_weight", o.ctc_weight, "in [0, 1]")
     _need(0.0 <= o.mask_eps < 1.0, "mask_eps", o.mask_eps, "in [0, 1)")
-    _need(0.0 <= o.slack_rate < 1.0, "slack_rate", o.slack_rate, "in [0, 1)")
+    if o.slack_insertion == "probe":
+        _need(0.0 <= o.slack_rate <= 1.0, "slack_rate", o.slack_rate, "in [0, 1] (probe: a probability per row)")
+    else:
+        _need(0.0 <= o.slack_rate < 1.0, "slack_rate", o.slack_rate, "in [0, 1)")
     _need(o.ctc_max_shift is None or o.ctc_max_shift >= 0, "ctc_max_shift", o.ctc_max_shift, ">= 0 or None")
+    _need(o.slack_budget >= 0, "slack_budget", o.slack_budget, ">= 0")
+    _need(o.slack_budget_ratio >= 0, "slack_budget_ratio", o.slack_budget_ratio, ">= 0")
     _need(t.steps >= 1, "steps", t.steps, ">= 1")
     _need(t.batch_size >= 1, "batch_size", t.batch_size, ">= 1")
     _need(t.micro_batch_size >= 0, "micro_batch_size", t.micro_batch_size, ">= 0")
@@ -424,12 +476,19 @@ def validate(cfg: Config) -> None:
     _need(s.temperature >= 0, "temperature", s.temperature, ">= 0")
     _need(0.0 <= s.shift_fraction <= 1.0, "shift_fraction", s.shift_fraction, "in [0, 1]")
     _need(s.sample_batch_size >= 1, "sample_batch_size", s.sample_batch_size, ">= 1")
+    _need(s.sample_slack_budget >= -1, "sample_slack_budget", s.sample_slack_budget, ">= -1")
     _need(e.max_eval_examples >= 0, "max_eval_examples", e.max_eval_examples, ">= 0")
     fractions = cfg.shift_fraction_list()
     _need(all(0.0 <= x <= 1.0 for x in fractions), "shift_fractions", e.shift_fractions, "numbers in [0, 1]")
     _need(e.bootstrap_samples >= 10, "bootstrap_samples", e.bootstrap_samples, ">= 10")
     _need(0.5 <= e.confidence < 1.0, "confidence", e.confidence, "in [0.5, 1)")
     _need(e.num_samples >= 1, "num_samples", e.num_samples, ">= 1")
+    c = cfg.compare
+    _need(c.base_steps >= 0, "base_steps", c.base_steps, ">= 0")
+    _need(c.base_lr > 0, "base_lr", c.base_lr, "> 0")
+    _need(c.base_warmup_steps >= 0, "base_warmup_steps", c.base_warmup_steps, ">= 0")
+    cfg.finetune_seed_list()
+    _need(d.synthetic_val_size >= 1, "synthetic_val_size", d.synthetic_val_size, ">= 1")
 
 
 # ------------------------------------------------------------------------------ command-line flags

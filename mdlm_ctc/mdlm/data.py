@@ -221,6 +221,21 @@ def embedded_datasets(cfg) -> tuple[list[Example], list[Example]]:
     return train, held_out
 
 
+def load_validation(cfg, train: list[Example], evals: list[Example]) -> tuple[list[Example], str]:
+    """The validation split (``val_file``, or embedded examples whose prompts are in neither the training
+    nor the evaluation set) and a description of its source."""
+    d = cfg.data
+    if d.val_file is not None:
+        return read_jsonl(d.val_file, d.skip_bad)[0], d.val_file
+    if d.train_file is not None:
+        raise ValueError("`val_file` is required with a `train_file` (settings are chosen on a validation split, "
+                         "never on the evaluation set)")
+    exclude = {ex.prompt for ex in train} | {ex.prompt for ex in evals}
+    val = synthetic_dataset(d.synthetic_val_size, cfg.run.seed * 2 + 13, cfg.synthetic_task_list(), d.synthetic_min_len,
+                            d.synthetic_max_len, d.synthetic_alphabet, exclude_prompts=exclude, unique=True)
+    return val, "embedded synthetic (held out from training and evaluation)"
+
+
 def load_datasets(cfg, need_train: bool = True) -> tuple[list[Example], list[Example], dict]:
     """(train, eval, info) from the configured files or the embedded generator."""
     d = cfg.data

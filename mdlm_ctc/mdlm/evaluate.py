@@ -180,3 +180,90 @@ def compare_results(results: dict[str, dict], cfg) -> dict:
                     [x0["exact"] - x["exact"] for x0, x in zip(a0, a)], s, c, seed)
         out["pairs"][name] = pair
     return out
+
+
+# ------------------------------------------------------------------------------ across training seeds
+METRICS = ("exact", "edit", "length_error", "slack_rate", "no_eos", "extra_repeats")
+
+
+def crossed_bootstrap(values, samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Mean of ``values[s, n]`` (training seed s, evaluation example n) with a two-way bootstrap interval.
+
+    Each resample draws the training seeds with replacement and, independently, the evaluation
+    examples with replacement (seeds and examples are crossed: every seed's model answers every
+    example), and takes the mean of the resampled ``[S, N]`` block; the interval is the percentile
+    interval of those means. It includes both sources of variance: which models training produced
+    and which examples were asked. With one seed it is the ordinary example bootstrap.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 1:
+        v = v[None, :]
+    S, N = v.shape
+    if N == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0, "seeds": S, "seed_means": []}
+    rng = np.random.RandomState(seed)
+    si = rng.randint(0, S, size=(samples, S))
+    ei = rng.randint(0, N, size=(samples, N))
+    means = v[si[:, :, None], ei[:, None, :]].mean(axis=(1, 2))
+    alpha = (1 - confidence) / 2
+    return {"mean": float(v.mean()), "lo": float(np.quantile(means, alpha)), "hi": float(np.quantile(means, 1 - alpha)),
+            "n": int(N), "seeds": int(S), "seed_means": [float(x) for x in v.mean(axis=1)]}
+
+
+def _grid(runs: list[dict], rho: float, key: str) -> np.ndarray:
+    """``[S, N]`` array of one per-example metric over the seeds of one model family."""
+    return np.asarray([[r[key] for r in run["fractions"][rho]["records"]] for run in runs], dtype=np.float64)
+
+
+def compare_seeded(results: dict[str, dict], fractions: list[float], baseline: str, *, samples: int = 1000,
+                   confidence: float = 0.95, seed: int = 0) -> dict:
+    """Statistics of model families over training seeds and examples (:func:`crossed_bootstrap`).
+
+    ``results[label]`` maps a training seed to that model's :func:`evaluate_model` output; every
+    family answers the same examples. For each family: every metric at every shift fraction, and the
+    exact-match drop from the first fraction. For each family against ``baseline``, on the seeds both
+    have (seed s of one is paired with seed s of the other: same data order and masking noise): the
+    exact-match difference, the pairwise win rate and the difference of drops (baseline's minus this
+    family's: > 0 means this family loses less accuracy under the shift).
+    """
+    kw = dict(samples=samples, confidence=confidence, seed=seed)
+    rho0 = fractions[0]
+    out = {"baseline": baseline, "fractions": fractions, "families": {}, "pairs": {}}
+    for label, by_seed in results.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        fam = {"seeds": sorted(by_seed), "metrics": {}, "drop": {}, "per_task_exact": {}}
+        for rho in fractions:
+            fam["metrics"][rho] = {key: crossed_bootstrap(_grid(runs, rho, key), **kw) for key in METRICS}
+            records = runs[0]["fractions"][rho]["records"]
+            tasks = sorted({r["task"] for r in records if r["task"] is not None})
+            exact = _grid(runs, rho, "exact")
+            fam["per_task_exact"][rho] = {
+                t: crossed_bootstrap(exact[:, [i for i, r in enumerate(records) if r["task"] == t]], **kw) for t in tasks}
+            committed = sum(r["content_committed"] for run in runs for r in run["fractions"][rho]["records"])
+            moved = sum(r["displaced"] for run in runs for r in run["fractions"][rho]["records"])
+            fam["metrics"][rho]["displaced_fraction"] = moved / max(committed, 1)
+        for rho in fractions[1:]:
+            fam["drop"][rho] = crossed_bootstrap(_grid(runs, rho0, "exact") - _grid(runs, rho, "exact"), **kw)
+        out["families"][label] = fam
+    base = results[baseline]
+    for label, by_seed in results.items():
+        if label == baseline:
+            continue
+        common = sorted(set(by_seed) & set(base))
+        if not common:
+            continue
+        mine, theirs = [by_seed[s] for s in common], [base[s] for s in common]
+        pair = {"seeds": common}
+        for rho in fractions:
+            a, b = _grid(mine, rho, "exact"), _grid(theirs, rho, "exact")
+            outcomes = np.asarray([pairwise_outcomes(x["fractions"][rho]["records"], y["fractions"][rho]["records"])
+                                   for x, y in zip(mine, theirs)])
+            entry = {"exact_diff": crossed_bootstrap(a - b, **kw), "win_rate": crossed_bootstrap(outcomes, **kw)}
+            entry["win_rate"].update(wins=int((outcomes == 1).sum()), losses=int((outcomes == 0).sum()),
+                                     ties=int((outcomes == 0.5).sum()))
+            if rho != rho0:
+                a0, b0 = _grid(mine, rho0, "exact"), _grid(theirs, rho0, "exact")
+                entry["drop_diff"] = crossed_bootstrap((b0 - b) - (a0 - a), **kw)
+            pair[rho] = entry
+        out["pairs"][label] = pair
+    return out

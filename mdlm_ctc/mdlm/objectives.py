@@ -22,6 +22,9 @@ by one EOS (``U_b = A_b + 1``). The *clean canvas* is that target with ``<slack>
   alignment noise, paper.md §1.5 reading (b));
 * ``best``: the model's own Viterbi alignment (``mdlm_ctc.best_alignment``) computed without gradient
   on the fully masked canvas (hard-EM; costs one extra forward pass per step);
+* ``probe``: with probability ``slack_rate`` per row, one slack token before a uniformly chosen answer
+  token, and that position always masked: the canvas the sampler's shift probe produces (a token
+  displaced one position right, its old position masked again);
 * ``none``: the answer, EOS, then slack (paper.md §1.5 reading (a)).
 
 The canvas is masked as above. Masked positions are *free* (``observed = -1``); every unmasked canvas
@@ -140,8 +143,33 @@ def draw_noise(batch: Batch, eps: float) -> Noise:
 
 
 # ------------------------------------------------------------------------------ CTC canvas
-def ctc_targets(batch: Batch, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets ``[B, U_max]`` (answer + one EOS, padded with EOS) and their lengths."""
+def slack_budgets(batch: Batch, obj_cfg) -> torch.Tensor:
+    """Slack slots ``m_b`` of every row on the ``eos`` canvas ``[B]``.
+
+    ``slack_budget + ceil(slack_budget_ratio * A_b)``, bound by ``ctc_max_shift`` (at most that many
+    slack tokens can precede a target token, and on this canvas every slack token precedes an EOS of
+    the target or the end) and by the room ``T_b - A_b - 1`` (the answer and one EOS always fit).
+    """
+    answer = batch.answer_lengths
+    budget = obj_cfg.slack_budget + torch.ceil(obj_cfg.slack_budget_ratio * answer.double()).long()
+    if obj_cfg.ctc_max_shift is not None:
+        budget = budget.clamp(max=obj_cfg.ctc_max_shift)
+    return torch.minimum(budget, (batch.canvas_lengths - answer - 1).clamp_min(0))
+
+
+def ctc_targets(batch: Batch, eos_id: int, obj_cfg=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets ``[B, U_max]`` and their lengths, for the configured CTC canvas.
+
+    ``slack`` canvas: the answer and one EOS (padded with EOS). ``eos`` canvas: the first
+    ``T_b - m_b`` positions of LLaDA's canvas (the answer, then EOS padding), so that every admissible
+    canvas holds exactly ``m_b`` slack tokens (:func:`slack_budgets`).
+    """
+    if obj_cfg is not None and obj_cfg.ctc_canvas == "eos":
+        lengths = batch.canvas_lengths - slack_budgets(batch, obj_cfg)
+        U = int(lengths.max())
+        idx = batch.prompt_lengths[:, None] + torch.arange(U, device=batch.input_ids.device)[None, :]
+        targets = batch.input_ids.gather(1, idx.clamp(max=batch.input_ids.shape[1] - 1))
+        return targets, lengths
     B, L = batch.input_ids.shape
     lengths = batch.answer_lengths + 1
     U = int(lengths.max())
@@ -162,12 +190,29 @@ def random_slack_counts(target_length: int, room: int, rate: float, generator) -
     return torch.minimum(k, (room - before).clamp_min(0))
 
 
+def probe_slack_counts(target_length: int, answer_length: int, room: int, rate: float, generator) -> torch.Tensor:
+    """``probe`` insertion: with probability ``rate`` one slack token before a uniformly chosen answer token."""
+    counts = torch.zeros(target_length, dtype=torch.long)
+    hit = float(torch.rand((), generator=generator, dtype=torch.float64)) < rate
+    k = int(torch.randint(max(answer_length, 1), (), generator=generator))
+    if hit and room >= 1 and answer_length >= 1:
+        counts[k] = 1
+    return counts
+
+
 def clean_ctc_canvas(batch: Batch, targets: torch.Tensor, target_lengths: torch.Tensor, noise: Noise, *,
-                     slack_id: int, insertion: str, rate: float, alignment: torch.Tensor | None = None) -> torch.Tensor:
-    """The clean sequence ``[B, L]``: prompt, then the target with slack inserted, padded with slack."""
+                     slack_id: int, insertion: str, rate: float, alignment: torch.Tensor | None = None,
+                     return_inserted: bool = False):
+    """The clean sequence ``[B, L]``: prompt, then the target with slack inserted, padded with slack.
+
+    With ``return_inserted`` also returns a ``[B, L]`` bool mask of the slack tokens inserted before a
+    target token (not the trailing ones).
+    """
     B, L = batch.input_ids.shape
     out = batch.input_ids.clone()
+    inserted = torch.zeros(B, L, dtype=torch.bool)
     tgt, tlen, plen = targets.cpu(), target_lengths.cpu(), batch.prompt_lengths.cpu()
+    alen = batch.answer_lengths.cpu()
     for b in range(B):
         P, U = int(plen[b]), int(tlen[b])
         T = L - P
@@ -175,11 +220,16 @@ def clean_ctc_canvas(batch: Batch, targets: torch.Tensor, target_lengths: torch.
         if insertion == "best":
             canvas = alignment[b, :T].cpu()
         else:
-            counts = random_slack_counts(U, T - U, rate if insertion == "random" else 0.0, noise.generators[b])
+            if insertion == "probe":
+                counts = probe_slack_counts(U, int(alen[b]), T - U, rate, noise.generators[b])
+            else:
+                counts = random_slack_counts(U, T - U, rate if insertion == "random" else 0.0, noise.generators[b])
             positions = torch.arange(U) + torch.cumsum(counts, 0)
             canvas[positions] = tgt[b, :U]
+            if U:
+                inserted[b, P: P + int(positions[-1])] = canvas[: int(positions[-1])] == slack_id
         out[b, P:] = canvas.to(out.device)
-    return out
+    return (out, inserted.to(out.device)) if return_inserted else out
 
 
 # ------------------------------------------------------------------------------ the loss switch
@@ -263,13 +313,16 @@ def compute_loss(model, batch: Batch, *, objective: str, special, obj_cfg, denom
         stats["ce"] = loss.detach()
         return loss, stats
 
-    targets, target_lengths = ctc_targets(batch, special.eos_id)
+    targets, target_lengths = ctc_targets(batch, special.eos_id, obj_cfg)
     alignment = None
     if obj_cfg.slack_insertion == "best":
         alignment = best_canvas_alignment(align_model or model, batch, targets, target_lengths, special,
                                           obj_cfg.ctc_max_shift, head)
-    clean = clean_ctc_canvas(batch, targets, target_lengths, noise, slack_id=special.slack_id,
-                             insertion=obj_cfg.slack_insertion, rate=obj_cfg.slack_rate, alignment=alignment)
+    clean, inserted = clean_ctc_canvas(batch, targets, target_lengths, noise, slack_id=special.slack_id,
+                                       insertion=obj_cfg.slack_insertion, rate=obj_cfg.slack_rate,
+                                       alignment=alignment, return_inserted=True)
+    if obj_cfg.slack_insertion == "probe":
+        masked = masked | inserted  # the probe re-masks the position a token was displaced from
     noisy = torch.where(masked, torch.full_like(clean, special.mask_id), clean)
     out = model(noisy, want=want)
     T = int(canvas_lengths.max())

@@ -23,6 +23,12 @@ reported. If a displacement re-opens a position of a block whose last step has p
 with the next block (LLaDA lets earlier masked positions compete anyway), and a final step commits
 anything still masked, without displacement.
 
+**Constraints matching the CTC lattice** (off by default; the same for every model). With
+``sample_slack_budget = m >= 0`` a row that has committed ``m`` slack tokens no longer considers slack
+(the ``eos`` canvas of training holds exactly ``m``). With ``eos_fill``, committing an EOS commits EOS
+at every later masked position at once (LLaDA's canvas ends in EOS padding); those positions count as
+committed, so the block's remaining steps have fewer tokens to place.
+
 **Determinism.** Every row has its own generator seeded by the caller (an example's seed), used for the
 Gumbel noise, random remasking and the shift draws, so seeded sampling is reproducible.
 """
@@ -90,6 +96,9 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
         mask_index = x == mask_id
         logits = _logits(model, x)
         logits[..., mask_id] = float("-inf")
+        if cfg.sample_slack_budget >= 0:
+            spent = (x[:, P:] == slack_id).sum(1) >= cfg.sample_slack_budget
+            logits[spent, :, slack_id] = float("-inf")
         if cfg.temperature > 0:
             u = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64) for g in generators])
             gumbel = -torch.log((-torch.log(u.clamp_min(1e-300))).clamp_min(1e-300))
@@ -113,6 +122,14 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
                 _shift_row(b, sorted(chosen.tolist()))
             elif allow_shift:
                 content[b] += sum(1 for i in chosen.tolist() if int(x[b, i]) not in (slack_id, eos_id))
+            if cfg.eos_fill:
+                _fill_after_eos(b)
+
+    def _fill_after_eos(b: int):
+        eos = (x[b, P:] == eos_id).nonzero()
+        if len(eos):
+            tail = x[b, P + int(eos[0]) + 1:]
+            tail[tail == mask_id] = eos_id
 
     def _shift_row(b: int, chosen: list[int]):
         g = generators[b]
