@@ -131,8 +131,8 @@ def test_ablation_variants_are_valid_settings():
         if v.reuses:  # an evaluation-only row trains exactly like the row it reuses
             assert (A.VARIANTS[v.reuses].objective, A.VARIANTS[v.reuses].overrides) == (v.objective, v.overrides)
     assert A.variant_names(Config.from_dict({"variants": "eos-b2"})) == ["ce", "eos-b2"]
-    assert A.variant_names(Config.from_dict({"variants": "eos-b2-shift10+budget"})) == [
-        "ce", "eos-b2-shift10", "eos-b2-shift10+budget"]
+    assert A.variant_names(Config.from_dict({"variants": "eos-b2-probe30+budget"})) == [
+        "ce", "eos-b2-probe30", "eos-b2-probe30+budget"]
     with pytest.raises(ValueError, match="variants"):
         A.variant_names(Config.from_dict({"variants": "nope"}))
 

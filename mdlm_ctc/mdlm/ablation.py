@@ -33,6 +33,7 @@ class Variant:
 
 
 _SHIFT10 = {"ctc_canvas": "eos", "slack_budget": 2, "slack_insertion": "random", "slack_rate": 0.1}
+_PROBE30 = {"ctc_canvas": "eos", "slack_budget": 2, "slack_insertion": "probe", "slack_rate": 0.3}
 
 VARIANTS: dict[str, Variant] = {
     "ce": Variant("ce", {}, "LLaDA SFT (the baseline)"),
@@ -47,17 +48,22 @@ VARIANTS: dict[str, Variant] = {
                               "eos canvas, 2 slots, visible canvas shifted before each token with probability 0.05"),
     "eos-b2-shift10": Variant("ctc", dict(_SHIFT10),
                               "eos canvas, 2 slots, visible canvas shifted before each token with probability 0.1"),
-    "eos-b3-shift10": Variant("ctc", dict(_SHIFT10, slack_budget=3), "eos canvas, 3 slots, shifted visible canvas (0.1)"),
+    "eos-b2-probe30": Variant("ctc", dict(_PROBE30),
+                              "eos canvas, 2 slots, 30% of rows show the shift probe's canvas (one token displaced "
+                              "right, its old position masked)"),
+    "eos-b2-probe60": Variant("ctc", {"ctc_canvas": "eos", "slack_budget": 2, "slack_insertion": "probe",
+                                      "slack_rate": 0.6},
+                              "eos canvas, 2 slots, 60% of rows show the shift probe's canvas"),
     "eos-b2-best": Variant("ctc", {"ctc_canvas": "eos", "slack_budget": 2, "slack_insertion": "best"},
                            "eos canvas, 2 slots, visible tokens from the model's own Viterbi alignment"),
     "mix-b2-shift10": Variant("ce+ctc", dict(_SHIFT10, ctc_weight=0.5),
                               "0.5 CE (on the shifted canvas) + 0.5 CTC, eos canvas, 2 slots"),
     "ce-on-shift10": Variant("ce+ctc", dict(_SHIFT10, ctc_weight=0.0),
                              "control: position-wise CE on the same shifted canvases (no lattice)"),
-    "eos-b2-shift10+budget": Variant("ctc", dict(_SHIFT10), "eos-b2-shift10's models, sampler slack budget 2",
-                                     sample={"sample_slack_budget": 2}, reuses="eos-b2-shift10"),
-    "eos-b2-shift10+eosfill": Variant("ctc", dict(_SHIFT10), "eos-b2-shift10's models, sampler EOS fill",
-                                      sample={"eos_fill": True}, reuses="eos-b2-shift10"),
+    "eos-b2-probe30+budget": Variant("ctc", dict(_PROBE30), "eos-b2-probe30's models, sampler slack budget 2",
+                                     sample={"sample_slack_budget": 2}, reuses="eos-b2-probe30"),
+    "eos-b2-probe30+eosfill": Variant("ctc", dict(_PROBE30), "eos-b2-probe30's models, sampler EOS fill",
+                                      sample={"eos_fill": True}, reuses="eos-b2-probe30"),
 }
 _CE_CONTROLS = ("ce", "ce-on-shift10")
 

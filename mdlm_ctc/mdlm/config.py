@@ -132,11 +132,11 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _opt(2000, "optimizer steps")
+    steps: int = _opt(400, "optimizer steps (the fine-tuning stage of `compare`; its base model uses base_steps)")
     batch_size: int = _opt(32, "global batch (rows per optimizer step, all processes together)")
     micro_batch_size: int = _opt(0, "rows per forward pass per process; 0 = batch_size / processes; "
                                  "gradient accumulation = batch_size / (processes * micro_batch_size)")
-    lr: float = _opt(2e-3, "peak learning rate (AdamW)")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW; the base model uses base_lr)")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.98, "AdamW beta2")
@@ -144,7 +144,7 @@ class TrainConfig:
     schedule: str = _opt("cosine", "learning-rate schedule after linear warmup: 'cosine' (to min_lr_ratio), "
                          "'wsd' (warmup-stable-decay, linear decay over the last wsd_decay_fraction) or "
                          "'constant'", ("cosine", "wsd", "constant"))
-    warmup_steps: int = _opt(100, "linear warmup steps")
+    warmup_steps: int = _opt(50, "linear warmup steps")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of lr (cosine, wsd)")
     wsd_decay_fraction: float = _opt(0.2, "wsd: fraction of the steps spent decaying")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0 disables")
@@ -195,7 +195,7 @@ class CompareConfig:
                            "0 fine-tunes the initial weights directly")
     base_lr: float = _opt(2e-3, "peak learning rate of the base model's CE pre-training")
     base_warmup_steps: int = _opt(100, "warmup steps of the base model's CE pre-training")
-    finetune_seeds: str = _opt("0,1,2", "`compare`/`ablate`: seeds of the fine-tuning stage (data order, masking "
+    finetune_seeds: str = _opt("1,2,3", "`compare`/`ablate`: seeds of the fine-tuning stage (data order, masking "
                                "noise); every objective is fine-tuned once per seed from the same base")
     control: bool = _opt(True, "`compare`: also fine-tune the CTC control with ctc_max_shift=0 (equal to CE by "
                          "construction on the eos canvas) on the first seed")
