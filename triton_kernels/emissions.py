@@ -129,26 +129,27 @@ def _emissions_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# configs: known-good defaults by shape class, and a tiny autotune list behind MDLM_CTC_AUTOTUNE
+# configs: one choice per shape class, never tuned (the logsumexp's summation order depends on
+# BLOCK_V and num_warps, so a timing race must not pick them: the bits would differ between
+# processes, ranks, and eager and CUDA-graph runs)
 # ---------------------------------------------------------------------------------------------
 
-def _vocab_block(V: int, element_size: int) -> tuple[int, int]:
+def vocab_block(V: int, element_size: int, *, small: bool = False) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocabulary pass: 8 KB of logits per tile and per load wave
-    (4096 bf16/fp16 or 2048 fp32 values, 16 or 8 per thread at 8 warps), less for small V."""
-    if interpreted():
-        return min(triton.next_power_of_2(max(V, 1)), 8), 1  # several tiles even at V ~ 10
+    (4096 bf16/fp16 or 2048 fp32 values, 16 or 8 per thread at 8 warps), less for small V.
+    ``small``: the interpreter's tiles (several tiles even at V ~ 10)."""
+    if small:
+        return min(triton.next_power_of_2(max(V, 1)), 8), 1
     block = 4096 if element_size <= 2 else 2048
     block = min(block, max(triton.next_power_of_2(V), 32))
     return block, max(1, min(8, block // 256))
 
 
-def _vocab_autotune_configs():
-    return [triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv, nw in ((2048, 4), (4096, 8), (8192, 8), (8192, 16))]
-
-
-# keyed on V (and, implicitly, the dtypes): the band width W changes from batch to batch and only
-# sizes the small gather loop, so it must not trigger a re-tune
-_emissions_kernel_tuned = triton.autotune(configs=_vocab_autotune_configs(), key=["V"])(_emissions_kernel)
+def emissions_config(V: int, W: int, element_size: int, *, small: bool = False) -> dict:
+    """Meta of ``_emissions_kernel``: the vocabulary tile of :func:`vocab_block` and a gather tile."""
+    block_v, num_warps = vocab_block(V, element_size, small=small)
+    block_w = min(triton.next_power_of_2(max(W, 1)), 4 if small else 512)
+    return dict(BLOCK_V=block_v, BLOCK_W=block_w, num_warps=num_warps)
 
 
 def emissions(logits, targets, input_lengths, target_lengths, observed, special_id: int, max_shift: int,
@@ -175,17 +176,12 @@ def emissions(logits, targets, input_lengths, target_lengths, observed, special_
     has_observed = observed is not None
     observed_arg = observed.contiguous() if has_observed else input_lengths  # a dummy pointer when absent
     stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
-    block_w = min(triton.next_power_of_2(max(W, 1)), 4 if interpreted() else 512)
     args = (logits, targets, input_lengths, target_lengths, observed_arg, lse, table, special,
             T, V, targets.shape[1], W, int(special_id), int(max_shift),
             logits.stride(0), logits.stride(1), targets.stride(0), stride_ob, stride_ot)
-    meta = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize), BLOCK_W=block_w)
     with device_guard(device):
-        if normalize and autotune_enabled(device):
-            _emissions_kernel_tuned[(B * T,)](*args, **meta)
-        else:
-            block_v, num_warps = _vocab_block(V, logits.element_size())
-            _emissions_kernel[(B * T,)](*args, **meta, BLOCK_V=block_v, num_warps=num_warps)
+        _emissions_kernel[(B * T,)](*args, HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize),
+                                    **emissions_config(V, W, logits.element_size(), small=small_blocks()))
     return lse, table, special
 
 
@@ -198,13 +194,20 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotune_enabled(device: torch.device) -> bool:
-    """``MDLM_CTC_AUTOTUNE=0`` pins the known-good configs (tests and CI set it); on by default on a GPU.
+def small_blocks() -> bool:
+    """The launchers' tiny interpreter tiles (several tiles at toy sizes); ``MDLM_CTC_TRITON_GPU_BLOCKS=1``
+    makes the interpreter run the block sizes a GPU gets (the GPU-shaped tests)."""
+    return interpreted() and os.environ.get("MDLM_CTC_TRITON_GPU_BLOCKS", "0") != "1"
 
-    Autotuning times a few configs on the first call of each vocabulary size and dtype, running the
-    kernel several times, so only the pure kernels (emissions, out-of-place gradient) are ever
-    autotuned; never under the interpreter, and never while a CUDA graph is being captured (the
-    timing synchronises): a captured call runs the default config.
+
+def autotune_enabled(device: torch.device) -> bool:
+    """``MDLM_CTC_AUTOTUNE=0`` pins the default configs (tests and CI set it); on by default on a GPU.
+
+    Only the gradient's dense kernel is autotuned: it computes every element on its own, so the
+    config changes its speed and never its bits (tests/test_slack_ctc_triton.py runs every config).
+    Autotuning times the configs on the first call of each vocabulary size and dtype, running the
+    kernel several times, so it is used for the out-of-place gradient only; never under the
+    interpreter, and never while a CUDA graph is being captured (the timing synchronises).
     """
     if os.environ.get("MDLM_CTC_AUTOTUNE", "1") == "0" or interpreted() or device.type != "cuda":
         return False
