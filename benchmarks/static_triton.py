@@ -27,14 +27,25 @@ import common  # noqa: E402
 
 from mdlm_ctc.triton_kernels import resources, slack_ctc  # noqa: E402
 
-COLUMNS = ("kernel", "config", "grid", "regs", "spills (B)", "smem (B)", "blocks/SM", "warps/SM", "limited by")
+COLUMNS = ("kernel", "config", "grid", "regs", "spills (B)", "smem (B)", "blocks/SM", "warps/SM", "limited by",
+           "logits KB read per iteration per SM")
+
+
+def _in_flight_kb(launch, r):
+    """Vocabulary passes: logits bytes that one loop iteration of every resident block loads (issued
+    before any of them is used); the emissions loop reads two tiles per iteration."""
+    if launch.name not in resources.VOCAB_KERNELS:
+        return ""
+    logits = next(a for a in launch.args if hasattr(a, "dtype") and a.dtype.is_floating_point)
+    per_block = launch.kwargs["BLOCK_V"] * logits.element_size() * (2 if launch.name == "_emissions_kernel" else 1)
+    return f"{r.blocks_per_sm * per_block / 1024:.0f}"
 
 
 def _row(launch):
     r = resources.resources(launch)
     grid = " x ".join(str(g) for g in launch.grid)
     return (f"`{launch.name}`", launch_config(launch), grid, str(r.regs), str(r.spills), str(r.smem),
-            str(r.blocks_per_sm), str(r.resident_warps), r.limiter), r
+            str(r.blocks_per_sm), str(r.resident_warps), r.limiter, _in_flight_kb(launch, r)), r
 
 
 def launch_config(launch):

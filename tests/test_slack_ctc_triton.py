@@ -241,8 +241,8 @@ def test_gradient_bits_do_not_depend_on_the_dense_config():
 def test_vocabulary_pass_is_not_autotuned():
     """The logsumexp's order depends on BLOCK_V and num_warps: they are a function of the shape only."""
     assert not hasattr(emissions_module, "_emissions_kernel_tuned")
-    assert emissions_module.emissions_config(126464, 257, 2) == dict(BLOCK_V=4096, BLOCK_W=512, num_warps=8)
-    assert emissions_module.emissions_config(126464, 257, 4) == dict(BLOCK_V=2048, BLOCK_W=512, num_warps=8)
+    assert emissions_module.emissions_config(126464, 257, 2) == dict(BLOCK_V=2048, BLOCK_W=512, num_warps=8)
+    assert emissions_module.emissions_config(126464, 257, 4) == dict(BLOCK_V=1024, BLOCK_W=512, num_warps=8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def make_case(B, T, U, V, *, T_b, U_b, dtype, seed):
 
 def test_vocabulary_and_band_tiles_are_the_gpu_ones():
     assert not emissions_module.small_blocks()
-    assert emissions_module.emissions_config(4500, 21, 2) == dict(BLOCK_V=4096, BLOCK_W=32, num_warps=8)
+    assert emissions_module.emissions_config(4500, 21, 2) == dict(BLOCK_V=2048, BLOCK_W=32, num_warps=8)
     assert grad_module.band_values_config(600)["BLOCK_B"] == 1024
 
 

@@ -17,13 +17,19 @@ or None. Outputs lse [B, T], table [B, T, W], special [B, T], all float32, conti
 are handed to ``mdlm_ctc.reference.emissions_reference`` (float64 accumulation; Triton would only
 emulate it): the fast path is for the LLM dtypes.
 
-Parallelisation: one program per (b, t) row, grid B*T. The logsumexp is online over vocabulary
-tiles of BLOCK_V: per tile one max reduction, one rescale of a per-lane partial sum by a scalar
-exp2, and one exp2 per logit with log2(e) folded into an FMA, so the SFU does one op per logit
-(2.07 G exp2 at G1 is ~0.5 ms of SFU time, under the ~0.86 ms of HBM time for one read of the bf16
-logits; the two overlap). No whole-row block and no B*T*V intermediate. The band's W target ids are
-gathered from the row after the loop: the row (253 KB in bf16 at V = 126,464) was just streamed
-through L2, so the gathers are L2 hits, and W is small next to V (W <= 257 at G1; ~2k at worst).
+Parallelisation: one program per (b, t) row, grid B*T. The logsumexp is online *per lane*: each
+lane keeps its own running max and sum, and a logit costs one exp2 (of the smaller exponent minus
+the larger, log2(e) folded in), so the SFU does one op per logit (2.07 G exp2 at G1 is ~0.5 ms of
+SFU time, under the ~0.86 ms of HBM time for one read of the bf16 logits; the two overlap). The
+lanes are combined once, after the loop: the loop has no reduction and so no CTA barrier, and each
+iteration issues two tiles' loads (2 x BLOCK_V) before using either, so a warp keeps two loads in
+flight and warps run ahead of each other instead of meeting at a barrier three times per tile (the
+old per-tile max). Registers and resident warps per SM are in benchmarks/results/static_triton.md.
+The summation order depends on BLOCK_V and num_warps, so they are a function of the shape
+(``emissions_config``), never autotuned. No whole-row block and no B*T*V intermediate. The band's W
+target ids are gathered from the row after the loop: the row (253 KB in bf16 at V = 126,464) was
+just streamed through L2, so the gathers are L2 hits, and W is small next to V (W <= 257 at G1;
+~2k at worst).
 
 Host-side helpers shared by the three launchers (autotune switch, interpreter test, device guard)
 live at the end of this file.
@@ -40,6 +46,17 @@ import triton
 import triton.language as tl
 
 from .logspace import LN2, LOG2E, NAN, NEG_INF, POS_INF, finite_or_zero
+
+
+@triton.jit
+def _lane_logsumexp_step(lane_max, lane_sum, x):
+    """One logit per lane into that lane's running (max, sum of exp(x - max)): one exp2 per logit,
+    the smaller of the two exponents relative to the larger; -inf-safe (a lane that has seen only
+    -inf keeps sum 0). NaN is tracked by the caller (the GPU's max drops it)."""
+    hi = tl.maximum(lane_max, x)
+    lo = tl.minimum(lane_max, x)
+    scale = tl.exp2((lo - finite_or_zero(hi)) * LOG2E)
+    return hi, tl.where(x > lane_max, lane_sum * scale + 1.0, lane_sum + scale)
 
 
 @triton.jit
@@ -62,24 +79,28 @@ def _emissions_kernel(
     active = t < T_b
     x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
 
-    # ---- online logsumexp over the vocabulary (base 2 inside, natural log out) ----------------
+    # ---- online logsumexp over the vocabulary, per lane (base 2 inside, natural log out) -------
     lse = tl.zeros([], dtype=tl.float32)
     if NORMALIZE:
         offs_v = tl.arange(0, BLOCK_V)
         n_v = tl.where(active, V, 0)  # an inactive frame reads nothing
-        run_max = tl.full([], NEG_INF, dtype=tl.float32)
-        run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane partial sums, relative to run_max
-        for v0 in range(0, n_v, BLOCK_V):
+        lane_max = tl.full([BLOCK_V], NEG_INF, dtype=tl.float32)
+        lane_sum = tl.zeros([BLOCK_V], dtype=tl.float32)    # relative to lane_max
+        lane_nan = tl.zeros([BLOCK_V], dtype=tl.int1)
+        for v0 in range(0, n_v, 2 * BLOCK_V):
             v = v0 + offs_v
-            x = tl.load(x_row + v, mask=v < V, other=NEG_INF).to(tl.float32)
-            new_max = tl.maximum(run_max, tl.max(x, axis=0))
-            scaled_max = finite_or_zero(new_max) * LOG2E
-            run_sum = run_sum * tl.exp2(run_max * LOG2E - scaled_max) + tl.exp2(x * LOG2E - scaled_max)
-            run_max = new_max
-        total = tl.sum(run_sum, axis=0)
-        # all -inf: 0 + log(0) = -inf; a NaN logit makes total NaN; a +inf logit gives +inf (as C++)
+            # two tiles' loads issued before either is used, and no reduction (no barrier) in the loop
+            x_a = tl.load(x_row + v, mask=v < V, other=NEG_INF).to(tl.float32)
+            x_b = tl.load(x_row + v + BLOCK_V, mask=v + BLOCK_V < V, other=NEG_INF).to(tl.float32)
+            lane_max, lane_sum = _lane_logsumexp_step(lane_max, lane_sum, x_a)
+            lane_max, lane_sum = _lane_logsumexp_step(lane_max, lane_sum, x_b)
+            lane_nan = lane_nan | (x_a != x_a) | (x_b != x_b)
+        run_max = tl.max(lane_max, axis=0)
+        total = tl.sum(lane_sum * tl.exp2((lane_max - finite_or_zero(run_max)) * LOG2E), axis=0)
+        # all -inf: 0 + log(0) = -inf; a NaN logit gives NaN; a +inf logit gives +inf (as C++)
         lse = finite_or_zero(run_max) + tl.log2(total) * LN2
         lse = tl.where(run_max == POS_INF, POS_INF, lse)
+        lse = tl.where(tl.max(lane_nan.to(tl.int32), axis=0) > 0, NAN, lse)
         lse = tl.where(active, lse, 0.0)
 
     if HAS_OBSERVED:
@@ -146,10 +167,11 @@ def vocab_block(V: int, element_size: int, *, small: bool = False) -> tuple[int,
 
 
 def emissions_config(V: int, W: int, element_size: int, *, small: bool = False) -> dict:
-    """Meta of ``_emissions_kernel``: the vocabulary tile of :func:`vocab_block` and a gather tile."""
+    """Meta of ``_emissions_kernel``: each loop iteration reads the vocabulary tile of :func:`vocab_block`
+    as two loads of BLOCK_V (both in flight at once), and a gather tile."""
     block_v, num_warps = vocab_block(V, element_size, small=small)
     block_w = min(triton.next_power_of_2(max(W, 1)), 4 if small else 512)
-    return dict(BLOCK_V=block_v, BLOCK_W=block_w, num_warps=num_warps)
+    return dict(BLOCK_V=max(block_v // 2, 1), BLOCK_W=block_w, num_warps=num_warps)
 
 
 def emissions(logits, targets, input_lengths, target_lengths, observed, special_id: int, max_shift: int,

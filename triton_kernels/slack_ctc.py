@@ -52,10 +52,13 @@ of 2048) at the price of D times the SFU work of one pass in phase A (every inpu
 offsets), spread over the whole GPU: B * NC * S/TILE_I programs (G1: ~8,000). When the band is so
 wide that this extra work exceeds the latency it saves, or T is short, a single chunk (NC = 1,
 phases A and B skipped) runs alpha and beta as two concurrent programs per row.
-`_choose_chunk_len` makes that call with the cost model below [est.]: at G1 (preserve, W = 257) it
-picks L = 15, ~0.1 ms instead of ~0.65 ms; at G3 (B = 2, T = 8192) L = 31, ~0.36 ms instead of
-~2.7 ms; at G2 standard (W = 1024, S = 2049) L = 7, ~0.77 ms instead of ~1.0 ms.
-MDLM_CTC_LATTICE_CHUNK=<L> (0 = one chunk) overrides it.
+`choose_chunk_len` makes that call with the cost model below [est.], which prices every dependent
+step as the kernels run it: a sweep step is ceil(S / BLOCK_S) tiles, and the boundary kernel (grid
+(B, 2)) runs ceil(S / BLOCK_X) dependent tiles per chunk, each waiting on its global loads, so its
+depth is n_chunks x tiles. BLOCK_X holds the whole band when the [BLOCK_X, BLOCK_D] tile fits 8,192
+lanes (G1: S = 258, one tile of 512 instead of 256 plus a tile of one state).
+benchmarks/results/static_triton.md lists the plan, its sequential depth and the estimate per SPEC
+§6 shape. MDLM_CTC_LATTICE_CHUNK=<L> (0 = one chunk) overrides it.
 
 Rejected alternative: splitting one row's band across CTAs that exchange edge states every step
 through global flags. It needs spin-waits on other CTAs (forward progress only with co-residency or
