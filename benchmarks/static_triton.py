@@ -90,8 +90,10 @@ def main(argv=None):
              "cost model's estimate [est., constants not yet fitted on a GPU].", ""]
     spills = []
     for workload in resources.spec_workloads():
-        lines += [f"## {workload.name}: B={workload.B}, T={workload.T}, U={workload.U}, V={workload.V:,}"
-                  + (f" ({workload.note})" if workload.note else ""), ""]
+        shape = (f"N={workload.B * workload.T:,} frames" if workload.linear else
+                 f"B={workload.B}, T={workload.T}, U={workload.U}")
+        lines += [f"## {workload.name}: {shape}, V={workload.V:,}" + (f" ({workload.note})" if workload.note else ""),
+                  ""]
         plan = _plan(workload)
         if plan is not None:
             W, S, L, depth, est = plan
