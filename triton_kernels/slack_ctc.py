@@ -55,7 +55,7 @@ phases A and B skipped) runs alpha and beta as two concurrent programs per row.
 `choose_chunk_len` makes that call with the cost model below [est.], which prices every dependent
 step as the kernels run it: a sweep step is ceil(S / BLOCK_S) tiles, and the boundary kernel (grid
 (B, 2)) runs ceil(S / BLOCK_X) dependent tiles per chunk, each waiting on its global loads, so its
-depth is n_chunks x tiles. BLOCK_X holds the whole band when the [BLOCK_X, BLOCK_D] tile fits 8,192
+depth is n_chunks x tiles. BLOCK_X holds the whole band when the [BLOCK_X, BLOCK_D] tile fits 16,384
 lanes (G1: S = 258, one tile of 512 instead of 256 plus a tile of one state).
 benchmarks/results/static_triton.md lists the plan, its sequential depth and the estimate per SPEC
 §6 shape. MDLM_CTC_LATTICE_CHUNK=<L> (0 = one chunk) overrides it.
@@ -520,8 +520,9 @@ def _transfer_width(mode: int, chunk_len: int) -> int:
 
 def _boundary_block_x(S: int, block_d: int, *, small: bool = False) -> int:
     """States per tile of the boundary kernel: the whole band in one tile when the [BLOCK_X, BLOCK_D]
-    tile stays within 8,192 lanes (G1: S = 258 -> one tile of 512, not 256 + a tile of one state)."""
-    return max(1, min(triton.next_power_of_2(S), (4 if small else 8192) // block_d))
+    tile stays within 16,384 lanes (no spill at any chunk length, see benchmarks/results/static_triton.md;
+    G1: S = 258 -> one tile of 512, not 256 + a tile of one state; G3: 514 states in one tile of 1,024)."""
+    return max(1, min(triton.next_power_of_2(S), (4 if small else 16384) // block_d))
 
 
 def _estimate_us(B: int, T: int, S: int, mode: int, chunk_len: int, n_sm: int) -> float:
