@@ -130,3 +130,26 @@ def test_offsets_past_2_to_the_31():
     grad_module.gradient(*args, out=logits)
     assert_close_report(logits.float(), want.float(), atol=1e-2, rtol=1e-2, what="in-place gradient over the view")
     del buffer, logits, x
+
+
+def test_gradient_band_wider_than_one_gpu_tile():
+    """A band of 1,030 slots (two 1,024-slot tiles of the band-values kernel) over an 8-token vocabulary:
+    every token's run crosses the tile edge. Posteriors are synthetic (any table works for this stage);
+    all frames but the ten widest are observed (zero gradient, no band work), to keep the interpreter fast."""
+    B, T, U, V = 1, 2060, 1030, 8
+    g = torch.Generator().manual_seed(24)
+    logits = torch.randn(B, T, V, generator=g).to(DEVICE)
+    targets = torch.randint(1, V, (B, U), generator=g).to(DEVICE)
+    T_b, U_b = torch.tensor([T], device=DEVICE), torch.tensor([U], device=DEVICE)
+    W = int(column_band_width(T_b, U_b).max())
+    assert W > grad_module.band_values_config(W)["BLOCK_B"]
+    lse = logits.logsumexp(-1)
+    post_target = torch.rand(B, T, W, generator=g).to(DEVICE) / W
+    post_special = torch.rand(B, T, generator=g).to(DEVICE)
+    nll = torch.ones(B, device=DEVICE)
+    observed = torch.zeros(B, T, dtype=torch.long, device=DEVICE)
+    observed[:, 1024:1034] = -1  # frames 1025..1034: bands of 1,025..1,030 slots
+    args = (torch.ones(B, device=DEVICE), logits, lse, targets, T_b, U_b, observed, post_target, post_special, nll,
+            SLACK, -1, False, True)
+    assert_close_report(grad_module.gradient(*args), gradient_reference(*args), atol=1e-6, rtol=1e-5,
+                        what="gradient over a two-tile band")
