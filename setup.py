@@ -136,7 +136,9 @@ setup(
     package_dir={"mdlm_ctc": "mdlm_ctc", "mdlm_ctc.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # what CI's tests need (requirements-ci.txt pins them): the Triton tests run under Triton's
+        # interpreter on a CPU, which needs numpy < 2.4 with Triton 3.6; ninja for the JIT build test
+        "test": ["pytest>=8", "hypothesis>=6.100", "ninja", "triton>=3.6", "numpy<2.4"],
         "triton": ["triton>=3.6"],
         # the fine-tuning loop (mdlm_ctc.mdlm, the `mdlm-ctc` CLI)
         "mdlm": ["transformers>=5.24", "tokenizers>=0.22", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.66",

@@ -82,6 +82,8 @@ if [ $SMOKE -eq 1 ]; then
   [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 300 "$PY" benchmarks/bench_linear_slack_ctc.py --smoke
 else
   step gpu_tests 240 "$PY" -m pytest -q -x -m gpu tests
+  # the Triton tests written at GPU block sizes, compiled this time (no interpreter), and band_bound
+  step triton_gpu_shaped 180 "$PY" -m pytest -q -x tests/test_triton_gpu_shaped.py tests/test_band_bound.py
   step bench_slack_ctc 300 "$PY" benchmarks/bench_slack_ctc.py --suite gpu --repeats 20 --record
   step bench_sweep 120 "$PY" benchmarks/bench_slack_ctc.py --suite sweep --repeats 10 --record
   [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 300 "$PY" benchmarks/bench_linear_slack_ctc.py --workloads G4 --chunk-size 512 1024 2048 --record

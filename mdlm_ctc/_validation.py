@@ -7,7 +7,8 @@ Two kinds of checks:
   ``observed`` ids): one fused device-side reduction and a single host sync per call. They run in
   eager mode unless ``validate=False``, and are skipped while ``torch.compile`` traces or a CUDA graph
   is being captured. The same sync also returns the exact band width of the posterior table, so the
-  kernels allocate no more than the band needs.
+  kernels allocate no more than the band needs. Without it, a caller-given ``band_bound`` sizes the
+  table instead of the worst case ``min(U_max, T)``, checked on the device (no host sync).
 
 Every failure is a ``ValueError`` (``TypeError`` for a wrong type or dtype) that names the argument
 and shows the offending value.
@@ -119,11 +120,28 @@ def _skip_value_checks(validate, device):
     return False
 
 
-def check_lattice_values(args: LatticeArgs, *, names, explicit_lengths, validate, extra=()):
+def check_band_bound(band_bound):
+    """``band_bound``: None, or an int >= 1 (an upper bound on every row's band width)."""
+    if band_bound is None:
+        return None
+    return check_int(band_bound, "band_bound", low=1)
+
+
+def _assert_band_bound_on_device(width, band_bound):
+    # no host sync: a device-side assert (a RuntimeError on CPU tensors, a device assert on CUDA)
+    torch._assert_async(width.max() <= band_bound,
+                        f"`band_bound`={band_bound} is smaller than the band width of a row, min(target length, "
+                        f"input length - target length + 1) (checked on the device; with validate=True the error "
+                        f"names the row)")
+
+
+def check_lattice_values(args: LatticeArgs, *, names, explicit_lengths, validate, extra=(), band_bound=None):
     """The value checks of SPEC §4 (one device reduction, one host sync) and the exact band width.
 
-    ``names`` maps roles to the caller's argument names (``logits`` or ``log_probs``); ``extra`` holds more ``(mask, values, message)`` checks for the same sync. Returns the
-    band width the posterior table needs.
+    ``names`` maps roles to the caller's argument names (``logits`` or ``log_probs``); ``extra`` holds
+    more ``(mask, values, message)`` checks for the same sync. Returns the band width the posterior
+    table needs. Without the checks (``validate=False``, ``torch.compile``) the width is read from
+    the shapes alone, or is ``band_bound`` when the caller gives one, checked on the device.
     """
     x, targets = args.logits, args.targets
     B, T, V = x.shape
@@ -137,6 +155,11 @@ def check_lattice_values(args: LatticeArgs, *, names, explicit_lengths, validate
             width = min(U_max, T)
         if shift is not None:
             width = min(width, shift + 1)
+        if band_bound is not None and band_bound < width:
+            width = band_bound
+            if B > 0:
+                _assert_band_bound_on_device(column_band_width(args.input_lengths.clamp(0, T),
+                                                               args.target_lengths.clamp(0, U_max), shift), band_bound)
         return max(width, 1)
 
     device = x.device
@@ -166,6 +189,11 @@ def check_lattice_values(args: LatticeArgs, *, names, explicit_lengths, validate
         checks.append(((args.observed < -1) | (args.observed >= V), args.observed.long(),
                        lambda i, v: f"`observed[{at(i, T)}]` = {v} must be -1 (free) or a token id in [0, {V})"))
     checks.extend(extra)
+    width = column_band_width(T_b.clamp(0, T), U_b.clamp(0, U_max), shift)
+    if band_bound is not None:
+        checks.append((width > band_bound, width,
+                       lambda i, v: f"`band_bound`={band_bound} is smaller than the band width of row {i}, "
+                                    f"min(target length, input length - target length + 1) = {v}"))
 
     summary = []
     for mask, values, _ in checks:
@@ -175,7 +203,6 @@ def check_lattice_values(args: LatticeArgs, *, names, explicit_lengths, validate
             continue
         first = flat.long().argmax()
         summary.append(torch.stack([flat.any().long(), first, values.reshape(-1)[first].long()]))
-    width = column_band_width(T_b.clamp(0, T), U_b.clamp(0, U_max), shift)
     summary.append(width.max().reshape(1) if B > 0 else torch.zeros(1, dtype=torch.long, device=device))
     found = torch.cat(summary).tolist()  # the one host sync
     for n, (_, _, message) in enumerate(checks):
@@ -185,7 +212,7 @@ def check_lattice_values(args: LatticeArgs, *, names, explicit_lengths, validate
 
 
 def check_slack_ctc_args(logits, targets, target_lengths, slack_id, input_lengths, collapse, max_shift, observed,
-                         reduction, zero_infinity, backend, validate, *, name="logits"):
+                         reduction, zero_infinity, backend, validate, *, name="logits", band_bound=None):
     """Metadata checks for ``slack_ctc_loss`` / ``best_alignment``; returns a :class:`LatticeArgs`."""
     check_tensor(logits, name, ndim=3, ndim_text="3-D (batch, time, vocab)", floating=True)
     B, T, V = logits.shape
@@ -224,7 +251,7 @@ def check_slack_ctc_args(logits, targets, target_lengths, slack_id, input_length
     names = {"logits": name, "targets": "targets", "input_lengths": "input_lengths",
              "target_lengths": "target_lengths"}
     args.band_width = check_lattice_values(args, names=names, explicit_lengths=explicit_in or explicit_tl,
-                                           validate=validate)
+                                           validate=validate, band_bound=check_band_bound(band_bound))
     return args
 
 

@@ -34,7 +34,8 @@ def _run(args: _validation.LatticeArgs, *, normalize: bool, zero_infinity: bool,
 def slack_ctc_loss(logits: Tensor, targets: Tensor, target_lengths: Tensor | None = None, *, slack_id: int,
                    input_lengths: Tensor | None = None, collapse: str = "preserve", max_shift: int | None = None,
                    observed: Tensor | None = None, reduction: str = "mean", zero_infinity: bool = False,
-                   backend: str = "auto", validate: bool = True, inplace_backward: bool = False) -> Tensor:
+                   backend: str = "auto", validate: bool = True, inplace_backward: bool = False,
+                   band_bound: int | None = None) -> Tensor:
     """CTC loss from unnormalised logits, with the surface-preserving collapse by default.
 
     Args:
@@ -61,12 +62,19 @@ def slack_ctc_loss(logits: Tensor, targets: Tensor, target_lengths: Tensor | Non
         inplace_backward: write the gradient over the logits buffer during backward, saving one
             ``B×T×V`` buffer (Triton backend; the others copy). The logits' values are gone after
             backward: only for logits nothing else reads again. Ignored under ``torch.compile``.
+        band_bound: an upper bound on every row's band width ``min(U_b, T_b - U_b + 1)`` (and
+            ``max_shift + 1``). Only used without the validation sync (``validate=False``, under
+            ``torch.compile``), where the lengths are not read on the host: the posterior table is then
+            ``band_bound`` wide instead of ``min(U, T)`` (G1: 257 instead of 1,792 columns), checked on
+            the device (a device-side assert if a row is wider). Validated calls raise a ``ValueError``
+            naming the row when a row is wider.
 
     Returns:
         The loss: float32 (float64 for float64 logits), ``[B]`` for ``reduction="none"`` else a scalar.
     """
     args = _validation.check_slack_ctc_args(logits, targets, target_lengths, slack_id, input_lengths, collapse,
-                                            max_shift, observed, reduction, zero_infinity, backend, validate)
+                                            max_shift, observed, reduction, zero_infinity, backend, validate,
+                                            band_bound=band_bound)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool; got {inplace_backward!r}")
     nll = _run(args, normalize=True, zero_infinity=zero_infinity, backend=backend, inplace_backward=inplace_backward)
@@ -77,9 +85,11 @@ class SlackCTCLoss(nn.Module):
     """Module form of :func:`slack_ctc_loss`."""
 
     def __init__(self, slack_id: int, collapse: str = "preserve", max_shift: int | None = None,
-                 reduction: str = "mean", zero_infinity: bool = False, backend: str = "auto"):
+                 reduction: str = "mean", zero_infinity: bool = False, backend: str = "auto",
+                 band_bound: int | None = None):
         super().__init__()
         self.slack_id = slack_id
+        self.band_bound = band_bound
         self.collapse = collapse
         self.max_shift = max_shift
         self.reduction = reduction
@@ -90,7 +100,8 @@ class SlackCTCLoss(nn.Module):
                 input_lengths: Tensor | None = None, observed: Tensor | None = None) -> Tensor:
         return slack_ctc_loss(logits, targets, target_lengths, slack_id=self.slack_id, input_lengths=input_lengths,
                               collapse=self.collapse, max_shift=self.max_shift, observed=observed,
-                              reduction=self.reduction, zero_infinity=self.zero_infinity, backend=self.backend)
+                              reduction=self.reduction, zero_infinity=self.zero_infinity, backend=self.backend,
+                              band_bound=self.band_bound)
 
     def extra_repr(self) -> str:
         return (f"slack_id={self.slack_id}, collapse={self.collapse!r}, max_shift={self.max_shift}, "

@@ -4,7 +4,10 @@
   GPU. The variable must be set before Triton is imported, and the GPU is recognised without calling
   ``torch.cuda`` (no CUDA call at import, in the package or in the tests).
 * Tests marked ``gpu`` are skipped when no CUDA device is usable (checked lazily, at collection).
-* Autotuning is off (``MDLM_CTC_AUTOTUNE=0``): kernels use their known-good default configs.
+* Autotuning is off (``MDLM_CTC_AUTOTUNE=0``): kernels use their default configs. Only the gradient's
+  dense kernel is ever autotuned, and every config in its list is run by
+  ``test_gradient_bits_do_not_depend_on_the_dense_config`` (identical bits) and compiled for sm_90 by
+  ``test_triton_resources.py`` (no spills), so what the autotuner can pick is tested.
 """
 
 import os

@@ -150,3 +150,36 @@ def test_deterministic_and_in_place_at_scale():
     in_place = gradient(g, buffer, lse, targets, T_b, U_b, None, table, special, nll, SLACK, -1, False, True,
                         out=buffer)
     assert in_place.data_ptr() == buffer.data_ptr() and torch.equal(in_place, outputs[0][3])
+
+
+def test_autotuned_gradient_has_the_default_bits(monkeypatch):
+    """What the autotuner picks (it times every config of the dense kernel) gives the default config's bits."""
+    from mdlm_ctc.triton_kernels import grad as grad_module
+
+    emissions, lattice_band, gradient = stages()
+    logits, targets, T_b, U_b = case(2, 2048, 1792, seed=5)
+    lse, table, special = emissions(logits, targets, T_b, U_b, None, SLACK, -1, width(T_b, U_b), True)
+    nll = lattice_band(table, special, targets, T_b, U_b, PRESERVE, -1, True)
+    g = torch.rand(2, device="cuda")
+    args = (g, logits, lse, targets, T_b, U_b, None, table, special, nll, SLACK, -1, False, True)
+    monkeypatch.setenv("MDLM_CTC_AUTOTUNE", "0")
+    default = gradient(*args)
+    monkeypatch.setenv("MDLM_CTC_AUTOTUNE", "1")
+    tuned = gradient(*args)
+    assert torch.equal(tuned, default), "the autotuned gradient differs from the default config's"
+    for block in grad_module.DENSE_AUTOTUNE_CONFIGS:
+        assert torch.equal(gradient(*args, dense_block=block), default), f"dense config {block} changes the bits"
+
+
+def test_band_bound_without_validation_at_g1_shape():
+    """validate=False with band_bound: the validated loss and gradient, bit for bit, at a G1-like row."""
+    logits, targets, T_b, U_b = case(2, 2048, 1792, seed=6)
+    results = []
+    for kw in (dict(), dict(validate=False, band_bound=289)):  # row 1: 1984 - 1696 + 1 = 289
+        x = logits.clone().requires_grad_()
+        nll = mdlm_ctc.slack_ctc_loss(x, targets, U_b, slack_id=SLACK, input_lengths=T_b, reduction="none",
+                                      backend="triton", **kw)
+        nll.sum().backward()
+        results.append((nll.detach(), x.grad))
+        del x
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

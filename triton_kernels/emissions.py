@@ -17,13 +17,19 @@ or None. Outputs lse [B, T], table [B, T, W], special [B, T], all float32, conti
 are handed to ``mdlm_ctc.reference.emissions_reference`` (float64 accumulation; Triton would only
 emulate it): the fast path is for the LLM dtypes.
 
-Parallelisation: one program per (b, t) row, grid B*T. The logsumexp is online over vocabulary
-tiles of BLOCK_V: per tile one max reduction, one rescale of a per-lane partial sum by a scalar
-exp2, and one exp2 per logit with log2(e) folded into an FMA, so the SFU does one op per logit
-(2.07 G exp2 at G1 is ~0.5 ms of SFU time, under the ~0.86 ms of HBM time for one read of the bf16
-logits; the two overlap). No whole-row block and no B*T*V intermediate. The band's W target ids are
-gathered from the row after the loop: the row (253 KB in bf16 at V = 126,464) was just streamed
-through L2, so the gathers are L2 hits, and W is small next to V (W <= 257 at G1; ~2k at worst).
+Parallelisation: one program per (b, t) row, grid B*T. The logsumexp is online *per lane*: each
+lane keeps its own running max and sum, and a logit costs one exp2 (of the smaller exponent minus
+the larger, log2(e) folded in), so the SFU does one op per logit (2.07 G exp2 at G1 is ~0.5 ms of
+SFU time, under the ~0.86 ms of HBM time for one read of the bf16 logits; the two overlap). The
+lanes are combined once, after the loop: the loop has no reduction and so no CTA barrier, and each
+iteration issues two tiles' loads (2 x BLOCK_V) before using either, so a warp keeps two loads in
+flight and warps run ahead of each other instead of meeting at a barrier three times per tile (the
+old per-tile max). Registers and resident warps per SM are in benchmarks/results/static_triton.md.
+The summation order depends on BLOCK_V and num_warps, so they are a function of the shape
+(``emissions_config``), never autotuned. No whole-row block and no B*T*V intermediate. The band's W
+target ids are gathered from the row after the loop: the row (253 KB in bf16 at V = 126,464) was
+just streamed through L2, so the gathers are L2 hits, and W is small next to V (W <= 257 at G1;
+~2k at worst).
 
 Host-side helpers shared by the three launchers (autotune switch, interpreter test, device guard)
 live at the end of this file.
@@ -40,6 +46,17 @@ import triton
 import triton.language as tl
 
 from .logspace import LN2, LOG2E, NAN, NEG_INF, POS_INF, finite_or_zero
+
+
+@triton.jit
+def _lane_logsumexp_step(lane_max, lane_sum, x):
+    """One logit per lane into that lane's running (max, sum of exp(x - max)): one exp2 per logit,
+    the smaller of the two exponents relative to the larger; -inf-safe (a lane that has seen only
+    -inf keeps sum 0). NaN is tracked by the caller (the GPU's max drops it)."""
+    hi = tl.maximum(lane_max, x)
+    lo = tl.minimum(lane_max, x)
+    scale = tl.exp2((lo - finite_or_zero(hi)) * LOG2E)
+    return hi, tl.where(x > lane_max, lane_sum * scale + 1.0, lane_sum + scale)
 
 
 @triton.jit
@@ -62,24 +79,28 @@ def _emissions_kernel(
     active = t < T_b
     x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
 
-    # ---- online logsumexp over the vocabulary (base 2 inside, natural log out) ----------------
+    # ---- online logsumexp over the vocabulary, per lane (base 2 inside, natural log out) -------
     lse = tl.zeros([], dtype=tl.float32)
     if NORMALIZE:
         offs_v = tl.arange(0, BLOCK_V)
         n_v = tl.where(active, V, 0)  # an inactive frame reads nothing
-        run_max = tl.full([], NEG_INF, dtype=tl.float32)
-        run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane partial sums, relative to run_max
-        for v0 in range(0, n_v, BLOCK_V):
+        lane_max = tl.full([BLOCK_V], NEG_INF, dtype=tl.float32)
+        lane_sum = tl.zeros([BLOCK_V], dtype=tl.float32)    # relative to lane_max
+        lane_nan = tl.zeros([BLOCK_V], dtype=tl.int1)
+        for v0 in range(0, n_v, 2 * BLOCK_V):
             v = v0 + offs_v
-            x = tl.load(x_row + v, mask=v < V, other=NEG_INF).to(tl.float32)
-            new_max = tl.maximum(run_max, tl.max(x, axis=0))
-            scaled_max = finite_or_zero(new_max) * LOG2E
-            run_sum = run_sum * tl.exp2(run_max * LOG2E - scaled_max) + tl.exp2(x * LOG2E - scaled_max)
-            run_max = new_max
-        total = tl.sum(run_sum, axis=0)
-        # all -inf: 0 + log(0) = -inf; a NaN logit makes total NaN; a +inf logit gives +inf (as C++)
+            # two tiles' loads issued before either is used, and no reduction (no barrier) in the loop
+            x_a = tl.load(x_row + v, mask=v < V, other=NEG_INF).to(tl.float32)
+            x_b = tl.load(x_row + v + BLOCK_V, mask=v + BLOCK_V < V, other=NEG_INF).to(tl.float32)
+            lane_max, lane_sum = _lane_logsumexp_step(lane_max, lane_sum, x_a)
+            lane_max, lane_sum = _lane_logsumexp_step(lane_max, lane_sum, x_b)
+            lane_nan = lane_nan | (x_a != x_a) | (x_b != x_b)
+        run_max = tl.max(lane_max, axis=0)
+        total = tl.sum(lane_sum * tl.exp2((lane_max - finite_or_zero(run_max)) * LOG2E), axis=0)
+        # all -inf: 0 + log(0) = -inf; a NaN logit gives NaN; a +inf logit gives +inf (as C++)
         lse = finite_or_zero(run_max) + tl.log2(total) * LN2
         lse = tl.where(run_max == POS_INF, POS_INF, lse)
+        lse = tl.where(tl.max(lane_nan.to(tl.int32), axis=0) > 0, NAN, lse)
         lse = tl.where(active, lse, 0.0)
 
     if HAS_OBSERVED:
@@ -129,26 +150,28 @@ def _emissions_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# configs: known-good defaults by shape class, and a tiny autotune list behind MDLM_CTC_AUTOTUNE
+# configs: one choice per shape class, never tuned (the logsumexp's summation order depends on
+# BLOCK_V and num_warps, so a timing race must not pick them: the bits would differ between
+# processes, ranks, and eager and CUDA-graph runs)
 # ---------------------------------------------------------------------------------------------
 
-def _vocab_block(V: int, element_size: int) -> tuple[int, int]:
+def vocab_block(V: int, element_size: int, *, small: bool = False) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocabulary pass: 8 KB of logits per tile and per load wave
-    (4096 bf16/fp16 or 2048 fp32 values, 16 or 8 per thread at 8 warps), less for small V."""
-    if interpreted():
-        return min(triton.next_power_of_2(max(V, 1)), 8), 1  # several tiles even at V ~ 10
+    (4096 bf16/fp16 or 2048 fp32 values, 16 or 8 per thread at 8 warps), less for small V.
+    ``small``: the interpreter's tiles (several tiles even at V ~ 10)."""
+    if small:
+        return min(triton.next_power_of_2(max(V, 1)), 8), 1
     block = 4096 if element_size <= 2 else 2048
     block = min(block, max(triton.next_power_of_2(V), 32))
     return block, max(1, min(8, block // 256))
 
 
-def _vocab_autotune_configs():
-    return [triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv, nw in ((2048, 4), (4096, 8), (8192, 8), (8192, 16))]
-
-
-# keyed on V (and, implicitly, the dtypes): the band width W changes from batch to batch and only
-# sizes the small gather loop, so it must not trigger a re-tune
-_emissions_kernel_tuned = triton.autotune(configs=_vocab_autotune_configs(), key=["V"])(_emissions_kernel)
+def emissions_config(V: int, W: int, element_size: int, *, small: bool = False) -> dict:
+    """Meta of ``_emissions_kernel``: each loop iteration reads the vocabulary tile of :func:`vocab_block`
+    as two loads of BLOCK_V (both in flight at once), and a gather tile."""
+    block_v, num_warps = vocab_block(V, element_size, small=small)
+    block_w = min(triton.next_power_of_2(max(W, 1)), 4 if small else 512)
+    return dict(BLOCK_V=max(block_v // 2, 1), BLOCK_W=block_w, num_warps=num_warps)
 
 
 def emissions(logits, targets, input_lengths, target_lengths, observed, special_id: int, max_shift: int,
@@ -175,17 +198,12 @@ def emissions(logits, targets, input_lengths, target_lengths, observed, special_
     has_observed = observed is not None
     observed_arg = observed.contiguous() if has_observed else input_lengths  # a dummy pointer when absent
     stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
-    block_w = min(triton.next_power_of_2(max(W, 1)), 4 if interpreted() else 512)
     args = (logits, targets, input_lengths, target_lengths, observed_arg, lse, table, special,
             T, V, targets.shape[1], W, int(special_id), int(max_shift),
             logits.stride(0), logits.stride(1), targets.stride(0), stride_ob, stride_ot)
-    meta = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize), BLOCK_W=block_w)
     with device_guard(device):
-        if normalize and autotune_enabled(device):
-            _emissions_kernel_tuned[(B * T,)](*args, **meta)
-        else:
-            block_v, num_warps = _vocab_block(V, logits.element_size())
-            _emissions_kernel[(B * T,)](*args, **meta, BLOCK_V=block_v, num_warps=num_warps)
+        _emissions_kernel[(B * T,)](*args, HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize),
+                                    **emissions_config(V, W, logits.element_size(), small=small_blocks()))
     return lse, table, special
 
 
@@ -198,13 +216,20 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotune_enabled(device: torch.device) -> bool:
-    """``MDLM_CTC_AUTOTUNE=0`` pins the known-good configs (tests and CI set it); on by default on a GPU.
+def small_blocks() -> bool:
+    """The launchers' tiny interpreter tiles (several tiles at toy sizes); ``MDLM_CTC_TRITON_GPU_BLOCKS=1``
+    makes the interpreter run the block sizes a GPU gets (the GPU-shaped tests)."""
+    return interpreted() and os.environ.get("MDLM_CTC_TRITON_GPU_BLOCKS", "0") != "1"
 
-    Autotuning times a few configs on the first call of each vocabulary size and dtype, running the
-    kernel several times, so only the pure kernels (emissions, out-of-place gradient) are ever
-    autotuned; never under the interpreter, and never while a CUDA graph is being captured (the
-    timing synchronises): a captured call runs the default config.
+
+def autotune_enabled(device: torch.device) -> bool:
+    """``MDLM_CTC_AUTOTUNE=0`` pins the default configs (tests and CI set it); on by default on a GPU.
+
+    Only the gradient's dense kernel is autotuned: it computes every element on its own, so the
+    config changes its speed and never its bits (tests/test_slack_ctc_triton.py runs every config).
+    Autotuning times the configs on the first call of each vocabulary size and dtype, running the
+    kernel several times, so it is used for the out-of-place gradient only; never under the
+    interpreter, and never while a CUDA graph is being captured (the timing synchronises).
     """
     if os.environ.get("MDLM_CTC_AUTOTUNE", "1") == "0" or interpreted() or device.type != "cuda":
         return False

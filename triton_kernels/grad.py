@@ -14,24 +14,29 @@ Layouts: logits [B, T, V] float32/bfloat16/float16, any strides on B and T, V co
 contiguous tensor, or ``out=``: any buffer with V contiguous, the logits themselves for the in-place
 mode). float64 logits are handed to ``mdlm_ctc.reference.gradient_reference``.
 
-Parallelisation and determinism: one program per (b, t) row, grid B*T, three phases separated by
-CTA barriers, no atomics anywhere:
-  1. exact values at the band's tokens, read before anything is written (so ``out`` may alias the
-     logits). Repeated tokens in the band must be summed in fp32 before the cast. The launcher sorts
-     each row's target once (token, then position; stable) and records, for every position, the next
-     position holding the same token. Per frame the kernel walks that sorted order once: the band's
-     posteriors (0 outside the band) go through a segmented inclusive scan (tl.associative_scan,
-     segments = equal tokens), and the last in-band member of each run, the "writer", gets the
-     run's total and computes g * (softmax - total) in fp32, parked in a [B, T, W] fp32 scratch at
-     its band slot. The special token joins its run's total if it occurs in the band (invalid input
-     only), else it is written by itself. Every sum has a fixed order: results are bitwise
-     reproducible.
-  2. the dense row g * softmax over vocabulary tiles (one exp2 per logit, log2(e) folded into an FMA),
-     written in the output dtype; the memory-bound part (read x, write grad).
-  3. the writers store their parked values over the dense ones (each token has exactly one writer).
-Cost: phase 2 is the roofline part (one read of the logits, one write of the gradient); phase 1
-touches the row's U sorted entries once per frame (L2-resident [B, U] arrays) and W scratch
-values, small next to V.
+Two kernels, one program per (b, t) row each (grid B*T), no atomics anywhere:
+
+  1. ``_band_values_kernel`` (small, O(band width) per frame): the exact fp32 values at the band's
+     tokens, g * (softmax - gamma), parked in a [B, T, W] fp32 scratch, and the special token's
+     value in a [B, T] one. It reads the logits at those tokens, and it runs before the dense
+     kernel, so ``out`` may alias the logits. Repeated tokens in the band must be summed in fp32
+     before the cast: every band slot links to the previous slot holding the same token (the
+     launcher computes ``prev_same`` once per row), and pointer jumping over those links, log2(BLOCK)
+     rounds of ``tl.gather`` per tile of BLOCK slots, gives every slot the sum of its token's
+     posteriors up to itself; a chain that enters from an earlier tile adds that tile's parked
+     total. The last slot of each token in the band, the "writer", holds the token's total. The
+     special token joins its run's total if it occurs in the band (invalid input only). The order
+     of every sum is fixed by the targets and the launcher's BLOCK_B (chosen from W, never tuned):
+     results are bitwise reproducible.
+  2. ``_dense_kernel`` (the bandwidth-bound part): g * softmax over vocabulary tiles (one exp2 per
+     logit, log2(e) folded into an FMA), written in the output dtype; then the special token's value
+     and the writers' parked values over the dense ones (each token has exactly one writer). It
+     keeps no band state alive across the vocabulary loop, so its registers are those of one
+     vocabulary tile (see benchmarks/results/static_triton.md for the counts and blocks per SM).
+     Every element is computed on its own (no reduction), so the result does not depend on
+     BLOCK_V or num_warps: autotuning this kernel cannot change a bit (tested, every config).
+Cost: kernel 2 is the roofline part (one read of the logits, one write of the gradient); kernel 1
+touches W band slots per frame (and W log2 W gather lanes), small next to V.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .emissions import _vocab_autotune_configs, _vocab_block, autotune_enabled, device_guard, interpreted
+from .emissions import autotune_enabled, device_guard, small_blocks, vocab_block
 from .logspace import LOG2E, NAN, NEG_INF, POS_INF
 
 
@@ -59,27 +64,10 @@ def _to_output_dtype(value, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _segmented_sum(value_a, start_a, value_b, start_b):
-    """Combine of a segmented inclusive sum: a segment restarts where ``start`` is set."""
-    return tl.where(start_b != 0, value_b, value_a + value_b), start_a | start_b
-
-
-@triton.jit
-def _gradient_kernel(
-    # pointers
-    out_ptr, logits_ptr, lse_ptr, grad_nll_ptr, nll_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
-    post_target_ptr, post_special_ptr, tokens_ptr, sorted_tokens_ptr, sorted_positions_ptr, next_same_ptr, parked_ptr,
-    # sizes
-    T, V, U_max, W, special_id, max_shift,
-    # strides
-    stride_logits_b, stride_logits_t, stride_out_b, stride_out_t, stride_observed_b, stride_observed_t,
-    # meta
-    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, ZERO_INFINITY: tl.constexpr, IN_PLACE: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
+def _row_state(b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
+               stride_observed_b, stride_observed_t, W, HAS_OBSERVED: tl.constexpr):
+    """(active, live, infeasible, c_lo, c_hi, width) of frame t: the band of target columns of the
+    lattice's frame t + 1 (lattice.h column_lo / column_hi) and how many of them are stored."""
     T_b = tl.minimum(tl.maximum(tl.load(input_lengths_ptr + b).to(tl.int64), 0), T)
     U_b = tl.minimum(tl.maximum(tl.load(target_lengths_ptr + b).to(tl.int64), 0), U_max)
     active = t < T_b
@@ -88,65 +76,111 @@ def _gradient_kernel(
     nll = tl.load(nll_ptr + b)
     infeasible = nll == POS_INF
     live = active & (nll != POS_INF)
+    frame = t + 1
+    c_lo = tl.maximum(U_b - T_b + frame, 1)
+    c_lo = tl.where(max_shift >= 0, tl.maximum(c_lo, frame - max_shift), c_lo)
+    c_hi = tl.minimum(tl.minimum(frame, U_b), c_lo + W - 1)
+    width = tl.where(live, tl.minimum(tl.maximum(c_hi - c_lo + 1, 0), W), 0)
+    return active, live, infeasible, c_lo, c_hi, width
+
+
+@triton.jit
+def _softmax_at(x_row, token, mask, lse, scaled_lse, V, NORMALIZE: tl.constexpr):
+    """softmax(x)[token] in fp32 (0 for log-prob input, where the gradient is -g * gamma)."""
+    if NORMALIZE:
+        x = tl.load(x_row + tl.minimum(tl.maximum(token, 0), V - 1), mask=mask, other=0.0).to(tl.float32)
+        return tl.where(lse == NEG_INF, 0.0, tl.exp2(x * LOG2E - scaled_lse))
+    else:
+        return tl.zeros_like(token).to(tl.float32)
+
+
+@triton.jit
+def _band_values_kernel(
+    # pointers
+    logits_ptr, lse_ptr, grad_nll_ptr, nll_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
+    post_target_ptr, post_special_ptr, tokens_ptr, prev_same_ptr, next_same_ptr, parked_ptr, parked_special_ptr,
+    # sizes
+    T, V, U_max, W, special_id, max_shift,
+    # strides
+    stride_logits_b, stride_logits_t, stride_observed_b, stride_observed_t,
+    # meta
+    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, JUMPS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    active, live, infeasible, c_lo, c_hi, width = _row_state(
+        b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
+        stride_observed_b, stride_observed_t, W, HAS_OBSERVED)
+    g = tl.load(grad_nll_ptr + b).to(tl.float32)
+    lse = tl.load(lse_ptr + row)
+    scaled_lse = tl.where(lse == NEG_INF, 0.0, lse) * LOG2E
+    x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
+    k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
+    post_k = tl.load(post_special_ptr + row)
+    post_row = post_target_ptr + row * W
+    parked_row = parked_ptr + row * W
+    tokens_row = tokens_ptr + b * U_max
+    prev_row = prev_same_ptr + b * U_max
+    next_row = next_same_ptr + b * U_max
+
+    lanes = tl.arange(0, BLOCK_B)
+    for j0 in range(0, width, BLOCK_B):
+        j = j0 + lanes                  # band slot; target position p = c_lo + j - 1 (0-based)
+        in_band = j < width
+        p = c_lo - 1 + j
+        token = tl.load(tokens_row + p, mask=in_band, other=-1)
+        total = tl.load(post_row + j, mask=in_band, other=0.0)
+        prev_slot = tl.load(prev_row + p, mask=in_band, other=-1) + 1 - c_lo  # < 0: before the band
+        has_prev = in_band & (prev_slot >= 0)
+        link = tl.where(has_prev & (prev_slot >= j0), prev_slot - j0, -1).to(tl.int32)  # a lane of this tile
+        entry = tl.where(has_prev & (prev_slot < j0), prev_slot, -1)                  # a slot of an earlier tile
+        # pointer jumping: after round r, total sums 2^r chain members (or the whole in-tile chain) and
+        # link points 2^r members back; entry is taken from the chain's first in-tile member
+        for _ in tl.static_range(JUMPS):
+            follow = link >= 0
+            source = tl.where(follow, link, 0)
+            total = total + tl.where(follow, tl.gather(total, source, 0), 0.0)
+            source_link = tl.gather(link, source, 0)
+            entry = tl.where(follow & (source_link < 0), tl.gather(entry, source, 0), entry)
+            link = tl.where(follow, source_link, -1)
+        # the chain's part before this tile: the total parked at its last member there (never a writer)
+        total += tl.load(parked_row + entry, mask=in_band & (entry >= 0), other=0.0)
+        writer = in_band & (tl.load(next_row + p, mask=in_band, other=0) + 1 > c_hi)
+        soft = _softmax_at(x_row, token, writer, lse, scaled_lse, V, NORMALIZE)
+        exact = g * (soft - (total + tl.where(token == k, post_k, 0.0)))
+        tl.store(parked_row + j, tl.where(writer, exact, total), mask=in_band)
+        tl.debug_barrier()  # this tile's totals are visible to the next tile's entry loads
+    soft_k = _softmax_at(x_row, k, live, lse, scaled_lse, V, NORMALIZE)
+    tl.store(parked_special_ptr + row, g * (soft_k - post_k))
+
+
+@triton.jit
+def _dense_kernel(
+    # pointers
+    out_ptr, logits_ptr, lse_ptr, grad_nll_ptr, nll_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
+    tokens_ptr, next_same_ptr, parked_ptr, parked_special_ptr,
+    # sizes
+    T, V, U_max, W, special_id, max_shift,
+    # strides
+    stride_logits_b, stride_logits_t, stride_out_b, stride_out_t, stride_observed_b, stride_observed_t,
+    # meta
+    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, ZERO_INFINITY: tl.constexpr, IN_PLACE: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    active, live, infeasible, c_lo, c_hi, width = _row_state(
+        b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
+        stride_observed_b, stride_observed_t, W, HAS_OBSERVED)
     g = tl.load(grad_nll_ptr + b).to(tl.float32)
     lse = tl.load(lse_ptr + row)
     scaled_lse = tl.where(lse == NEG_INF, 0.0, lse) * LOG2E
     x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
     out_row = out_ptr + b * stride_out_b + t * stride_out_t
-    k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
-    post_k = tl.load(post_special_ptr + row)
 
-    # the band of target columns of frame t + 1 (lattice.h column_lo / column_hi)
-    frame = t + 1
-    c_lo = tl.maximum(U_b - T_b + frame, 1)
-    c_lo = tl.where(max_shift >= 0, tl.maximum(c_lo, frame - max_shift), c_lo)
-    c_hi = tl.minimum(tl.minimum(frame, U_b), c_lo + W - 1)
-    post_row = post_target_ptr + row * W
-    parked_row = parked_ptr + row * W
-
-    # ---- 1. exact fp32 values at the band's tokens (logits read before any write) -------------
-    sorted_tokens = sorted_tokens_ptr + b * U_max
-    sorted_positions = sorted_positions_ptr + b * U_max
-    offs_r = tl.arange(0, BLOCK_R)
-    carry_sum = tl.zeros([], dtype=tl.float32)       # running sum of the run that crosses a tile edge
-    carry_token = tl.full([], -1, dtype=tl.int64)
-    special_in_band = tl.zeros([], dtype=tl.int32)
-    n_sorted = tl.where(live, U_b, 0)
-    for r0 in range(0, n_sorted, BLOCK_R):
-        r = r0 + offs_r
-        valid = r < U_b
-        token = tl.load(sorted_tokens + r, mask=valid, other=-1)
-        u = tl.load(sorted_positions + r, mask=valid, other=0) + 1  # the target column
-        in_band = valid & (u >= c_lo) & (u <= c_hi)
-        post = tl.load(post_row + (u - c_lo), mask=in_band, other=0.0)
-        post = tl.where((r == r0) & (token == carry_token), post + carry_sum, post)
-        previous = tl.load(sorted_tokens + (r - 1), mask=valid & (r >= 1), other=-1)
-        run_start = (token != previous).to(tl.int32)
-        run_sum, _ = tl.associative_scan((post, run_start), 0, _segmented_sum)
-        following = tl.load(sorted_tokens + (r + 1), mask=r + 1 < U_b, other=-1)
-        following_u = tl.load(sorted_positions + (r + 1), mask=r + 1 < U_b, other=0) + 1
-        writer = in_band & ((following != token) | (following_u > c_hi))
-        is_special = token == k
-        special_in_band += tl.sum((in_band & is_special).to(tl.int32), axis=0)
-        total = run_sum + tl.where(is_special, post_k, 0.0)
-        if NORMALIZE:
-            x = tl.load(x_row + tl.minimum(tl.maximum(token, 0), V - 1), mask=writer, other=0.0).to(tl.float32)
-            soft = tl.where(lse == NEG_INF, 0.0, tl.exp2(x * LOG2E - scaled_lse))
-        else:
-            soft = 0.0
-        tl.store(parked_row + (u - c_lo), g * (soft - total), mask=writer)
-        last = r == r0 + BLOCK_R - 1
-        carry_sum = tl.sum(tl.where(last, run_sum, 0.0), axis=0)
-        carry_token = tl.sum(tl.where(last, token, 0), axis=0)
-    if NORMALIZE:
-        x_k = tl.load(x_row + k, mask=live, other=0.0).to(tl.float32)
-        soft_k = tl.where(lse == NEG_INF, 0.0, tl.exp2(x_k * LOG2E - scaled_lse))
-    else:
-        soft_k = 0.0
-    value_k = g * (soft_k - post_k)
-    tl.debug_barrier()  # parked values visible to phase 3's lanes; logits read before phase 2 writes
-
-    # ---- 2. the dense row: g * softmax (0 / the infeasible fill elsewhere) ----------------------
+    # ---- the dense row: g * softmax (0 / the infeasible fill elsewhere) ----------------------------
     if ZERO_INFINITY:
         fill = 0.0
     else:
@@ -166,52 +200,81 @@ def _gradient_kernel(
         tl.store(out_row + v, _to_output_dtype(dense, out_ptr.dtype.element_ty), mask=in_vocab)
     tl.debug_barrier()  # the dense values land before the exact ones that replace them
 
-    # ---- 3. the writers store the exact values over the dense ones -----------------------------
-    width = tl.where(live, tl.minimum(tl.maximum(c_hi - c_lo + 1, 0), W), 0)
-    offs_w = tl.arange(0, BLOCK_W)
+    # ---- the exact values over the dense ones: the special token, then the band's writers ----------
+    k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
+    value_k = tl.load(parked_special_ptr + row)
+    tl.store(out_row + k, _to_output_dtype(value_k, out_ptr.dtype.element_ty), mask=live)
+    tl.debug_barrier()  # a writer of the special token (invalid input: k inside the band) comes last
+    offs_j = tl.arange(0, BLOCK_J)
     tokens_row = tokens_ptr + b * U_max
-    next_same_row = next_same_ptr + b * U_max
-    for j0 in range(0, width, BLOCK_W):
-        j = j0 + offs_w
+    next_row = next_same_ptr + b * U_max
+    parked_row = parked_ptr + row * W
+    for j0 in range(0, width, BLOCK_J):
+        j = j0 + offs_j
         in_band = j < width
-        u = c_lo + j
-        next_u = tl.load(next_same_row + (u - 1), mask=in_band, other=0) + 1
-        writer = in_band & (next_u > c_hi)
-        token = tl.load(tokens_row + (u - 1), mask=writer, other=0)
+        p = c_lo - 1 + j
+        writer = in_band & (tl.load(next_row + p, mask=in_band, other=0) + 1 > c_hi)
+        token = tl.load(tokens_row + p, mask=writer, other=0)
         value = tl.load(parked_row + j, mask=writer, other=0.0)
         tl.store(out_row + token, _to_output_dtype(value, out_ptr.dtype.element_ty), mask=writer)
-    tl.store(out_row + k, _to_output_dtype(value_k, out_ptr.dtype.element_ty), mask=live & (special_in_band == 0))
 
 
-def _band_order(targets, target_lengths, V):
-    """Per row: the target sorted by (token, position) and, per position, the next one with its token.
+# ---------------------------------------------------------------------------------------------
+# configs (one place: the launcher, the tests and benchmarks/static_triton.py all read these)
+# ---------------------------------------------------------------------------------------------
 
-    ``tokens`` [B, U] (clamped ids), ``sorted_tokens`` / ``sorted_positions`` [B, U] (padding sorts
-    last as token V), ``next_same`` [B, U] (U + 1 when there is none). Device ops only, no sync.
-    """
+# Autotuned configs of the dense kernel: (BLOCK_V, num_warps). Every one is checked for spills and
+# occupancy at sm_90 in CI (tests/test_triton_resources.py), and they give identical bits.
+DENSE_AUTOTUNE_CONFIGS = ((2048, 4), (4096, 4), (4096, 8), (8192, 8))
+
+
+def band_values_config(W: int, *, small: bool = False) -> dict:
+    """Meta of ``_band_values_kernel``: one tile of BLOCK_B band slots (W <= 1024 fits one tile)."""
+    block = min(triton.next_power_of_2(max(W, 1)), 4 if small else 1024)
+    return dict(BLOCK_B=block, JUMPS=max(block.bit_length() - 1, 0), num_warps=1 if small else max(1, min(4, block // 128)))
+
+
+def dense_config(V: int, element_size: int, *, small: bool = False) -> dict:
+    """Meta of ``_dense_kernel`` when it is not autotuned (the vocabulary pass's tile)."""
+    block_v, num_warps = vocab_block(V, element_size, small=small)
+    return dict(BLOCK_V=block_v, BLOCK_J=4 if small else 128, num_warps=num_warps)
+
+
+def _band_links(targets, target_lengths, V):
+    """Per row: clamped ids ``tokens`` [B, U], and for every position the previous / next position
+    holding the same token (``prev_same``: -1 when none; ``next_same``: U + 1 when none), padding
+    excluded. Device ops only (one sort), no sync."""
     B, U = targets.shape
     tokens = targets.to(torch.int64).clamp(0, max(V - 1, 0)).contiguous()
     position = torch.arange(U, device=targets.device)
-    key = torch.where(position[None, :] < target_lengths[:, None], tokens, V)
+    key = torch.where(position[None, :] < target_lengths[:, None], tokens, V)  # padding sorts last as token V
     sorted_tokens, sorted_positions = torch.sort(key, dim=1, stable=True)
-    none = U + 1
-    next_sorted = torch.full_like(sorted_positions, none)
+    next_sorted = torch.full_like(sorted_positions, U + 1)
+    prev_sorted = torch.full_like(sorted_positions, -1)
     if U > 1:
         same = sorted_tokens[:, 1:] == sorted_tokens[:, :-1]
-        next_sorted[:, :-1] = torch.where(same, sorted_positions[:, 1:], none)
+        next_sorted[:, :-1] = torch.where(same, sorted_positions[:, 1:], U + 1)
+        prev_sorted[:, 1:] = torch.where(same, sorted_positions[:, :-1], -1)
     next_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, next_sorted)
-    return tokens, sorted_tokens.contiguous(), sorted_positions.contiguous(), next_same
+    prev_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, prev_sorted)
+    return tokens, prev_same, next_same
 
 
-_gradient_kernel_tuned = triton.autotune(configs=_vocab_autotune_configs(), key=["V"])(_gradient_kernel)
+def _dense_autotune_configs():
+    return [triton.Config({"BLOCK_V": bv, "BLOCK_J": 128}, num_warps=nw) for bv, nw in DENSE_AUTOTUNE_CONFIGS]
+
+
+# keyed on V and the dtypes: the band width W changes from batch to batch and only sizes the writers' loop
+_dense_kernel_tuned = triton.autotune(configs=_dense_autotune_configs(), key=["V"])(_dense_kernel)
 
 
 def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, observed, post_target, post_special, nll,
-             special_id: int, max_shift: int, zero_infinity: bool, normalize: bool, *, out=None):
+             special_id: int, max_shift: int, zero_infinity: bool, normalize: bool, *, out=None, dense_block=None):
     """Stage 3 of the backend contract (``csrc/ops.cpp``): ``grad [B, T, V]`` in the logits' dtype.
 
     ``out`` (keyword): write into this buffer instead of a new tensor; it may be ``logits`` itself
-    (the in-place mode: the logits are consumed). Off by default.
+    (the in-place mode: the logits are consumed). Off by default. ``dense_block`` (keyword, for
+    tests): ``(BLOCK_V, num_warps)`` of the dense kernel instead of the default or autotuned one.
     """
     B, T, V = logits.shape
     if out is None:
@@ -221,7 +284,7 @@ def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, obse
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     elif out.numel() > 0 and out.stride(2) != 1:
         raise ValueError(f"gradient: `out` must be contiguous in the vocabulary dimension; got strides {out.stride()}")
-    in_place = out.numel() > 0 and out.data_ptr() == logits.data_ptr()
+    in_place = out.numel() > 0 and (out is logits or (out.device.type != "meta" and out.data_ptr() == logits.data_ptr()))
     if in_place and out.stride() != logits.stride():
         raise ValueError("gradient: `out` aliases the logits with different strides")
     if logits.dtype == torch.float64:
@@ -239,7 +302,7 @@ def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, obse
     U_max = targets.shape[1]
     input_lengths = input_lengths.to(torch.int64).contiguous()
     target_lengths = target_lengths.to(torch.int64).contiguous()
-    tokens, sorted_tokens, sorted_positions, next_same = _band_order(targets, target_lengths.clamp(0, U_max), V)
+    tokens, prev_same, next_same = _band_links(targets, target_lengths.clamp(0, U_max), V)
     f32 = dict(dtype=torch.float32)
     lse = lse.to(**f32).contiguous()
     grad_nll = grad_nll.to(**f32).reshape(B).contiguous()
@@ -247,21 +310,29 @@ def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, obse
     post_target = post_target.to(**f32).contiguous()
     post_special = post_special.to(**f32).contiguous()
     parked = torch.empty((B, T, W), device=device, **f32)
+    parked_special = torch.empty((B, T), device=device, **f32)
     has_observed = observed is not None
     observed_arg = observed.contiguous() if has_observed else input_lengths
     stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
-    small = interpreted()
-    args = (out, logits, lse, grad_nll, nll, input_lengths, target_lengths, observed_arg, post_target, post_special,
-            tokens, sorted_tokens, sorted_positions, next_same, parked,
-            T, V, U_max, W, int(special_id), int(max_shift),
-            logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), stride_ob, stride_ot)
-    meta = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize), ZERO_INFINITY=bool(zero_infinity),
-                IN_PLACE=in_place, BLOCK_R=min(triton.next_power_of_2(max(U_max, 1)), 4 if small else 2048),
-                BLOCK_W=min(triton.next_power_of_2(max(W, 1)), 4 if small else 1024))
+    small = small_blocks()
+    sizes = (T, V, U_max, W, int(special_id), int(max_shift))
+    flags = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize))
     with device_guard(device):
-        if autotune_enabled(device) and not in_place:  # re-running is harmless only when out != logits
-            _gradient_kernel_tuned[(B * T,)](*args, **meta)
+        _band_values_kernel[(B * T,)](
+            logits, lse, grad_nll, nll, input_lengths, target_lengths, observed_arg, post_target, post_special,
+            tokens, prev_same, next_same, parked, parked_special, *sizes,
+            logits.stride(0), logits.stride(1), stride_ob, stride_ot,
+            **flags, **band_values_config(W, small=small))
+        dense_args = (out, logits, lse, grad_nll, nll, input_lengths, target_lengths, observed_arg, tokens, next_same,
+                      parked, parked_special, *sizes,
+                      logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), stride_ob, stride_ot)
+        flags.update(ZERO_INFINITY=bool(zero_infinity), IN_PLACE=in_place)
+        if dense_block is not None:
+            block_v, num_warps = dense_block
+            _dense_kernel[(B * T,)](*dense_args, **flags, BLOCK_V=block_v, BLOCK_J=4 if small else 128,
+                                    num_warps=num_warps)
+        elif autotune_enabled(device) and not in_place:  # re-running is harmless only when out != logits
+            _dense_kernel_tuned[(B * T,)](*dense_args, **flags)
         else:
-            block_v, num_warps = _vocab_block(V, logits.element_size())
-            _gradient_kernel[(B * T,)](*args, **meta, BLOCK_V=block_v, num_warps=num_warps)
+            _dense_kernel[(B * T,)](*dense_args, **flags, **dense_config(V, logits.element_size(), small=small))
     return out

@@ -52,10 +52,13 @@ of 2048) at the price of D times the SFU work of one pass in phase A (every inpu
 offsets), spread over the whole GPU: B * NC * S/TILE_I programs (G1: ~8,000). When the band is so
 wide that this extra work exceeds the latency it saves, or T is short, a single chunk (NC = 1,
 phases A and B skipped) runs alpha and beta as two concurrent programs per row.
-`_choose_chunk_len` makes that call with the cost model below [est.]: at G1 (preserve, W = 257) it
-picks L = 15, ~0.1 ms instead of ~0.65 ms; at G3 (B = 2, T = 8192) L = 31, ~0.36 ms instead of
-~2.7 ms; at G2 standard (W = 1024, S = 2049) L = 7, ~0.77 ms instead of ~1.0 ms.
-MDLM_CTC_LATTICE_CHUNK=<L> (0 = one chunk) overrides it.
+`choose_chunk_len` makes that call with the cost model below [est.], which prices every dependent
+step as the kernels run it: a sweep step is ceil(S / BLOCK_S) tiles, and the boundary kernel (grid
+(B, 2)) runs ceil(S / BLOCK_X) dependent tiles per chunk, each waiting on its global loads, so its
+depth is n_chunks x tiles. BLOCK_X holds the whole band when the [BLOCK_X, BLOCK_D] tile fits 16,384
+lanes (G1: S = 258, one tile of 512 instead of 256 plus a tile of one state).
+benchmarks/results/static_triton.md lists the plan, its sequential depth and the estimate per SPEC
+§6 shape. MDLM_CTC_LATTICE_CHUNK=<L> (0 = one chunk) overrides it.
 
 Rejected alternative: splitting one row's band across CTAs that exchange edge states every step
 through global flags. It needs spin-waits on other CTAs (forward progress only with co-residency or
@@ -84,7 +87,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .emissions import device_guard, interpreted, sm_count
+from .emissions import device_guard, interpreted, sm_count, small_blocks
 from .logspace import NAN, NEG_INF, POS_INF, logaddexp, logaddexp3, logsumexp_axis1
 
 PRESERVE, STANDARD = 0, 1
@@ -515,18 +518,49 @@ def _transfer_width(mode: int, chunk_len: int) -> int:
     return chunk_len + 1 if mode == PRESERVE else 2 * chunk_len + 1
 
 
+def _boundary_block_x(S: int, block_d: int, *, small: bool = False) -> int:
+    """States per tile of the boundary kernel: the whole band in one tile when the [BLOCK_X, BLOCK_D]
+    tile stays within 16,384 lanes (no spill at any chunk length, see benchmarks/results/static_triton.md;
+    G1: S = 258 -> one tile of 512, not 256 + a tile of one state; G3: 514 states in one tile of 1,024)."""
+    return max(1, min(triton.next_power_of_2(S), (4 if small else 16384) // block_d))
+
+
 def _estimate_us(B: int, T: int, S: int, mode: int, chunk_len: int, n_sm: int) -> float:
-    """Estimated lattice time (alpha + beta; the posterior pass is the same either way)."""
+    """Estimated lattice time (alpha + beta; the posterior pass is the same either way).
+
+    Every dependent step is priced as the kernels run it: the sweep steps tile by tile over BLOCK_S
+    states, and the boundary kernel (grid (B, 2)) runs ceil(S / BLOCK_X) dependent tiles per chunk,
+    each waiting on its global loads, so its sequential depth is n_chunks * tiles, not n_chunks."""
     sfu = 2 if mode == PRESERVE else 3  # SFU ops per state and step
     rate = SFU_OPS_PER_US_PER_SM
+    sweep_tiles = -(-S // min(triton.next_power_of_2(S), 4096))
     if chunk_len == 0:
-        return T * (STEP_US + S * sfu / rate)
+        return T * (sweep_tiles * STEP_US + S * sfu / rate)
     D = _transfer_width(mode, chunk_len)
     n_chunks = -(-T // chunk_len)
     transfer = max(B * T * S * D * sfu / (rate * n_sm), chunk_len * 2 * STEP_US)
-    boundary = n_chunks * (STEP_US + S * D / rate)
-    sweep = max(chunk_len * (STEP_US + S * sfu / rate), B * T * S * sfu / (rate * n_sm))
+    boundary_tiles = -(-S // _boundary_block_x(S, triton.next_power_of_2(D)))
+    boundary = n_chunks * (boundary_tiles * STEP_US + S * D / rate)
+    sweep = max(chunk_len * (sweep_tiles * STEP_US + S * sfu / rate), B * T * S * sfu / (rate * n_sm))
     return transfer + boundary + sweep + 2 * LAUNCH_US
+
+
+def sequential_depth(T: int, S: int, mode: int, chunk_len: int) -> int:
+    """Dependent, barrier-separated tile steps on the lattice's critical path (the static report's column)."""
+    sweep_tiles = -(-S // min(triton.next_power_of_2(S), 4096))
+    if chunk_len == 0:
+        return T * sweep_tiles
+    n_chunks = -(-T // chunk_len)
+    boundary_tiles = -(-S // _boundary_block_x(S, triton.next_power_of_2(_transfer_width(mode, chunk_len))))
+    return 2 * chunk_len + n_chunks * boundary_tiles + chunk_len * sweep_tiles
+
+
+def choose_chunk_len(B: int, T: int, S: int, mode: int, n_sm: int) -> int:
+    """Frames per chunk from the cost model, 0 for a single chunk (no override, no device)."""
+    if T < 256:
+        return 0
+    candidates = (0,) + (PRESERVE_CHUNKS if mode == PRESERVE else STANDARD_CHUNKS)
+    return min(candidates, key=lambda L: _estimate_us(B, T, S, mode, L, n_sm))
 
 
 def _choose_chunk_len(B: int, T: int, S: int, mode: int, device: torch.device) -> int:
@@ -535,15 +569,37 @@ def _choose_chunk_len(B: int, T: int, S: int, mode: int, device: torch.device) -
     if override is not None:
         chunk_len = int(override)
         return chunk_len if 0 < chunk_len < T else 0
-    if interpreted() or device.type != "cuda" or T < 256:
+    if interpreted() or device.type != "cuda":
         return 0
-    n_sm = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    candidates = (0,) + (PRESERVE_CHUNKS if mode == PRESERVE else STANDARD_CHUNKS)
-    return min(candidates, key=lambda L: _estimate_us(B, T, S, mode, L, n_sm))
+    return choose_chunk_len(B, T, S, mode, sm_count(device.index if device.index is not None
+                                                    else torch.cuda.current_device()))
 
 
 def _sweep_warps(block: int) -> int:
     return max(4, min(16, block // 256))
+
+
+def lattice_configs(T: int, W: int, mode: int, chunk_len: int, *, small: bool = False) -> dict:
+    """Meta (constexprs and num_warps) of every lattice kernel for a table of width W: one place for
+    the launcher, the tests and benchmarks/static_triton.py. Chunked kernels only when chunk_len > 0."""
+    S = W + 1 if mode == PRESERVE else 2 * W + 1
+    block_s = min(triton.next_power_of_2(S), 4 if small else 4096)
+    configs = {
+        "_sweep_kernel": dict(MODE=mode, CHUNKED=chunk_len > 0, BLOCK_S=block_s, num_warps=_sweep_warps(block_s)),
+        "_loss_kernel": dict(MODE=mode, BLOCK_T=min(triton.next_power_of_2(max(T, 1)), 4 if small else 1024),
+                             num_warps=4),
+        "_posterior_kernel": dict(MODE=mode, BLOCK_S=min(block_s, 1024),
+                                  BLOCK_W=min(triton.next_power_of_2(max(W, 1)), 4 if small else 1024), num_warps=4),
+    }
+    if chunk_len > 0:
+        D = _transfer_width(mode, chunk_len)
+        block_d = triton.next_power_of_2(D)
+        configs["_transfer_kernel"] = dict(
+            MODE=mode, D=D, TILE_I=max(1, min(triton.next_power_of_2(S), (32 if small else 1024) // block_d)),
+            BLOCK_D=block_d, num_warps=4)
+        configs["_boundary_kernel"] = dict(MODE=mode, D=D, BLOCK_X=_boundary_block_x(S, block_d, small=small),
+                                           BLOCK_D=block_d, num_warps=8)
+    return configs
 
 
 def lattice_band(table, special, targets, input_lengths, target_lengths, mode: int, max_shift: int, need_grad: bool,
@@ -583,36 +639,27 @@ def lattice_band(table, special, targets, input_lengths, target_lengths, mode: i
 
     alpha = torch.empty((B, T + 1, S), dtype=torch.float32, device=device)
     beta = torch.empty((B, T + 1, S), dtype=torch.float32, device=device) if need_grad else alpha
-    small = interpreted()
-    block_s = min(triton.next_power_of_2(S), 4 if small else 4096)
+    configs = lattice_configs(T, W, mode, chunk_len, small=small_blocks())
     lengths = (input_lengths, target_lengths)
     with device_guard(device):
         if chunked:
-            D = _transfer_width(mode, chunk_len)
-            block_d = triton.next_power_of_2(D)
-            tile_i = max(1, min(triton.next_power_of_2(S), (32 if small else 1024) // block_d))
-            transfer = torch.empty((B, n_chunks, S, D), dtype=torch.float32, device=device)
-            _transfer_kernel[(B, n_chunks, triton.cdiv(S, tile_i))](
+            meta = configs["_transfer_kernel"]
+            transfer = torch.empty((B, n_chunks, S, meta["D"]), dtype=torch.float32, device=device)
+            _transfer_kernel[(B, n_chunks, triton.cdiv(S, meta["TILE_I"]))](
                 work_table, work_special, targets, *lengths, transfer,
-                T, W, U_max, S, n_chunks, chunk_len, shift, targets.stride(0),
-                MODE=mode, D=D, TILE_I=tile_i, BLOCK_D=block_d, num_warps=4)
-            block_x = max(1, min(triton.next_power_of_2(S), (4 if small else 4096) // block_d))
+                T, W, U_max, S, n_chunks, chunk_len, shift, targets.stride(0), **meta)
             _boundary_kernel[(B, 2 if need_grad else 1)](
                 *lengths, transfer, alpha, beta, T, U_max, S, n_chunks, chunk_len, shift,
-                MODE=mode, D=D, BLOCK_X=block_x, BLOCK_D=block_d, num_warps=8)
+                **configs["_boundary_kernel"])
         if need_grad or not chunked:
             _sweep_kernel[(B, n_chunks, 2 if need_grad else 1)](
                 work_table, work_special, targets, *lengths, alpha, beta,
-                T, W, U_max, S, chunk_len if chunked else T, shift, targets.stride(0),
-                MODE=mode, CHUNKED=chunked, BLOCK_S=block_s, num_warps=_sweep_warps(block_s))
-        _loss_kernel[(B,)](work_special, *lengths, alpha, nll, T, U_max, S, shift,
-                           MODE=mode, BLOCK_T=min(triton.next_power_of_2(max(T, 1)), 4 if small else 1024),
-                           num_warps=4)
+                T, W, U_max, S, chunk_len if chunked else T, shift, targets.stride(0), **configs["_sweep_kernel"])
+        _loss_kernel[(B,)](work_special, *lengths, alpha, nll, T, U_max, S, shift, **configs["_loss_kernel"])
         if need_grad and T > 0:
-            block_w = min(triton.next_power_of_2(max(W, 1)), 4 if small else 1024)
             _posterior_kernel[(B * T,)](
                 work_table, work_special, *lengths, alpha, beta, nll, T, W, U_max, S, shift,
-                MODE=mode, BLOCK_S=min(block_s, 1024), BLOCK_W=block_w, num_warps=4)
+                **configs["_posterior_kernel"])
     if need_grad:
         if work_table is not table:
             table.copy_(work_table)

@@ -1,0 +1,71 @@
+"""Every Triton kernel, at every config its launcher can choose, compiled for sm_90 without a GPU:
+no register spills (CI fails on one), and the bandwidth-bound vocabulary passes at >= 32 resident
+warps per SM at the SPEC §6 shapes (S2). ``mdlm_ctc.triton_kernels.resources`` records the
+launchers' own launches on meta tensors and reads registers and spills from ``ptxas -v``;
+``benchmarks/static_triton.py`` writes the same figures as a table.
+
+The compiler runs in a subprocess without ``TRITON_INTERPRET`` (conftest.py sets it for the rest of
+the suite). These are compile-time facts, not timings.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SCRIPT = """
+import json
+from mdlm_ctc.triton_kernels import resources
+rows = []
+spec = {w.name for w in resources.spec_workloads()}
+for workload, launch in resources.choosable_launches():
+    r = resources.resources(launch)
+    rows.append(dict(workload=workload.name, spec=workload.name in spec, kernel=launch.name,
+                     config=resources.describe(launch), regs=r.regs, spills=r.spills, stack=r.stack,
+                     resident_warps=r.resident_warps, limiter=r.limiter))
+print("JSON" + json.dumps(rows))
+"""
+
+
+@pytest.fixture(scope="module")
+def launch_resources():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, f"compiling the launchers' configs for sm_90 failed:\n{result.stderr[-4000:]}"
+    line = next(line for line in result.stdout.splitlines() if line.startswith("JSON"))
+    return json.loads(line[4:])
+
+
+def test_every_kernel_is_covered(launch_resources):
+    kernels = {row["kernel"] for row in launch_resources}
+    assert kernels == {"_emissions_kernel", "_transfer_kernel", "_boundary_kernel", "_sweep_kernel", "_loss_kernel",
+                       "_posterior_kernel", "_band_values_kernel", "_dense_kernel", "row_logsumexp_kernel",
+                       "softmax_grad_kernel"}, kernels
+    configs = {(row["kernel"], row["config"]) for row in launch_resources}
+    assert len(configs) >= 40, f"only {len(configs)} distinct configs recorded"
+
+
+def test_no_config_the_launchers_can_choose_spills(launch_resources):
+    spilling = [row for row in launch_resources if row["spills"] or row["stack"]]
+    assert not spilling, "configs that spill registers at sm_90:\n" + "\n".join(
+        f"  {row['workload']}: {row['kernel']} [{row['config']}] {row['regs']} regs, {row['spills']} B spilled, "
+        f"{row['stack']} B stack" for row in spilling)
+
+
+def test_vocabulary_passes_keep_32_warps_resident(launch_resources):
+    from_spec = [row for row in launch_resources if row["spec"] and row["kernel"] in (
+        "_emissions_kernel", "_dense_kernel", "row_logsumexp_kernel", "softmax_grad_kernel")]
+    assert from_spec
+    low = [row for row in from_spec if row["resident_warps"] < 32]
+    assert not low, "bandwidth-bound passes under 32 resident warps per SM:\n" + "\n".join(
+        f"  {row['workload']}: {row['kernel']} [{row['config']}] {row['regs']} regs -> {row['resident_warps']} warps "
+        f"({row['limiter']})" for row in low)
