@@ -84,7 +84,7 @@ def base_config(cfg: Config) -> Config:
     """The configuration of the base model's CE pre-training."""
     b = copy_config(cfg)
     b.objective.objective = "ce"
-    b.train.steps = cfg.compare.base_steps
+    b.train.steps = cfg.base_step_count()
     b.train.lr = cfg.compare.base_lr
     b.train.warmup_steps = cfg.compare.base_warmup_steps
     b.train.init_from = None
@@ -101,7 +101,7 @@ _CTC_ONLY = ("ctc_weight", "slack_insertion", "slack_rate", "ctc_max_shift", "ct
              "slack_budget_ratio")
 
 
-def _settings(cfg: Config) -> dict:
+def settings_of(cfg: Config) -> dict:
     """What determines a trained model: not where it is written, how progress is shown, which examples are
     evaluated, nor (for CE) the CTC options."""
     d = cfg.to_dict()
@@ -121,19 +121,20 @@ def train_once(cfg: Config, prepared, run_dir: str, objective: str, log=print) -
     from its last checkpoint when ``resume`` is set.
     """
     settings_path = os.path.join(run_dir, "settings.json")
-    settings = _settings(cfg)
-    if os.path.exists(os.path.join(run_dir, DONE_FILE)):
+    settings = json.loads(json.dumps(settings_of(cfg)))
+    if os.path.isdir(run_dir):
         same = False
         if os.path.exists(settings_path):
             with open(settings_path) as f:
-                same = json.load(f) == json.loads(json.dumps(settings))
-        if same:
+                same = json.load(f) == settings
+        if same and os.path.exists(os.path.join(run_dir, DONE_FILE)):
             with open(os.path.join(run_dir, DONE_FILE)) as f:
                 summary = json.load(f)
             log(f"[{objective}] reusing {run_dir} ({summary['steps']} steps, same settings)")
             return summary
-        log(f"[{objective}] {run_dir} was trained with other settings; training it again")
-        shutil.rmtree(run_dir)
+        if not same:  # finished or interrupted, with other settings (or none recorded): start again
+            log(f"[{objective}] {run_dir} was trained with other settings; training it again")
+            shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     tmp = f"{settings_path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -167,7 +168,7 @@ def finetune_config(cfg: Config, objective: str, seed: int, overrides: dict, sou
 
 def build_base(cfg: Config, prepared, root: str, log=print) -> tuple[str, dict | None]:
     """Train (or reuse) the base model; returns (its folder, its training summary or None)."""
-    if cfg.compare.base_steps == 0:
+    if cfg.base_step_count() == 0:
         return prepared.init_source, None
     base_dir = os.path.join(root, "base")
     summary = train_once(base_config(cfg), prepared, base_dir, "ce", log=log)

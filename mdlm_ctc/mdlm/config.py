@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 OBJECTIVES = ("ce", "ctc", "ce+ctc")
+EMBEDDED_BASE_STEPS = 1500
 
 
 def _opt(default, help, choices=None):
@@ -180,7 +181,8 @@ class EvalConfig:
     baseline: Optional[str] = _opt(None, "`eval`: a second model folder; pairwise win rates are reported "
                                    "against it")
     max_eval_examples: int = _opt(0, "evaluate at most this many examples; 0 = all")
-    shift_fractions: str = _opt("0,0.05,0.1,0.2", "shift-robustness curve: comma-separated shift fractions")
+    shift_fractions: str = _opt("0,0.01,0.02,0.05,0.1", "shift-robustness curve: comma-separated shift fractions "
+                                "(the paper probes 1%, 2% and 5%)")
     bootstrap_samples: int = _opt(1000, "bootstrap resamples for the confidence intervals")
     confidence: float = _opt(0.95, "confidence level of the intervals")
     prompt: Optional[str] = _opt(None, "`sample`: the prompt text; default: the first num_samples eval prompts")
@@ -190,9 +192,9 @@ class EvalConfig:
 
 @dataclass
 class CompareConfig:
-    base_steps: int = _opt(1500, "`compare`/`ablate`: CE pre-training steps of the base model that every fine-tune "
+    base_steps: int = _opt(-1, "`compare`/`ablate`: CE pre-training steps of the base model that every fine-tune "
                            "starts from (built once in <run>/base and reused while its settings are unchanged); "
-                           "0 fine-tunes the initial weights directly")
+                           "0 fine-tunes the model as loaded; -1 = 1500 for the embedded model, 0 for a loaded one")
     base_lr: float = _opt(2e-3, "peak learning rate of the base model's CE pre-training")
     base_warmup_steps: int = _opt(100, "warmup steps of the base model's CE pre-training")
     finetune_seeds: str = _opt("1,2,3", "`compare`/`ablate`: seeds of the fine-tuning stage (data order, masking "
@@ -266,6 +268,12 @@ class Config:
 
     def compare_objective_list(self) -> list[str]:
         return [s.strip() for s in self.objective.compare_objectives.split(",") if s.strip()]
+
+    def base_step_count(self) -> int:
+        """``base_steps`` with -1 resolved: a random embedded model needs a base, a loaded model is one."""
+        if self.compare.base_steps >= 0:
+            return self.compare.base_steps
+        return EMBEDDED_BASE_STEPS if self.model.model == "embedded" and self.train.init_from is None else 0
 
     def finetune_seed_list(self) -> list[int]:
         return _int_list(self.compare.finetune_seeds, "finetune_seeds")
@@ -484,7 +492,7 @@ def validate(cfg: Config) -> None:
     _need(0.5 <= e.confidence < 1.0, "confidence", e.confidence, "in [0.5, 1)")
     _need(e.num_samples >= 1, "num_samples", e.num_samples, ">= 1")
     c = cfg.compare
-    _need(c.base_steps >= 0, "base_steps", c.base_steps, ">= 0")
+    _need(c.base_steps >= -1, "base_steps", c.base_steps, ">= 0, or -1 (automatic)")
     _need(c.base_lr > 0, "base_lr", c.base_lr, "> 0")
     _need(c.base_warmup_steps >= 0, "base_warmup_steps", c.base_warmup_steps, ">= 0")
     cfg.finetune_seed_list()

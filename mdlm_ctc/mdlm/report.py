@@ -262,7 +262,7 @@ def write_report(root: str, cfg, *, results: dict, stats: dict, train_summaries:
              f"evaluation {info.get('eval_source')} ({info.get('eval_used')} examples, no prompt seen in training).")
     if base_summary is not None:
         L.append(f"* **Base model** (the paper's starting point, a CE-trained MDLM): LLaDA's masked CE for "
-                 f"{c.base_steps} steps of {t.batch_size} rows from a random initialisation (seed {cfg.run.seed}), "
+                 f"{cfg.base_step_count()} steps of {t.batch_size} rows from a random initialisation (seed {cfg.run.seed}), "
                  f"AdamW lr {c.base_lr:g}, {c.base_warmup_steps} warmup steps, {t.schedule} schedule.")
     else:
         L.append(f"* **Base model**: `{m.model}` as loaded (`base_steps` 0).")
