@@ -224,12 +224,37 @@ def prepare_tokenizer(path: str, cfg) -> tuple[object, SpecialIds]:
 
 
 # ------------------------------------------------------------------------------ forward helpers
-@dataclass
 class LMHead:
-    """A model split into a backbone (hidden states) and its linear output layer."""
+    """A model's linear output layer, read at each use.
 
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+    ``weight`` and ``bias`` are looked up on the module every time they are read, never cached: under
+    FSDP2 the module's parameter is a sharded ``DTensor`` between steps and the all-gathered full tensor
+    during forward/backward (see ``distributed``), and under LoRA with a trainable slack row the head
+    is peft's ``TrainableTokensWrapper`` whose effective weight is the base weight with the trained rows
+    substituted (``get_merged_weights``).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    @property
+    def _tokens(self):
+        adapter = getattr(self.module, "token_adapter", None)
+        return adapter if adapter is not None and not adapter.merged and not adapter.disable_adapters else None
+
+    @property
+    def linear(self) -> torch.nn.Linear:
+        adapter = getattr(self.module, "token_adapter", None)
+        return adapter.base_layer if adapter is not None else self.module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        tokens = self._tokens
+        return tokens.get_merged_weights(tokens.active_adapters) if tokens is not None else self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
 
 
 def lm_head_of(model) -> LMHead | None:
@@ -244,9 +269,10 @@ def lm_head_of(model) -> LMHead | None:
     except (NotImplementedError, AttributeError):
         return None
     base = getattr(model, "base_model", None)
-    if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+    if head is None or base is None or base is model:
         return None
-    return LMHead(weight=head.weight, bias=head.bias)
+    lm_head = LMHead(head)
+    return lm_head if isinstance(lm_head.linear, torch.nn.Linear) else None
 
 
 def unwrap(model):
@@ -276,11 +302,16 @@ class DiffusionLM(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------ model folders
-def save_model_dir(model, tokenizer, special: SpecialIds, path: str, extra: dict | None = None) -> None:
-    """``save_pretrained`` (safetensors) + tokenizer + ``mdlm_ctc.json`` (special ids), written atomically."""
+def save_model_dir(model, tokenizer, special: SpecialIds, path: str, extra: dict | None = None,
+                   state_dict: dict | None = None) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer + ``mdlm_ctc.json`` (special ids), written atomically.
+
+    ``state_dict``: the weights to write instead of the model's own (the consolidated weights of an
+    FSDP-sharded model).
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump({"special_ids": special.to_dict(), **(extra or {})}, f, indent=1)
@@ -298,7 +329,14 @@ def read_meta(path: str) -> dict:
 
 
 def load_model_dir(path: str, cfg, device: torch.device):
-    """(model, tokenizer, special ids) from a folder written by :func:`save_model_dir` (or any HF folder)."""
+    """(model, tokenizer, special ids) from a folder written by :func:`save_model_dir` (or any HF folder).
+
+    A LoRA adapter folder (``final/`` of a ``--lora`` run) is loaded onto its base and merged.
+    """
+    from .lora import is_adapter_dir, load_adapted
+
+    if os.path.isdir(path) and is_adapter_dir(path):
+        return load_adapted(path, cfg, device)
     if not os.path.isdir(path) and not cfg.model.trust_remote_code and os.path.sep in path:
         raise ValueError(f"model folder not found: {path!r}")
     model = load_pretrained(path, cfg, device)
