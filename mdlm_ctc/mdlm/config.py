@@ -155,6 +155,8 @@ class TrainConfig:
                                     "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out), or 'all-linear'")
     gpu_memory_gb: float = _opt(80.0, "memory of one GPU (GiB) the plan checks the job against; 0 = do not check")
     world_size: int = _opt(0, "`plan`: processes (GPUs) to plan for; 0 = $WORLD_SIZE, else 1")
+    merge_output: Optional[str] = _opt(None, "`merge`: folder for the merged full model; default: "
+                                       "<checkpoint>-merged")
 
 
 @dataclass

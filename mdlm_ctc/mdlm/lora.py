@@ -64,7 +64,11 @@ def apply_lora(hf_model, cfg, slack_id: int):
     config = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
                         target_modules=targets, bias="none",
                         trainable_token_indices=slack_token_indices(hf_model, slack_id))
-    return get_peft_model(hf_model, config)
+    # LoRA's A matrices are drawn at random: from the run seed, so that every process of a job (and every
+    # run of it) starts from the same adapter, and the global RNG stream is left untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        return get_peft_model(hf_model, config)
 
 
 def trainable_state_dict(hf_model) -> dict[str, torch.Tensor]:
