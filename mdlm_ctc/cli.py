@@ -100,11 +100,16 @@ def _cmd_compare(cfg) -> int:
 
 
 def _cmd_train(cfg) -> int:
+    from .mdlm.plan import plan_job
     from .mdlm.train import _barrier, init_distributed, prepare, train_run
 
     dist_info = init_distributed(cfg.run.device)
     root = cfg.run_dir()
     log = print if dist_info.main else (lambda *a, **k: None)
+    plan = plan_job(cfg, world=dist_info.world, root=root)  # from the config alone, before anything loads
+    log(plan.render())
+    if plan.job.gpu and plan.fits is False:
+        raise ValueError(plan.refusal())
     if dist_info.main:
         prepared = prepare(cfg, root, log=log)
     _barrier(dist_info)
