@@ -67,6 +67,13 @@ class ModelConfig:
                               "materialising logits: 'auto' (on when the vocabulary is >= 32768 and the model "
                               "exposes its LM head), 'on' or 'off'; falls back to logits when this mdlm_ctc "
                               "has no linear_slack_ctc_loss", ("auto", "on", "off"))
+    # token ids given directly (LLaDA: mask 126336, EOS 126081, a reserved id such as 126084 for <slack>)
+    mask_id: Optional[int] = _opt(None, "mask token id; overrides mask_token (default for LLaDA configs without "
+                                  "a mask token: 126336)")
+    eos_id: Optional[int] = _opt(None, "EOS id; overrides eos_token (default for LLaDA configs without an EOS "
+                                 "token: 126081)")
+    slack_id: Optional[int] = _opt(None, "reuse this reserved id of the vocabulary as <slack> instead of adding a "
+                                   "token and growing the embedding (LLaDA: e.g. 126084, as VoidPadding does)")
 
 
 @dataclass
@@ -394,6 +401,8 @@ def validate(cfg: Config) -> None:
     _need(m.tokenizer_vocab_size >= 16, "tokenizer_vocab_size", m.tokenizer_vocab_size, ">= 16")
     _need(bool(m.slack_token), "slack_token", m.slack_token, "a non-empty token string")
     _need(bool(m.model), "model", m.model, "'embedded' or a model folder / id")
+    for name in ("mask_id", "eos_id", "slack_id"):
+        _need(getattr(m, name) is None or getattr(m, name) >= 0, name, getattr(m, name), ">= 0 or none")
     _need(d.max_length >= 4, "max_length", d.max_length, ">= 4")
     _need(d.canvas_extra >= 0, "canvas_extra", d.canvas_extra, ">= 0")
     _need(d.synthetic_train_size >= 1, "synthetic_train_size", d.synthetic_train_size, ">= 1")
