@@ -30,6 +30,7 @@ COMMON = ["--objective", "ctc", "--tiny-hidden-size", "32", "--tiny-layers", "2"
           "--warmup-steps", "2", "--lr", "3e-3", "--grad-clip", "0.5", "--fused-lm-head", "on",
           "--gradient-checkpointing", "--threads", "1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's mdlm_ctc, not an installed one
 
 
 def _torchrun(out, name, *extra, background=False):
@@ -103,6 +104,25 @@ def test_two_fsdp_processes_match_one(runs):
     assert json.load(open(runs / "fsdp" / "done.json"))["fused_lm_head"] is True
 
 
+def test_the_consolidated_export_loads_in_hugging_face_eval_and_sample(runs, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from mdlm_ctc.cli import main
+
+    final = runs / "fsdp" / "final"
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    reference = _final(runs / "single")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5)
+    data = ["--synthetic-train-size", "200", "--synthetic-eval-size", "10", "--synthetic-max-len", "8", "--device",
+            "cpu", "--no-progress", "--gen-length", "8", "--sample-steps", "4", "--block-length", "8"]
+    assert main(["sample", "--checkpoint", str(final), "--num-samples", "2", *data]) == 0
+    assert capsys.readouterr().out.count("prompt:") == 2
+    assert main(["eval", "--checkpoint", str(final), "--output-dir", str(runs), "--name", "eval", *data,
+                 "--max-eval-examples", "3", "--shift-fractions", "0", "--bootstrap-samples", "10"]) == 0
+    assert "per-example outputs" in capsys.readouterr().out
+
+
 def test_fsdp_checkpoints_are_sharded_dcp_with_a_manifest(runs):
     ckpt = latest_checkpoint(str(runs / "fsdp" / "checkpoints"))
     assert ckpt.endswith("step_0000012")
@@ -136,3 +156,59 @@ def test_sigkilled_fsdp_run_resumes_to_the_uninterrupted_result(runs):
     for name in whole:
         torch.testing.assert_close(again[name], whole[name], rtol=0, atol=0, msg=f"{name} differs after resume")
     assert _metrics(killed) == _metrics(runs / "fsdp")
+
+
+DTENSOR_WORKER = r'''
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+import mdlm_ctc
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+inputs = torch.load(sys.argv[1])
+mesh = init_device_mesh("cpu", (2,))
+weight = distribute_tensor(inputs["weight"].clone(), mesh, [Shard(0)]).requires_grad_()
+bias = distribute_tensor(inputs["bias"].clone(), mesh, [Shard(0)]).requires_grad_()
+hidden, targets, lengths = inputs["hidden"][rank], inputs["targets"][rank], inputs["lengths"][rank]
+loss = mdlm_ctc.linear_slack_ctc_loss(hidden, weight, targets, lengths, bias=bias, slack_id=0, chunk_size=5)
+loss.backward()
+torch.save({"loss": loss.detach(), "weight_grad": weight.grad.to_local(), "bias_grad": bias.grad.to_local(),
+            "placements": [str(p) for p in weight.grad.placements]}, f"{sys.argv[2]}.{rank}")
+dist.destroy_process_group()
+'''
+
+
+def test_linear_slack_ctc_loss_takes_a_sharded_dtensor_head(tmp_path):
+    """A Shard(0) DTensor weight/bias: gathered for the loss, gradient summed over ranks and returned sharded."""
+    from torch.distributed.tensor import Shard
+
+    import mdlm_ctc
+
+    g = torch.Generator().manual_seed(0)
+    V, D, T = 10, 6, 7  # V even: one 5-row shard per rank
+    inputs = {"weight": torch.randn(V, D, generator=g, dtype=torch.float64),
+              "bias": torch.randn(V, generator=g, dtype=torch.float64),
+              "hidden": torch.randn(2, 2, T, D, generator=g, dtype=torch.float64),
+              "targets": torch.randint(1, V, (2, 2, 4), generator=g), "lengths": torch.tensor([[4, 3], [2, 4]])}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "worker.py").write_text(DTENSOR_WORKER)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "worker.py"), str(tmp_path / "inputs.pt"), str(tmp_path / "out")],
+                          env=dict(ENV, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    weight = inputs["weight"].clone().requires_grad_()
+    bias = inputs["bias"].clone().requires_grad_()
+    total = 0
+    for rank in range(2):
+        loss = mdlm_ctc.linear_slack_ctc_loss(inputs["hidden"][rank], weight, inputs["targets"][rank],
+                                              inputs["lengths"][rank], bias=bias, slack_id=0)
+        got = torch.load(tmp_path / f"out.{rank}")
+        torch.testing.assert_close(got["loss"], loss.detach())
+        total = total + loss
+    total.backward()  # the gradient of the sum of both ranks' losses, sliced per shard
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert got["placements"] == [str(Shard(0))]
+        torch.testing.assert_close(got["weight_grad"], weight.grad[5 * rank:5 * (rank + 1)])
+        torch.testing.assert_close(got["bias_grad"], bias.grad[5 * rank:5 * (rank + 1)])
