@@ -106,9 +106,12 @@ def _cmd_train(cfg) -> int:
     dist_info = init_distributed(cfg.run.device)
     root = cfg.run_dir()
     log = print if dist_info.main else (lambda *a, **k: None)
-    plan = plan_job(cfg, world=dist_info.world, root=root)  # from the config alone, before anything loads
+    from .mdlm.model import resolve_device
+
+    plan = plan_job(cfg, world=dist_info.world, root=root,  # from the config alone, before anything loads
+                    gpu=resolve_device(cfg.run.device).type == "cuda")
     log(plan.render())
-    if plan.job.gpu and plan.fits is False:
+    if plan.fits is False:
         raise ValueError(plan.refusal())
     if dist_info.main:
         prepared = prepare(cfg, root, log=log)

@@ -235,8 +235,8 @@ class Plan:
 
     @property
     def fits(self) -> bool | None:
-        """Whether the chosen setting fits ``gpu_memory_gb`` (``None``: not checked)."""
-        if not self.gpu_memory_gb:
+        """Whether the chosen setting fits ``gpu_memory_gb`` (``None``: not checked, or a CPU job)."""
+        if not self.gpu_memory_gb or not self.job.gpu:
             return None
         return self.estimates[self.chosen].total <= HEADROOM * self.gpu_memory_gb * GIB
 
@@ -302,12 +302,10 @@ def _suggest(estimates: dict, job: Job, chosen: str, budget: float) -> str | Non
 
 def plan_job(cfg, *, world: int | None = None, gpu: bool | None = None, root: str | None = None) -> Plan:
     """The memory plan of ``cfg``'s training job (see the module docstring)."""
-    import torch
-
     t, m = cfg.train, cfg.model
     world = world or t.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    if gpu is None:
-        gpu = cfg.run.device.startswith("cuda") or (cfg.run.device == "auto" and torch.cuda.is_available())
+    if gpu is None:  # plan for GPUs unless the job says cpu (plans are often made on a machine without one)
+        gpu = cfg.run.device != "cpu"
     shape = model_shape(cfg, root)
     per_rank = max(t.batch_size // world, 1)
     micro = t.micro_batch_size or per_rank
