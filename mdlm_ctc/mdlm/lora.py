@@ -7,9 +7,11 @@
 * **The slack row trains.** ``<slack>`` is a token the base model never saw, so its input-embedding row
   (and its LM-head row when the head is not tied to the embeddings) must learn. We use peft's
   trainable-token support (``trainable_token_indices``): each of the two layers gets a
-  ``TrainableTokensWrapper`` holding a trainable copy of the slack row only (``hidden`` numbers, not
-  the whole ``vocab x hidden`` matrix with its AdamW state); the forward substitutes it into the frozen
-  weight, and merging writes it back. With tied embeddings peft ties the head's row to the embedding's.
+  ``TrainableTokensWrapper`` holding a trainable copy of the slack row only (``hidden_size`` numbers
+  with their AdamW state, not the whole ``vocab x hidden`` matrix); the forward substitutes it into the
+  frozen weight, and merging writes it back. With tied embeddings the embedding's row is the only one.
+  The fused LM-head loss reads the substituted weight (``model.LMHead``).
+* **Init**: the adapters are drawn from the run seed, identically on every process.
 * **Folders**: ``final/`` of a LoRA run is the adapter (``adapter_config.json``,
   ``adapter_model.safetensors``) + tokenizer + ``mdlm_ctc.json`` naming the base;
   :func:`load_adapted` (used by ``eval``/``sample`` through ``model.load_model_dir``) loads the base
