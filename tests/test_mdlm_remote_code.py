@@ -223,3 +223,46 @@ def test_llada_configs_default_to_llada_ids():
     with pytest.raises(ValueError, match="`slack_id` 130000 is outside the embedding matrix"):
         config.vocab_size = 126464
         resolve_special_ids(None, tok, Config.from_dict({"slack_id": 130000}), hf_config=config)
+
+
+def _train_remote(folder, vocab, out, name, *extra):
+    return ["train", "--model", str(folder), "--trust-remote-code", "--output-dir", str(out), "--name", name,
+            "--device", "cpu", "--no-progress", "--threads", "1", *DATA, *_ids(vocab), "--steps", "3",
+            "--batch-size", "4", "--checkpoint-every", "0", "--fused-lm-head", "on", "--objective", "ctc",
+            "--warmup-steps", "0", "--lr", "1e-3", *extra]
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+
+
+def test_checkpointing_without_a_transformers_switch_and_fsdp(llada_like, tmp_path):
+    """LLaDA's code has no gradient-checkpointing switch: torch's checkpoint_wrapper wraps its layers; the
+    result equals the run without recomputation, and two FSDP2 processes match one."""
+    import subprocess
+    import sys
+
+    from mdlm_ctc.mdlm.distributed import enable_activation_checkpointing
+    from mdlm_ctc.mdlm.model import load_pretrained
+
+    folder, vocab = llada_like
+    hf = load_pretrained(str(folder), Config.from_dict({"trust_remote_code": True}), torch.device("cpu"))
+    keys = set(hf.state_dict())
+    assert enable_activation_checkpointing(hf) == "checkpoint_wrapper" and set(hf.state_dict()) == keys
+    assert main(_train_remote(folder, vocab, tmp_path, "plain")) == 0
+    assert main(_train_remote(folder, vocab, tmp_path, "ckpt", "--gradient-checkpointing")) == 0
+    plain, ckpt = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "mdlm_ctc", *_train_remote(folder, vocab, tmp_path, "fsdp", "--gradient-checkpointing",
+                                                      "--distributed", "fsdp")],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert fsdp.returncode == 0, fsdp.stderr[-4000:]
+    sharded = _weights(tmp_path / "fsdp")
+    for name in plain:
+        torch.testing.assert_close(sharded[name], ckpt[name], rtol=1e-4, atol=1e-5, msg=name)

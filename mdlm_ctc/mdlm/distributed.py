@@ -57,6 +57,30 @@ def decoder_layers(hf_model) -> list[torch.nn.Module]:
     return list(max(lists, key=len))
 
 
+def enable_activation_checkpointing(hf_model) -> str:
+    """Recompute activations in backward; returns which mechanism is used.
+
+    transformers' own switch when the model has one (``supports_gradient_checkpointing``); otherwise
+    torch's ``checkpoint_wrapper`` (non-reentrant) around every decoder layer, as FSDP recipes do: LLaDA's
+    remote code has no transformers switch. Apply it after LoRA and before ``fully_shard``; the wrapper
+    leaves state-dict keys unchanged.
+    """
+    if getattr(hf_model, "supports_gradient_checkpointing", False):
+        hf_model.gradient_checkpointing_enable()
+        return "transformers"
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+
+    layers = {id(layer) for layer in decoder_layers(hf_model)}
+    apply_activation_checkpointing(hf_model, check_fn=lambda module: id(module) in layers,
+                                   checkpoint_wrapper_fn=partial(checkpoint_wrapper,
+                                                                 checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+    return "checkpoint_wrapper"
+
+
 def mixed_precision_policy(device: torch.device, precision: str):
     """bf16 parameters + fp32 reduction on CUDA (precision auto/bf16); fp32 everywhere else."""
     from torch.distributed.fsdp import MixedPrecisionPolicy

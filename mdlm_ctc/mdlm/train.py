@@ -261,16 +261,14 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
     if special != prepared.special:
         raise ValueError(f"special ids of {prepared.init_source} ({special}) differ from the prepared ones "
                          f"({prepared.special})")
-    if cfg.model.gradient_checkpointing:
-        if not getattr(hf, "supports_gradient_checkpointing", False):
-            raise ValueError("`gradient_checkpointing` is on but this model does not support it")
-        hf.gradient_checkpointing_enable()
     hf.config.use_cache = False
     peft_model = None
     if t_cfg.lora:
         from .lora import apply_lora
 
         peft_model = apply_lora(hf, cfg, special.slack_id)  # adapters injected into ``hf`` in place
+    if cfg.model.gradient_checkpointing:
+        dist_mod.enable_activation_checkpointing(hf)
     net = DiffusionLM(hf).to(device)
     net.train()
     head = resolve_fused_lm_head(cfg.model.fused_lm_head, hf)
