@@ -212,3 +212,13 @@ def test_linear_slack_ctc_loss_takes_a_sharded_dtensor_head(tmp_path):
         assert got["placements"] == [str(Shard(0))]
         torch.testing.assert_close(got["weight_grad"], weight.grad[5 * rank:5 * (rank + 1)])
         torch.testing.assert_close(got["bias_grad"], bias.grad[5 * rank:5 * (rank + 1)])
+
+
+def test_mixed_precision_policy_is_bf16_with_fp32_reduction_on_gpu_only():
+    from mdlm_ctc.mdlm.distributed import mixed_precision_policy
+
+    gpu = mixed_precision_policy(torch.device("cuda", 0), "auto")  # a device object needs no GPU
+    assert (gpu.param_dtype, gpu.reduce_dtype) == (torch.bfloat16, torch.float32)
+    for device, precision in ((torch.device("cpu"), "auto"), (torch.device("cuda", 0), "fp32")):
+        policy = mixed_precision_policy(device, precision)
+        assert (policy.param_dtype, policy.reduce_dtype) == (None, None)  # the parameters' own fp32

@@ -105,22 +105,31 @@ def test_lora_checkpoints_hold_only_the_trainable_tensors_and_resume(run, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lora_with_two_fsdp_processes_matches_one(tmp_path):
+SMALL = [*TINY, "--steps", "8", "--log-every", "2", "--checkpoint-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def single_small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora-single")
+    assert main(["train", "--output-dir", str(out), "--name", "single", *SMALL]) == 0
+    return out / "single"
+
+
+@pytest.mark.parametrize("distributed", ["fsdp", "ddp"])
+def test_lora_with_two_processes_matches_one(single_small, tmp_path, distributed):
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    args = ["train", "--output-dir", str(tmp_path), *TINY, "--steps", "8", "--log-every", "2", "--checkpoint-every", "4"]
-    assert main([*args, "--name", "single"]) == 0
-    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                           "mdlm_ctc", *args, "--name", "fsdp", "--distributed", "fsdp"],
-                          env=env, capture_output=True, text=True, timeout=400)
-    assert fsdp.returncode == 0, fsdp.stderr[-4000:]
-    a = load_file(str(tmp_path / "single" / "final" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "fsdp" / "final" / "adapter_model.safetensors"))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "mdlm_ctc", "train", "--output-dir", str(tmp_path), *SMALL, "--name", distributed,
+                          "--distributed", distributed], env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-4000:]
+    a = load_file(str(single_small / "final" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / distributed / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs")
-    la = [m["loss"] for m in read_metrics(str(tmp_path / "single" / "metrics.jsonl"))]
-    lb = [m["loss"] for m in read_metrics(str(tmp_path / "fsdp" / "metrics.jsonl"))]
-    assert lb == pytest.approx(la, rel=1e-5)
+    la = [m["loss"] for m in read_metrics(str(single_small / "metrics.jsonl"))]
+    lb = [m["loss"] for m in read_metrics(str(tmp_path / distributed / "metrics.jsonl"))]
+    assert len(la) == 4 and lb == pytest.approx(la, rel=1e-5)
