@@ -123,3 +123,13 @@ def test_pruning_never_deletes_the_last_intact_checkpoint(tmp_path):
     _fake_checkpoint(root, 8)
     prune(root, keep=1)
     assert sorted(os.listdir(root)) == ["step_0000008"]
+
+
+def test_a_checkpoint_resumes_only_under_its_own_layout(runs):
+    from mdlm_ctc.mdlm.checkpoint import load_checkpoint
+
+    folder = str(runs / "whole" / "checkpoints" / "step_0000004")
+    with pytest.raises(ValueError, match="written without FSDP; resume it without --distributed fsdp"):
+        load_checkpoint(folder, None, None, None, sharded_model=torch.nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="written without --lora"):
+        load_checkpoint(folder, None, None, None, trainable_only=True)
