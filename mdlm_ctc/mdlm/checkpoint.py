@@ -10,6 +10,8 @@
   ``.metadata``), so nothing is ever gathered on one rank; ``training_state.pt`` holds the scheduler,
   the data position and every rank's RNG state. DCP reshards on load, so a run may resume on another
   number of processes.
+* LoRA (``--lora``), either layout: only the trainable tensors (adapters and ``<slack>`` rows;
+  ``adapter.safetensors`` instead of ``model.safetensors``), the frozen base being the run's initial model.
 
 **Integrity.** Every checkpoint ends with ``manifest.json``: the size and SHA-256 of each of its files,
 written last (after every file is fsynced) and atomically. A checkpoint is written into a temporary
