@@ -142,7 +142,7 @@ setup(
         "triton": ["triton>=3.6"],
         # the fine-tuning loop (mdlm_ctc.mdlm, the `mdlm-ctc` CLI)
         "mdlm": ["transformers>=5.24", "tokenizers>=0.22", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.66",
-                 "matplotlib>=3.8"],
+                 "matplotlib>=3.8", "peft>=0.21"],
     },
     entry_points={"console_scripts": ["mdlm-ctc = mdlm_ctc.cli:main"]},
     ext_modules=ext_modules,

@@ -6,6 +6,8 @@
     mdlm-ctc train --objective ctc        # one training run (torchrun-able for DDP)
     mdlm-ctc eval --checkpoint runs/default/ft/ctc/seed1/final --baseline runs/default/ft/ce/seed1/final
     mdlm-ctc sample --checkpoint runs/default/ft/ctc/seed1/final --prompt "copy : a b c"
+    mdlm-ctc plan --config job.yaml       # per-GPU memory of a job (ddp / fsdp / lora), before anything loads
+    mdlm-ctc merge --checkpoint runs/lora/final   # a LoRA adapter folded into a full model
 
 Every option is a field of :class:`mdlm_ctc.mdlm.config.Config`; ``mdlm-ctc COMMAND --help`` lists the
 options of a command with their meaning and defaults.
@@ -14,10 +16,11 @@ options of a command with their meaning and defaults.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from .mdlm.config import SECTIONS, add_config_arguments, config_from_args
+from .mdlm.config import SECTIONS, TrainConfig, add_config_arguments, config_from_args
 
 _DESCRIPTION = """\
 Fine-tune masked diffusion LMs with the slack-CTC loss of mdlm-ctc against the matched LLaDA
@@ -37,7 +40,8 @@ _COMMANDS = {
                     "data, noise, steps and hyper-parameters; evaluate all at every shift fraction; write "
                     "<output_dir>/<name>/report.md, PNG plots, summary.json and print a summary table. With no "
                     "options: the embedded CPU default.",
-        exclude={"objective", "checkpoint", "baseline", "prompt", "num_samples", "show_canvas", "shift_fraction"}),
+        exclude={"objective", "checkpoint", "baseline", "prompt", "num_samples", "show_canvas", "shift_fraction",
+                 "merge_output"}),
     "ablate": dict(
         help="fine-tune every CTC design variant from the comparison's base; evaluate on the validation split",
         description="Fine-tune the variants of mdlm_ctc/mdlm/ablation.py (--variants) from the base model of the run "
@@ -45,13 +49,14 @@ _COMMANDS = {
                     "(never the evaluation set) and write <output_dir>/<name>/ablation/ablation.md; `compare` then "
                     "includes the table in its report.",
         exclude={"objective", "checkpoint", "baseline", "prompt", "num_samples", "show_canvas", "shift_fraction",
-                 "compare_objectives", "control"}),
+                 "compare_objectives", "control", "merge_output"}),
     "train": dict(
         help="train one model (--objective); DDP with `torchrun --nproc_per_node=N -m mdlm_ctc train ...`",
         description="Train one model with --objective into <output_dir>/<name>/ (metrics.jsonl, checkpoints/, "
-                    "final/). Under torchrun it trains with DDP (gloo on CPU, NCCL on GPU).",
+                    "final/). Under torchrun it trains with DDP (gloo on CPU, NCCL on GPU) or, with --distributed fsdp, "
+                    "FSDP2; --lora trains peft LoRA adapters. The memory plan is printed first.",
         exclude={"compare_objectives", "checkpoint", "baseline", "prompt", "num_samples", "show_canvas",
-                 "max_eval_examples", "shift_fractions", "bootstrap_samples", "confidence"},
+                 "max_eval_examples", "shift_fractions", "bootstrap_samples", "confidence", "merge_output"},
         sections=("run", "model", "data", "objective", "train")),
     "eval": dict(
         help="evaluate a model folder (and compare it with --baseline) at every shift fraction",
@@ -66,6 +71,24 @@ _COMMANDS = {
                     "(slack deleted, cut at EOS) and, with --show-canvas, the raw canvas.",
         exclude={"baseline", "max_eval_examples", "shift_fractions", "bootstrap_samples", "confidence"},
         sections=("run", "model", "data", "sample", "eval")),
+    "plan": dict(
+        help="estimate per-GPU memory of a training job (ddp / fsdp / lora) from the model config alone",
+        description="Print the memory plan of `train` with these options: weights, gradients, optimizer "
+                    "state, activations (with and without gradient checkpointing) and logits or the fused head, "
+                    "per GPU, for ddp, fsdp and lora at --world-size. Reads only the model's config.json. Exits "
+                    "with status 3 when the chosen setting does not fit --gpu-memory-gb.",
+        exclude={"compare_objectives", "checkpoint", "baseline", "prompt", "num_samples", "show_canvas",
+                 "max_eval_examples", "shift_fractions", "bootstrap_samples", "confidence", "merge_output"},
+        sections=("run", "model", "data", "objective", "train")),
+    "merge": dict(
+        help="fold a LoRA adapter folder (final/ of a --lora run) into a full model folder",
+        description="Load the adapter's base model, apply the adapter, merge it (peft merge_and_unload) and write "
+                    "a full save_pretrained folder (--merge-output, default <checkpoint>-merged) that eval, "
+                    "sample and Hugging Face load.",
+        exclude={f.name for f in dataclasses.fields(TrainConfig)} - {"merge_output"}
+        | {"baseline", "max_eval_examples", "shift_fractions", "bootstrap_samples", "confidence", "prompt",
+           "num_samples", "show_canvas"},
+        sections=("run", "model", "train", "eval")),
 }
 
 
@@ -94,11 +117,19 @@ def _cmd_ablate(cfg) -> int:
 
 
 def _cmd_train(cfg) -> int:
+    from .mdlm.plan import plan_job
     from .mdlm.train import _barrier, init_distributed, prepare, train_run
 
     dist_info = init_distributed(cfg.run.device)
     root = cfg.run_dir()
     log = print if dist_info.main else (lambda *a, **k: None)
+    from .mdlm.model import resolve_device
+
+    plan = plan_job(cfg, world=dist_info.world, root=root,  # from the config alone, before anything loads
+                    gpu=resolve_device(cfg.run.device).type == "cuda")
+    log(plan.render())
+    if plan.fits is False:
+        raise ValueError(plan.refusal())
     if dist_info.main:
         prepared = prepare(cfg, root, log=log)
     _barrier(dist_info)
@@ -177,6 +208,25 @@ def _cmd_sample(cfg) -> int:
     return 0
 
 
+def _cmd_plan(cfg) -> int:
+    from .mdlm.plan import plan_job
+
+    plan = plan_job(cfg)
+    print(plan.render())
+    return 0 if plan.fits is not False else 3
+
+
+def _cmd_merge(cfg) -> int:
+    from .mdlm.lora import merge_to_full_model
+
+    if cfg.eval.checkpoint is None:
+        raise ValueError("`checkpoint` is required for merge (a LoRA adapter folder, e.g. runs/default/final)")
+    out = cfg.train.merge_output or cfg.eval.checkpoint.rstrip("/") + "-merged"
+    merge_to_full_model(cfg.eval.checkpoint, out, cfg)
+    print(f"merged {cfg.eval.checkpoint} into a full model: {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -185,8 +235,8 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = config_from_args(args)
-        return {"compare": _cmd_compare, "ablate": _cmd_ablate, "train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample}[
-            args.command](cfg)
+        return {"compare": _cmd_compare, "ablate": _cmd_ablate, "train": _cmd_train, "eval": _cmd_eval,
+                "sample": _cmd_sample, "plan": _cmd_plan, "merge": _cmd_merge}[args.command](cfg)
     except ImportError as err:
         if err.name not in _LOOP_DEPENDENCIES:
             raise

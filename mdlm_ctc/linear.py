@@ -106,6 +106,19 @@ _SPARSE_ROWS = 4096  # frames per step of the sparse posterior write (its [rows,
 # argument checking
 # ---------------------------------------------------------------------------------------------
 
+def _gather_sharded(x: Optional[Tensor]) -> Optional[Tensor]:
+    """A sharded ``DTensor`` head weight/bias (FSDP2 outside its forward) as the full tensor.
+
+    All-gathered with ``full_tensor(grad_placements=Partial)``: each rank's gradient is the gradient of its
+    own loss, a partial sum, so backward reduce-scatters the ranks' gradients (summed) into the shards.
+    (Inside an FSDP2 forward the loop passes the already unsharded parameter, a plain tensor.)"""
+    if x is None or type(x).__name__ != "DTensor":
+        return x
+    from torch.distributed.tensor import Partial
+
+    return x.full_tensor(grad_placements=[Partial()] * x.device_mesh.ndim)
+
+
 def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Under ``torch.autocast`` cast like ``F.linear`` would (float64 stays), so that a bf16 model
     with fp32 master weights can call the loss directly; the casts are differentiable."""
@@ -701,6 +714,7 @@ def linear_slack_ctc_loss(hidden: Tensor, weight: Tensor, targets: Tensor, targe
     Returns:
         The loss: float32 (float64 for float64 inputs), ``[B]`` for ``reduction="none"`` else a scalar.
     """
+    weight, bias = _gather_sharded(weight), _gather_sharded(bias)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     args, chunk_size = check_linear_args(hidden, weight, bias, targets, target_lengths, slack_id, input_lengths,
                                          collapse, max_shift, observed, reduction, zero_infinity, backend, validate,

@@ -7,7 +7,11 @@ Modules, in the order a run uses them:
 * ``tokenizer``   the embedded WordLevel tokenizer, trained offline with ``tokenizers``.
 * ``model``       the embedded tiny bidirectional Llama, Hugging Face loading (LLaDA opt-in), special ids.
 * ``objectives``  the forward process and the ``ce`` / ``ctc`` / ``ce+ctc`` losses (design notes inside).
-* ``train``       the loop: accumulation, clipping, schedules, checkpoints, resume, DDP.
+* ``train``       the loop: accumulation, clipping, schedules, checkpoints, resume, DDP/FSDP2, LoRA.
+* ``distributed`` none / DDP / FSDP2 (``fully_shard``), gradient sync, clipping over shards.
+* ``checkpoint``  safetensors or ``torch.distributed.checkpoint`` checkpoints, integrity manifests, pruning.
+* ``lora``        LoRA through peft, the trainable ``<slack>`` rows, adapter folders, ``merge``.
+* ``plan``        the per-GPU memory plan of a job, from the model config alone.
 * ``sampler``     LLaDA low-confidence remasking with semi-autoregressive blocks; the shift probe.
 * ``evaluate``    metrics, bootstrap intervals (over examples, and over fine-tuning seeds and examples),
                   shift robustness, pairwise win rates.

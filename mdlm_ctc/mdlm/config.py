@@ -68,6 +68,13 @@ class ModelConfig:
                               "materialising logits: 'auto' (on when the vocabulary is >= 32768 and the model "
                               "exposes its LM head), 'on' or 'off'; falls back to logits when this mdlm_ctc "
                               "has no linear_slack_ctc_loss", ("auto", "on", "off"))
+    # token ids given directly (LLaDA: mask 126336, EOS 126081, a reserved id such as 126084 for <slack>)
+    mask_id: Optional[int] = _opt(None, "mask token id; overrides mask_token (default for LLaDA configs without "
+                                  "a mask token: 126336)")
+    eos_id: Optional[int] = _opt(None, "EOS id; overrides eos_token (default for LLaDA configs without an EOS "
+                                 "token: 126081)")
+    slack_id: Optional[int] = _opt(None, "reuse this reserved id of the vocabulary as <slack> instead of adding a "
+                                   "token and growing the embedding (LLaDA: e.g. 126084, as VoidPadding does)")
 
 
 @dataclass
@@ -155,6 +162,22 @@ class TrainConfig:
     resume: bool = _opt(False, "resume from the run's latest checkpoint (start fresh if there is none)")
     init_from: Optional[str] = _opt(None, "initial weights: a model folder (save_pretrained layout); "
                                     "default: the model itself (embedded: random init from seed)")
+    # scale: distribution, LoRA and the memory plan (mdlm_ctc.mdlm.distributed, .lora, .plan)
+    distributed: str = _opt("auto", "data parallelism under torchrun: 'auto' (ddp with several processes), "
+                            "'none', 'ddp' (whole model on every process: small models) or 'fsdp' (FSDP2 "
+                            "fully_shard per decoder layer and at the root; sharded checkpoints)",
+                            ("auto", "none", "ddp", "fsdp"))
+    lora: bool = _opt(False, "train LoRA adapters (peft) on a frozen base, plus the <slack> embedding/head row")
+    lora_rank: int = _opt(32, "LoRA rank r")
+    lora_alpha: float = _opt(64.0, "LoRA alpha (scaling alpha / r)")
+    lora_dropout: float = _opt(0.05, "LoRA dropout")
+    lora_target_modules: str = _opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                    "comma-separated names of the linear layers that get adapters (LLaDA: "
+                                    "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out), or 'all-linear'")
+    gpu_memory_gb: float = _opt(80.0, "memory of one GPU (GiB) the plan checks the job against; 0 = do not check")
+    world_size: int = _opt(0, "`plan`: processes (GPUs) to plan for; 0 = $WORLD_SIZE, else 1")
+    merge_output: Optional[str] = _opt(None, "`merge`: folder for the merged full model; default: "
+                                       "<checkpoint>-merged")
 
 
 @dataclass
@@ -433,6 +456,8 @@ def validate(cfg: Config) -> None:
     _need(m.tokenizer_vocab_size >= 16, "tokenizer_vocab_size", m.tokenizer_vocab_size, ">= 16")
     _need(bool(m.slack_token), "slack_token", m.slack_token, "a non-empty token string")
     _need(bool(m.model), "model", m.model, "'embedded' or a model folder / id")
+    for name in ("mask_id", "eos_id", "slack_id"):
+        _need(getattr(m, name) is None or getattr(m, name) >= 0, name, getattr(m, name), ">= 0 or none")
     _need(d.max_length >= 4, "max_length", d.max_length, ">= 4")
     _need(d.canvas_extra >= 0, "canvas_extra", d.canvas_extra, ">= 0")
     _need(d.synthetic_train_size >= 1, "synthetic_train_size", d.synthetic_train_size, ">= 1")
@@ -475,6 +500,13 @@ def validate(cfg: Config) -> None:
     _need(t.log_every >= 1, "log_every", t.log_every, ">= 1")
     _need(t.checkpoint_every >= 0, "checkpoint_every", t.checkpoint_every, ">= 0")
     _need(t.keep_checkpoints >= 1, "keep_checkpoints", t.keep_checkpoints, ">= 1")
+    _need(t.lora_rank >= 1, "lora_rank", t.lora_rank, ">= 1")
+    _need(t.lora_alpha > 0, "lora_alpha", t.lora_alpha, "> 0")
+    _need(0.0 <= t.lora_dropout < 1.0, "lora_dropout", t.lora_dropout, "in [0, 1)")
+    _need(bool(t.lora_target_modules.strip(",").strip()), "lora_target_modules", t.lora_target_modules,
+          "a comma-separated list of module names or 'all-linear'")
+    _need(t.gpu_memory_gb >= 0, "gpu_memory_gb", t.gpu_memory_gb, ">= 0")
+    _need(t.world_size >= 0, "world_size", t.world_size, ">= 0")
     _need(s.gen_length >= 1, "gen_length", s.gen_length, ">= 1")
     _need(s.block_length >= 1 and s.gen_length % s.block_length == 0, "block_length", s.block_length,
           f"a divisor of gen_length ({s.gen_length})")

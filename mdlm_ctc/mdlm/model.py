@@ -9,7 +9,12 @@
   default): e.g. ``--model GSAI-ML/LLaDA-8B-Instruct --trust-remote-code``.
 * **Special ids are read, never hard-coded**: the mask from the tokenizer's mask token, else the
   config's ``mask_token_id`` (LLaDA: 126336), else ``<|mdm_mask|>``; EOS from the tokenizer (LLaDA:
-  126081) unless ``--eos-token`` names another.
+  126081) unless ``--eos-token`` names another. ``--mask-id`` / ``--eos-id`` give ids directly; a
+  LLaDA config (``model_type`` llada) that names neither falls back to LLaDA's 126336 / 126081.
+* **Remote code** (``--trust-remote-code``, LLaDA's path): ``AutoConfig`` / ``AutoModel*`` load the
+  folder's own classes through its ``auto_map``; LLaDA's ``base_model`` is a plain module that returns
+  logits, so the fused head reads the final hidden states by letting the model's own forward call a
+  pass-through in place of its LM-head module for that call (nothing vocabulary-sized is computed).
 * **`<slack>`** (``--slack-token``). If the vocabulary has it, it is used as is. Otherwise it is added
   to the tokenizer as a special token. Its id is the tokenizer's next id; when that id is beyond the
   embedding matrix the embeddings are resized (``resize_token_embeddings``), and when it falls into a
@@ -17,7 +22,9 @@
   tokenizer), that row is reused. Either way the slack row of the input embedding and of the output
   head is set to the mean of the rows in use (what transformers' ``mean_resizing`` does), so the
   initialisation is deterministic and identical for the CE baseline and the CTC run. Alternatively,
-  name a reserved token the model already has with ``--slack-token``.
+  name a reserved token the model already has with ``--slack-token``, or reuse a reserved id with
+  ``--slack-id`` (LLaDA: 126084, as VoidPadding does): no token is added, the embedding keeps its size
+  and the row is used as it is.
 * **LM head access** (for the fused CTC path): exposed only when the model has a plain linear output
   layer (``get_output_embeddings``) on top of ``base_model``'s last hidden state, and no final-logit
   scaling or soft-capping; otherwise the loss uses logits.
@@ -94,17 +101,24 @@ def _load_dtype(cfg, device):
     return torch.float32 if device.type == "cpu" else "auto"
 
 
-def load_pretrained(path: str, cfg, device: torch.device):
-    """A Hugging Face model from a folder or id (see the module docstring for the class order)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+def auto_config(path: str, cfg):
+    """``AutoConfig`` of ``path``; a clear error when it needs its own code and ``--trust-remote-code`` is off."""
+    from transformers import AutoConfig
 
-    trust = cfg.model.trust_remote_code
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise ValueError(f"`model` {path!r} needs its own code; pass --trust-remote-code to allow it") from None
         raise
+
+
+def load_pretrained(path: str, cfg, device: torch.device):
+    """A Hugging Face model from a folder or id (see the module docstring for the class order)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    trust = cfg.model.trust_remote_code
+    config = auto_config(path, cfg)
     if getattr(config, "is_causal", None) is True:
         warnings.warn(f"{path}: config.is_causal is True; a masked diffusion LM must attend both ways "
                       f"(set is_causal=False in its config)", stacklevel=2)
@@ -169,15 +183,27 @@ def ensure_slack_token(model, tokenizer, slack_token: str) -> tuple[int, bool]:
     return slack_id, True
 
 
+LLADA_MASK_ID = 126336   # LLaDA's <|mdm_mask|>
+LLADA_EOS_ID = 126081    # LLaDA's <|endoftext|> / EOS
+
+
+def _is_llada(config) -> bool:
+    return "llada" in str(getattr(config, "model_type", "")).lower()
+
+
 def resolve_special_ids(model, tokenizer, cfg, hf_config=None) -> SpecialIds:
     """Mask, EOS and slack ids (see the module docstring); adds ``<slack>`` when missing.
 
-    With ``model=None`` only the tokenizer gets the slack token (and the ids are what loading the model
-    later gives): used to prepare a job without loading a large model twice.
+    Ids given as options (``mask_id``, ``eos_id``, ``slack_id``) win; LLaDA configs default to LLaDA's
+    mask and EOS ids. ``slack_id`` reuses a reserved row of the vocabulary as it is (no token added, no
+    embedding resized). With ``model=None`` only the tokenizer gets the slack token (and the ids are what
+    loading the model later gives): used to prepare a job without loading a large model twice.
     """
     m = cfg.model
     config = hf_config if hf_config is not None else getattr(model, "config", None)
-    if m.mask_token is not None:
+    if m.mask_id is not None:
+        mask_id = m.mask_id
+    elif m.mask_token is not None:
         mask_id = _token_id(tokenizer, m.mask_token)
         if mask_id is None:
             raise ValueError(f"`mask_token` {m.mask_token!r} is not in the tokenizer's vocabulary")
@@ -187,18 +213,30 @@ def resolve_special_ids(model, tokenizer, cfg, hf_config=None) -> SpecialIds:
         mask_id = int(config.mask_token_id)
     elif _token_id(tokenizer, "<|mdm_mask|>") is not None:
         mask_id = _token_id(tokenizer, "<|mdm_mask|>")
+    elif _is_llada(config):
+        mask_id = LLADA_MASK_ID
     else:
         raise ValueError("no mask token found (tokenizer mask token, config.mask_token_id, '<|mdm_mask|>'); "
-                         "pass --mask-token")
-    if m.eos_token is not None:
+                         "pass --mask-token or --mask-id")
+    if m.eos_id is not None:
+        eos_id = m.eos_id
+    elif m.eos_token is not None:
         eos_id = _token_id(tokenizer, m.eos_token)
         if eos_id is None:
             raise ValueError(f"`eos_token` {m.eos_token!r} is not in the tokenizer's vocabulary")
     elif tokenizer.eos_token_id is not None:
         eos_id = tokenizer.eos_token_id
+    elif _is_llada(config):
+        eos_id = LLADA_EOS_ID
     else:
-        raise ValueError("the tokenizer has no EOS token; pass --eos-token")
-    if model is not None:
+        raise ValueError("the tokenizer has no EOS token; pass --eos-token or --eos-id")
+    if m.slack_id is not None:
+        slack_id = m.slack_id
+        rows = model.get_input_embeddings().weight.shape[0] if model is not None else getattr(
+            config, "embedding_size", None) or getattr(config, "vocab_size", None)
+        if rows is not None and slack_id >= rows:
+            raise ValueError(f"`slack_id` {slack_id} is outside the embedding matrix ({rows} rows)")
+    elif model is not None:
         slack_id, _ = ensure_slack_token(model, tokenizer, m.slack_token)
     else:
         if _token_id(tokenizer, m.slack_token) is None:
@@ -213,23 +251,45 @@ def resolve_special_ids(model, tokenizer, cfg, hf_config=None) -> SpecialIds:
 
 def prepare_tokenizer(path: str, cfg) -> tuple[object, SpecialIds]:
     """Tokenizer and special ids of a model folder/id without loading its weights."""
-    from transformers import AutoConfig
-
     meta = read_meta(path) if os.path.isdir(path) else {}
     tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg)
     if "special_ids" in meta:
         return tokenizer, SpecialIds(**meta["special_ids"])
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    return tokenizer, resolve_special_ids(None, tokenizer, cfg, hf_config=config)
+    return tokenizer, resolve_special_ids(None, tokenizer, cfg, hf_config=auto_config(path, cfg))
 
 
 # ------------------------------------------------------------------------------ forward helpers
-@dataclass
 class LMHead:
-    """A model split into a backbone (hidden states) and its linear output layer."""
+    """A model's linear output layer, read at each use.
 
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+    ``weight`` and ``bias`` are looked up on the module every time they are read, never cached: under
+    FSDP2 the module's parameter is a sharded ``DTensor`` between steps and the all-gathered full tensor
+    during forward/backward (see ``distributed``), and under LoRA with a trainable slack row the head
+    is peft's ``TrainableTokensWrapper`` whose effective weight is the base weight with the trained rows
+    substituted (``get_merged_weights``).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    @property
+    def _tokens(self):
+        adapter = getattr(self.module, "token_adapter", None)
+        return adapter if adapter is not None and not adapter.merged and not adapter.disable_adapters else None
+
+    @property
+    def linear(self) -> torch.nn.Linear:
+        adapter = getattr(self.module, "token_adapter", None)
+        return adapter.base_layer if adapter is not None else self.module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        tokens = self._tokens
+        return tokens.get_merged_weights(tokens.active_adapters) if tokens is not None else self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
 
 
 def lm_head_of(model) -> LMHead | None:
@@ -237,16 +297,17 @@ def lm_head_of(model) -> LMHead | None:
     model = unwrap(model)
     config = getattr(model, "config", None)
     if any(getattr(config, attr, None) not in (None, 1.0, 0.0, False)
-           for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+           for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "scale_logits")):
         return None
     try:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     except (NotImplementedError, AttributeError):
         return None
     base = getattr(model, "base_model", None)
-    if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+    if head is None or base is None or base is model:
         return None
-    return LMHead(weight=head.weight, bias=head.bias)
+    lm_head = LMHead(head)
+    return lm_head if isinstance(lm_head.linear, torch.nn.Linear) else None
 
 
 def unwrap(model):
@@ -267,20 +328,62 @@ class DiffusionLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, want: str = "logits") -> torch.Tensor:
         if want == "hidden":
-            out = self.hf.base_model(input_ids=input_ids)
-            if not hasattr(out, "last_hidden_state"):
-                raise ValueError("this model's base_model does not return last_hidden_state; use "
-                                 "--fused-lm-head off")
-            return out.last_hidden_state
+            from transformers import PreTrainedModel
+
+            if isinstance(self.hf.base_model, PreTrainedModel) and self.hf.base_model is not self.hf:
+                out = self.hf.base_model(input_ids=input_ids)
+                if hasattr(out, "last_hidden_state"):
+                    return out.last_hidden_state
+            return _hidden_by_head_bypass(self.hf, input_ids)
         return self.hf(input_ids=input_ids).logits
 
 
+class _PassThrough(torch.nn.Module):
+    """Stands in for the LM head for one forward: returns its input (the final hidden states)."""
+
+    def __init__(self):
+        super().__init__()
+        self.called = False
+
+    def forward(self, x, *args, **kwargs):
+        self.called = True
+        return x
+
+
+def _hidden_by_head_bypass(hf_model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The LM head's input, from the model's own forward with the head module swapped out for one call.
+
+    For models whose ``base_model`` is not a transformers model that returns ``last_hidden_state``
+    (LLaDA's ``LLaDAModel`` returns logits): nothing vocabulary-sized is computed.
+    """
+    head = hf_model.get_output_embeddings()
+    parent, attr = next(((mod, name) for mod in hf_model.modules() for name, child in mod.named_children()
+                         if child is head), (None, None))
+    if parent is None or head is hf_model.get_input_embeddings():
+        raise ValueError("this model computes its logits without a separate LM-head module (tied embeddings); "
+                         "use --fused-lm-head off")
+    stand_in = _PassThrough()
+    setattr(parent, attr, stand_in)
+    try:
+        out = hf_model(input_ids=input_ids)
+    finally:
+        setattr(parent, attr, head)
+    if not stand_in.called:
+        raise ValueError("this model does not call its LM-head module in forward; use --fused-lm-head off")
+    return out.logits
+
+
 # ------------------------------------------------------------------------------ model folders
-def save_model_dir(model, tokenizer, special: SpecialIds, path: str, extra: dict | None = None) -> None:
-    """``save_pretrained`` (safetensors) + tokenizer + ``mdlm_ctc.json`` (special ids), written atomically."""
+def save_model_dir(model, tokenizer, special: SpecialIds, path: str, extra: dict | None = None,
+                   state_dict: dict | None = None) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer + ``mdlm_ctc.json`` (special ids), written atomically.
+
+    ``state_dict``: the weights to write instead of the model's own (the consolidated weights of an
+    FSDP-sharded model).
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump({"special_ids": special.to_dict(), **(extra or {})}, f, indent=1)
@@ -298,7 +401,14 @@ def read_meta(path: str) -> dict:
 
 
 def load_model_dir(path: str, cfg, device: torch.device):
-    """(model, tokenizer, special ids) from a folder written by :func:`save_model_dir` (or any HF folder)."""
+    """(model, tokenizer, special ids) from a folder written by :func:`save_model_dir` (or any HF folder).
+
+    A LoRA adapter folder (``final/`` of a ``--lora`` run) is loaded onto its base and merged.
+    """
+    from .lora import is_adapter_dir, load_adapted
+
+    if os.path.isdir(path) and is_adapter_dir(path):
+        return load_adapted(path, cfg, device)
     if not os.path.isdir(path) and not cfg.model.trust_remote_code and os.path.sep in path:
         raise ValueError(f"model folder not found: {path!r}")
     model = load_pretrained(path, cfg, device)

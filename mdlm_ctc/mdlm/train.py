@@ -1,4 +1,4 @@
-"""The training loop: preparation, accumulation, clipping, schedules, checkpoints, resume, DDP.
+"""The training loop: preparation, accumulation, clipping, schedules, checkpoints, resume, DDP/FSDP2, LoRA.
 
 **Determinism.** A step's rows, their layout and their masking noise depend only on (seed, step)
 (``data.GlobalOrder``, ``data.noise_seed``), and the model, optimizer and scheduler state are
@@ -10,21 +10,22 @@ batch is split into ``N * accumulation`` micro-batches; every micro-batch loss i
 the *global* batch's denominators and multiplied by ``N`` (DDP averages gradients), so the update is the
 one a single process computes with the same global batch, up to float summation order.
 
-**Checkpoints** (``<run>/checkpoints/step_XXXXXXX/``): ``model.safetensors`` + ``config.json``
-(``save_pretrained``), and ``training_state.pt`` holding only tensors and plain containers
-(optimizer, scheduler, RNG states, data position), read back with ``torch.load(weights_only=True)``.
-A checkpoint is written into a temporary folder and renamed into place, and ``checkpoints/latest``
-is replaced atomically afterwards, so a killed run never leaves a corrupt checkpoint behind.
+**FSDP2** (``--distributed fsdp``): see ``distributed``; the same loss scaling holds (FSDP2 averages
+gradients like DDP). **LoRA** (``--lora``): see ``lora``; only the adapters and the slack row train.
+
+**Checkpoints** (``<run>/checkpoints/step_XXXXXXX/``): see ``checkpoint``: safetensors + a
+``training_state.pt`` without FSDP, ``torch.distributed.checkpoint`` shards with it; every checkpoint
+ends with a manifest of its files' sizes and SHA-256, resume verifies it and falls back to the newest
+intact checkpoint. The final model (``final/``) is always a consolidated ``save_pretrained`` folder
+(a LoRA run: the adapter folder; ``mdlm-ctc merge`` folds it into a full model).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from . import data as data_mod
+from . import distributed as dist_mod
+from .checkpoint import (STATE_FILE, clean_temporaries, find_resumable, latest_checkpoint,  # noqa: F401
+                         load_checkpoint, save_checkpoint)
 from .config import Config, save_config
 from .model import (DiffusionLM, SpecialIds, autocast_context, build_embedded_model, load_model_dir,
-                    prepare_tokenizer, resolve_device, resolve_special_ids, save_model_dir, unwrap)
+                    prepare_tokenizer, resolve_device, resolve_special_ids, save_model_dir)
 from .objectives import collate, compute_loss, denominators, layout_length, resolve_fused_lm_head
 
-STATE_FILE = "training_state.pt"
 DONE_FILE = "done.json"
 
 
@@ -195,112 +198,7 @@ def make_optimizer(model, cfg):
     return optimizer, scheduler
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def _rng_state() -> dict:
-    import numpy as np
-
-    version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    out = {
-        "torch": torch.get_rng_state(),
-        "python": [version, list(state), gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    version, values, gauss = state["python"]
-    random.setstate((version, tuple(values), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(ckpt_root: str, step: int, model, optimizer, scheduler, data_state: dict, keep: int,
-                    config: dict) -> str:
-    """Write ``step_XXXXXXX`` atomically and point ``latest`` at it; keep the ``keep`` newest."""
-    os.makedirs(ckpt_root, exist_ok=True)
-    name = f"step_{step:07d}"
-    final = os.path.join(ckpt_root, name)
-    tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": _rng_state(), "data": data_state}
-    torch.save(state, os.path.join(tmp, STATE_FILE))
-    with open(os.path.join(tmp, "run_config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    for entry in os.listdir(tmp):
-        with open(os.path.join(tmp, entry), "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer_tmp = os.path.join(ckpt_root, f".latest-{os.getpid()}")
-    with open(pointer_tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, os.path.join(ckpt_root, "latest"))
-    _fsync_dir(ckpt_root)
-    steps = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
-    for old in steps[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_root: str) -> str | None:
-    """The folder named by ``latest`` (or the newest complete ``step_*`` folder), if any."""
-    if not os.path.isdir(ckpt_root):
-        return None
-    pointer = os.path.join(ckpt_root, "latest")
-    if os.path.exists(pointer):
-        with open(pointer) as f:
-            name = f.read().strip()
-        path = os.path.join(ckpt_root, name)
-        if os.path.exists(os.path.join(path, STATE_FILE)):
-            return path
-    steps = sorted(d for d in os.listdir(ckpt_root)
-                   if d.startswith("step_") and os.path.exists(os.path.join(ckpt_root, d, STATE_FILE)))
-    return os.path.join(ckpt_root, steps[-1]) if steps else None
-
-
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
-
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    inner = unwrap(model)
-    missing, unexpected = inner.load_state_dict(weights, strict=False)
-    tied = set(getattr(inner, "_tied_weights_keys", None) or [])
-    if unexpected or [k for k in missing if k not in tied]:
-        raise ValueError(f"checkpoint {path} does not match the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-    state = torch.load(os.path.join(path, STATE_FILE), weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state
-
-
+# ------------------------------------------------------------------------------ resume
 def _truncate_metrics(path: str, last_step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from."""
     if not os.path.exists(path):
@@ -358,19 +256,26 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
     accumulation = per_rank // micro
 
     os.makedirs(run_dir, exist_ok=True)
+    mode = dist_mod.resolve_mode(t_cfg.distributed, dist_info.world)
     hf, _, special = load_model_dir(prepared.init_source, cfg, device)
     if special != prepared.special:
         raise ValueError(f"special ids of {prepared.init_source} ({special}) differ from the prepared ones "
                          f"({prepared.special})")
-    if cfg.model.gradient_checkpointing:
-        if not getattr(hf, "supports_gradient_checkpointing", False):
-            raise ValueError("`gradient_checkpointing` is on but this model does not support it")
-        hf.gradient_checkpointing_enable()
     hf.config.use_cache = False
+    peft_model = None
+    if t_cfg.lora:
+        from .lora import apply_lora
+
+        peft_model = apply_lora(hf, cfg, special.slack_id)  # adapters injected into ``hf`` in place
+    if cfg.model.gradient_checkpointing:
+        dist_mod.enable_activation_checkpointing(hf)
     net = DiffusionLM(hf).to(device)
     net.train()
     head = resolve_fused_lm_head(cfg.model.fused_lm_head, hf)
-    optimizer, scheduler = make_optimizer(net, cfg)
+    if mode == "fsdp":
+        dist_mod.apply_fsdp(net, hf, device, cfg.model.precision)
+    optimizer, scheduler = make_optimizer(net, cfg)  # after sharding: the optimizer holds the shards
+    sharded = net if mode == "fsdp" else None
 
     ckpt_root = os.path.join(run_dir, "checkpoints")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -378,14 +283,16 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
     data_fp = _fingerprint_rows(rows)
     start_step = 0
     if t_cfg.resume:
-        ckpt = latest_checkpoint(ckpt_root)
+        ckpt = find_resumable(ckpt_root, warn=log if dist_info.main else (lambda *a, **k: None))
         if ckpt is not None:
-            state = load_checkpoint(ckpt, net, optimizer, scheduler)
+            state = load_checkpoint(ckpt, hf, optimizer, scheduler, sharded_model=sharded,
+                                    trainable_only=t_cfg.lora)
             if state["data"].get("fingerprint") != data_fp:
                 raise ValueError(f"the training data differ from those of checkpoint {ckpt}; cannot resume")
             start_step = int(state["step"])
             if dist_info.main:
                 log(f"[{objective}] resuming from {ckpt} (step {start_step})")
+    _barrier(dist_info)
     if dist_info.main:
         if start_step == 0:
             with open(metrics_path, "w"):
@@ -393,18 +300,11 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             shutil.rmtree(ckpt_root, ignore_errors=True)
         else:
             _truncate_metrics(metrics_path, start_step)
-        for entry in os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []:
-            if entry.startswith(".tmp-") or entry.startswith(".latest-"):
-                shutil.rmtree(os.path.join(ckpt_root, entry), ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(ckpt_root, entry))
+        clean_temporaries(ckpt_root)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     _barrier(dist_info)
 
-    model = net
-    if dist_info.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = dist_mod.wrap_ddp(net, device) if mode == "ddp" else net
     order = data_mod.GlobalOrder(len(rows), t_cfg.batch_size, cfg.run.seed)
     params = [p for p in net.parameters() if p.requires_grad]
     keys = ("loss", "ce", "ctc", "mask_rate", "slack_fraction")
@@ -425,8 +325,7 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
                 positions = mine[k * micro:(k + 1) * micro]
                 batch = collate([global_rows[j] for j in positions], length, special.eos_id,
                                 [data_mod.noise_seed(cfg.run.seed, step, j) for j in positions]).to(device)
-                sync = contextlib.nullcontext() if (dist_info.world == 1 or k == accumulation - 1) else model.no_sync()
-                with sync:
+                with dist_mod.gradient_sync(model, mode, enabled=k == accumulation - 1):
                     with autocast_context(cfg.model.precision, device):
                         loss, stats = compute_loss(model, batch, objective=objective, special=special,
                                                    obj_cfg=cfg.objective, denoms=denoms, head=head, align_model=net)
@@ -442,7 +341,7 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             if not math.isfinite(float(step_stats[0])):
                 raise FloatingPointError(f"[{objective}] non-finite loss at step {step + 1}: {float(step_stats[0])}")
             clip = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = dist_mod.clip_grad_norm(params, clip)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -469,12 +368,11 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
                 window.zero_()
                 window_steps = 0
             if t_cfg.checkpoint_every and done_steps % t_cfg.checkpoint_every == 0 and done_steps < t_cfg.steps:
-                if dist_info.main:
-                    save_checkpoint(ckpt_root, done_steps, net.hf, optimizer, scheduler,
-                                    {"step": done_steps, "rows_seen": done_steps * t_cfg.batch_size,
-                                     "epoch": order.epoch_of(done_steps), "fingerprint": data_fp},
-                                    t_cfg.keep_checkpoints, cfg.to_dict())
-                _barrier(dist_info)
+                save_checkpoint(ckpt_root, done_steps, hf, optimizer, scheduler,
+                                {"step": done_steps, "rows_seen": done_steps * t_cfg.batch_size,
+                                 "epoch": order.epoch_of(done_steps), "fingerprint": data_fp},
+                                t_cfg.keep_checkpoints, cfg.to_dict(), sharded_model=sharded,
+                                trainable_only=t_cfg.lora)
     finally:
         bar.close()
         if metrics_file is not None:
@@ -483,15 +381,29 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
     summary = {"objective": objective, "steps": t_cfg.steps, "resumed_from": start_step,
                "train_seconds": round(elapsed, 1), "final": last, "world_size": dist_info.world,
                "fused_lm_head": head is not None, "device": str(device)}
+    _save_final(net, hf, peft_model, sharded, prepared, special, os.path.join(run_dir, "final"),
+                {"objective": objective, "steps": t_cfg.steps, "seed": cfg.run.seed}, dist_info)
     if dist_info.main:
-        save_model_dir(net.hf, prepared.tokenizer, special, os.path.join(run_dir, "final"),
-                       {"objective": objective, "steps": t_cfg.steps, "seed": cfg.run.seed})
         tmp = f"{done_path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=1)
         os.replace(tmp, done_path)
     _barrier(dist_info)
     return summary
+
+
+def _save_final(net, hf, peft_model, sharded, prepared, special, path: str, extra: dict, dist_info) -> None:
+    """The consolidated final model (FSDP: gathered to rank 0), or the adapter folder of a LoRA run."""
+    full = dist_mod.full_model_state_dict(net) if sharded is not None else None  # every rank takes part
+    if not dist_info.main:
+        return
+    if peft_model is not None:
+        from .lora import save_adapter
+
+        peft_sd = None if full is None else {f"base_model.model.{k}": v for k, v in full.items()}
+        save_adapter(peft_model, prepared.tokenizer, special, path, prepared.init_source, extra, state_dict=peft_sd)
+    else:
+        save_model_dir(hf, prepared.tokenizer, special, path, extra, state_dict=full)
 
 
 def read_metrics(path: str) -> list[dict]:
