@@ -163,3 +163,23 @@ def test_validation_split_is_disjoint_from_training_and_evaluation():
     assert len(prompts) == 40
     again, _ = load_validation(cfg, train, evals)
     assert [ex.prompt for ex in again] == [ex.prompt for ex in val]
+
+
+def test_recorded_settings_survive_new_options_but_not_changed_ones():
+    from mdlm_ctc.mdlm.compare import same_settings, settings_of
+    from mdlm_ctc.mdlm.config import Config
+
+    cfg = Config.from_dict({"objective": "ce"})
+    recorded = settings_of(cfg)
+    assert same_settings(recorded, settings_of(cfg))
+    older = {section: dict(values) for section, values in recorded.items()}
+    del older["train"]["grad_clip"]  # a run recorded before an option existed
+    assert same_settings(older, settings_of(cfg))
+    changed = Config.from_dict({"objective": "ce", "lr": cfg.train.lr * 2})
+    assert not same_settings(recorded, settings_of(changed))
+    # what does not change a trained model does not count: evaluation sizes, names, and CTC options for CE
+    other = Config.from_dict({"objective": "ce", "synthetic_eval_size": 7, "name": "x", "threads": 1,
+                              "slack_budget": 5})
+    assert same_settings(recorded, settings_of(other))
+    ctc = Config.from_dict({"objective": "ctc"})
+    assert not same_settings(settings_of(ctc), settings_of(Config.from_dict({"objective": "ctc", "slack_budget": 5})))

@@ -114,6 +114,20 @@ def settings_of(cfg: Config) -> dict:
     return d
 
 
+def same_settings(recorded: dict, current: dict) -> bool:
+    """Whether a recorded run was trained with the current settings. Options that the recorded run did not
+    know (added to the package since) count as unchanged; every option it recorded must be equal."""
+    for section, values in recorded.items():
+        now = current.get(section)
+        if not isinstance(values, dict) or not isinstance(now, dict):
+            if values != now:
+                return False
+            continue
+        if any(key not in now or now[key] != value for key, value in values.items()):
+            return False
+    return True
+
+
 def train_once(cfg: Config, prepared, run_dir: str, objective: str, log=print) -> dict:
     """Train ``objective`` into ``run_dir``, or reuse a finished run there with the same settings.
 
@@ -126,7 +140,7 @@ def train_once(cfg: Config, prepared, run_dir: str, objective: str, log=print) -
         same = False
         if os.path.exists(settings_path):
             with open(settings_path) as f:
-                same = json.load(f) == settings
+                same = same_settings(json.load(f), settings)
         if same and os.path.exists(os.path.join(run_dir, DONE_FILE)):
             with open(os.path.join(run_dir, DONE_FILE)) as f:
                 summary = json.load(f)
