@@ -183,3 +183,14 @@ def test_recorded_settings_survive_new_options_but_not_changed_ones():
     assert same_settings(recorded, settings_of(other))
     ctc = Config.from_dict({"objective": "ctc"})
     assert not same_settings(settings_of(ctc), settings_of(Config.from_dict({"objective": "ctc", "slack_budget": 5})))
+
+
+def test_a_run_folder_is_used_by_one_job_at_a_time(tmp_path):
+    from mdlm_ctc.mdlm.compare import run_folder_lock
+
+    with run_folder_lock(str(tmp_path)):
+        with pytest.raises(ValueError, match="in use by another"):
+            with run_folder_lock(str(tmp_path)):
+                pass
+    with run_folder_lock(str(tmp_path)):  # released
+        pass

@@ -118,6 +118,13 @@ def _commit() -> str:
 
 def run_ablation(cfg: Config, log=print) -> dict:
     """Fine-tune and evaluate every variant on the validation split; write ``<run>/ablation/``."""
+    from .compare import run_folder_lock
+
+    with run_folder_lock(cfg.run_dir()):
+        return _run_ablation(cfg, log)
+
+
+def _run_ablation(cfg: Config, log=print) -> dict:
     import dataclasses
 
     from .compare import _file_label, _jsonable, build_base, evaluate_folder, finetune_config, train_once

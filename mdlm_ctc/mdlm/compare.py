@@ -24,7 +24,9 @@ continues: finished runs are skipped and an interrupted one resumes from its las
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -189,9 +191,31 @@ def build_base(cfg: Config, prepared, root: str, log=print) -> tuple[str, dict |
     return os.path.join(base_dir, "final"), summary
 
 
+@contextlib.contextmanager
+def run_folder_lock(root: str):
+    """Hold ``<root>/.lock`` while a job writes the folder: a second ``compare``/``ablate`` on the same run
+    folder (which could retrain a base another process is reading) stops with a clear error."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"run folder {root} is in use by another mdlm-ctc compare/ablate process; wait for it "
+                             f"or choose another --name") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # ------------------------------------------------------------------------------ the job
 def run_compare(cfg: Config, log=print) -> dict:
     """Run the whole comparison; returns the summary (also in ``<run>/summary.json``)."""
+    with run_folder_lock(cfg.run_dir()):
+        return _run_compare(cfg, log)
+
+
+def _run_compare(cfg: Config, log=print) -> dict:
     t0 = time.time()
     timings = {}
     dist_info = init_distributed(cfg.run.device)

@@ -395,7 +395,12 @@ def write_report(root: str, cfg, *, results: dict, stats: dict, train_summaries:
              "* The shift probe displaces committed content tokens only; at 1-2% few tokens move (realised rates "
              "above), so small drops need many examples to resolve.\n"
              "* A model that is rarely right cannot lose much accuracy under shifts: read drops together with the "
-             "starting accuracies.\n")
+             "starting accuracies.\n"
+             "* Training this tiny model is sensitive to float rounding: runs are bitwise reproducible on one machine "
+             "with one thread count, but the same settings with another thread count can give a clearly different "
+             "base model (two 1,500-step bases differing only in thread count ended at CE training losses of 0.21 "
+             "and 0.36 on the development machine). Every comparison here is paired on one base; the fine-tuning "
+             "seeds measure the variance of the fine-tuning stage, not of the base.\n")
     L.append("## Files\n")
     L.append("`report.md`, `loss_curves.png`, `shift_robustness.png`" + (", `per_task.png`" if has_tasks else "")
              + ", `summary.json` (all numbers), `eval/<model>.jsonl` (per-example outputs), `base/` (the base "
