@@ -206,6 +206,7 @@ struct Cta {
   std::vector<Warp> warps;
   int live = 0;
   bool exited = false;
+  std::vector<uint32_t> exit_clock;  // join of the clocks of its exited threads
   Cta(int threads, int64_t smem_bytes)
       : storage(size_t(smem_bytes) + 64, 0xff), bytes(smem_bytes), shadow(size_t(smem_bytes + 3) / 4),
         warps(size_t(threads + 31) / 32), live(threads) {
@@ -360,6 +361,9 @@ class EmuDev {
 
   // the fiber's thread has exited
   void exited() {
+    const uint32_t* mine = cluster_.clock(me_);
+    cta_.exit_clock.resize(size_t(cluster_.size), 0);
+    for (int i = 0; i < cluster_.size; ++i) cta_.exit_clock[i] = std::max(cta_.exit_clock[i], mine[i]);
     --cta_.live;
     --cluster_.live;
     if (!cta_.named[0].arrivals.empty() && int(cta_.named[0].arrivals.size()) >= cta_.live)
@@ -367,6 +371,14 @@ class EmuDev {
     if (!cluster_.barrier.arrivals.empty() && int(cluster_.barrier.arrivals.size()) >= cluster_.live)
       cluster_.release(s_, cluster_.barrier);
     if (cta_.live == 0) {  // the CTA's shared memory goes away
+      // every DSMEM read of another CTA must be ordered before that (a cluster barrier), or on the GPU it
+      // may come after it, whatever order it had here
+      for (const Cell& c : cta_.shadow)
+        for (const auto& r : c.reads)
+          if (r.first / cluster_.threads_per_cta != rank_ && cta_.exit_clock[size_t(r.first)] < r.second)
+            report_.fail(kExitedCta, "DSMEM read by thread " + std::to_string(r.first) +
+                                         " not ordered before the exit of the CTA it reads (rank " +
+                                         std::to_string(rank_) + ")");
       cta_.exited = true;
       std::memset(cta_.smem, 0xff, size_t(cta_.bytes));
     }

@@ -91,7 +91,13 @@ inline Plan plan_lattice(int64_t W, int mode, int64_t acc_bytes, int64_t B, int 
       want = imin<int64_t>(kMaxCluster, ceil_div(S, kClusterSlotsPerCta));
     want = imax(want, least);
   }
-  for (int64_t c = want; clusters_ok && c >= imax<int64_t>(least, 2); --c) {
+  if (least > kMaxCluster) {  // wider than the largest cluster holds
+    Plan plan;
+    plan.slots = S;
+    plan.error = 1;
+    return plan;
+  }
+  for (int64_t c = imin<int64_t>(want, kMaxCluster); clusters_ok && c >= imax<int64_t>(least, 2); --c) {
     Plan plan;
     if (!plan_cta(ceil_div(S, c), mode, acc_bytes, dev, plan)) continue;
     // the CTA's capacity decides the size: no CTA without a useful slot

@@ -101,16 +101,20 @@ def _apply(source, mutation):
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """{name: emulator library or the exception its build raised}; "original" is the unmutated source."""
+def builds(tmp_path_factory, request):
+    """{name: emulator library or the exception its build raised}; "original" is the unmutated source.
+    Only the mutants of the tests this session runs are built (in parallel)."""
     compiler, why = cuda_emulator.compiler_or_skip_reason()
     if compiler is None:
         pytest.skip(why)
     root = tmp_path_factory.mktemp("cuda_mutants")
     original = open(os.path.join(cuda_emulator.CSRC, KERNEL)).read()
+    selected = {item.callspec.params["mutation"].name for item in request.session.items
+                if hasattr(item, "callspec") and isinstance(item.callspec.params.get("mutation"), Mutation)}
     jobs = {"original": original}
     for mutation in MUTATIONS:
-        jobs[mutation.name] = _apply(original, mutation)
+        if mutation.name in selected:
+            jobs[mutation.name] = _apply(original, mutation)
 
     def build(name):
         csrc = root / name
@@ -135,6 +139,12 @@ def _run_case(lib, case_name, seed):
     expected = run_reference(*case, mode, -1, True)
     actual = cuda_emulator.emulate(lib, *case, mode, -1, True, seed=seed, **launch)
     assert_same_outputs(actual, expected, True, dict(atol=2e-3, rtol=2e-3), case_name)
+
+
+def test_every_edit_matches_the_source_once():
+    original = open(os.path.join(cuda_emulator.CSRC, KERNEL)).read()
+    for mutation in MUTATIONS:
+        assert _apply(original, mutation) != original
 
 
 def test_unmutated_source_passes_every_case(builds):

@@ -171,7 +171,7 @@ LAUNCHES = [
     ("2warps-vt8-8stages", dict(threads=64, vt=8, stages=8), (2, 540, 270), (2, 520, 260)),
     ("4warps-vt4", dict(threads=128, vt=4, stages=2), (2, 300, 150), (2, 280, 140)),
     ("cluster2-vt2", dict(cluster=2, threads=32, vt=2, stages=2), (3, 200, 100), (2, 180, 90)),
-    ("cluster4-2warps-vt1-8stages", dict(cluster=4, threads=64, vt=1, stages=8), (2, 400, 200), (2, 360, 180)),
+    ("cluster4-2warps-vt1-8stages", dict(cluster=4, threads=64, vt=1, stages=8), (2, 300, 150), (2, 280, 140)),
     ("cluster8-vt1-4stages", dict(cluster=8, threads=32, vt=1, stages=4), (2, 300, 150), (2, 280, 140)),
 ]
 LAUNCH_IDS = [name for name, *_ in LAUNCHES]
