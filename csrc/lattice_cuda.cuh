@@ -96,26 +96,29 @@ struct Arrays {
   static constexpr int kStates = MODE == kPreserve ? 1 : 2;  // preserve states | standard blank + label
 };
 
-// Shared memory of one recurrence CTA: edge cells [2 parities][arrays][lo, hi][warps] (acc_t), then R
-// stages of `stage_stride` emissions (acc_t; slot q at q - s0 + 1, the special emission at the end)
-// and, for standard CTC, as many skip values (float).
+// Shared memory of one recurrence CTA: edge cells [2 parities][arrays][lo, hi][warps] (acc_t); for
+// standard CTC the row's skip mask (float, u = 0..U_max + 1, loaded once: it does not depend on the
+// frame); then R stages of `stage_stride` emissions (acc_t; slot q at q - s0 + 1, the special emission
+// at the end).
 struct SmemLayout {
   int64_t edge_elems;    // acc_t
-  int64_t stage_stride;  // elements per stage array
-  int64_t stage_bytes;   // one stage, all arrays
+  int64_t stage_stride;  // elements per stage
+  int64_t stage_bytes;   // one stage
   int64_t edges_bytes;
-  MDLM_HD int64_t total(int stages) const { return edges_bytes + stages * stage_bytes; }
+  int64_t skip_bytes;
+  MDLM_HD int64_t total(int stages) const { return edges_bytes + skip_bytes + stages * stage_bytes; }
 };
 
 MDLM_HD int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-MDLM_HD SmemLayout smem_layout(int mode, int64_t acc_bytes, int threads, int vt) {
+MDLM_HD SmemLayout smem_layout(int mode, int64_t acc_bytes, int threads, int vt, int64_t U_max) {
   SmemLayout l;
   const int arrays = mode == kPreserve ? 1 : 2;
   l.edge_elems = int64_t(2) * arrays * 2 * (threads / kWarpSize);
   l.edges_bytes = round_up(l.edge_elems * acc_bytes, 16);
   l.stage_stride = round_up(int64_t(threads) * vt + 3, 4);
-  l.stage_bytes = l.stage_stride * acc_bytes + (mode == kStandard ? l.stage_stride * int64_t(sizeof(float)) : 0);
+  l.stage_bytes = l.stage_stride * acc_bytes;
+  l.skip_bytes = mode == kStandard ? round_up((U_max + 2) * int64_t(sizeof(float)), 16) : 0;
   return l;
 }
 
@@ -167,7 +170,7 @@ MDLM_HD float skip_value(const int64_t* targets, const int64_t* target_lengths, 
 constexpr int kStepBarrier = 1;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER, class Dev>
+template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER, int DIR, class Dev>
 MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* smem, Dev& dev) {
   static_assert(STAGES >= 2 && (STAGES & (STAGES - 1)) == 0, "the stage ring is a power of two");
   constexpr int A = Arrays<MODE>::kStates;
@@ -176,7 +179,7 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   const int lane = tid % kWarpSize, warp = tid / kWarpSize, cta_warps = threads / kWarpSize;
   const int rank = dev.cluster_rank(), csize = dev.cluster_size();
   const int64_t b = dev.row();
-  const int dir = dev.direction();
+  constexpr int dir = DIR;
   const int64_t T = p.T, W = p.W;
   // lengths are clamped to the padded sizes; the launcher guarantees T, U_max < 2^31, so frame and state
   // indices fit int from here on (only row offsets into the tables are int64)
@@ -212,17 +215,17 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   }
   const int warps = active / kWarpSize;
   const int span = active * VT;  // slots of this CTA: [s0, s0 + span)
-  const SmemLayout layout = smem_layout(MODE, sizeof(acc_t), threads, VT);
+  const SmemLayout layout = smem_layout(MODE, sizeof(acc_t), threads, VT, p.U_max);
   const int stride = int(layout.stage_stride);
   acc_t* edges = reinterpret_cast<acc_t*>(smem);
-  unsigned char* stages = smem + layout.edges_bytes;
+  float* skip_s = reinterpret_cast<float*>(smem + layout.edges_bytes);  // standard: skip of state u at [u]
+  unsigned char* stages = smem + layout.edges_bytes + layout.skip_bytes;
   auto edge = [&](int parity, int arr, int side, int w) -> acc_t* {
     return edges + ((parity * A + arr) * 2 + side) * cta_warps + w;
   };
   auto stage_emit = [&](int n) {
     return reinterpret_cast<acc_t*>(stages + (n & (STAGES - 1)) * layout.stage_bytes);
   };
-  auto stage_skip = [&](int n) { return reinterpret_cast<float*>(stage_emit(n) + stride); };
   // band base of frame f: the lowest state of the row's band (preserve) or of its blank band (standard)
   auto base_of = [&](int f) {
     int lo = imax(0, U_b - (T_b - f));
@@ -235,50 +238,58 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   // Thread tid copies its own VT indices 1 + tid * VT + [0, VT); thread 0 also index 0 and the special
   // emission, the last active thread index span + 1. Columns outside the table's band read as 0 like
   // the CPU kernel (only ever met where the predecessor is -inf).
-  const acc_t* table_b = p.table + b * T * W;
-  const float* skip_row = MODE == kStandard ? p.skip + b * (p.U_max + 2) : nullptr;
+  const int Wi = int(W);  // <= T
   const int skip_hi = int(p.U_max) + 1;
-  auto stage_one = [&](acc_t* e, float* k, const acc_t* row, int base, int c_lo, int c_hi, int i) {
-    const int u = base + s0 - 1 + i;
-    if (u >= c_lo && u <= c_hi)
-      dev.copy_async(e + i, row + (u - c_lo));
+  if (MODE == kStandard) {  // ordered before its first use by the step barrier of step 1
+    const float* skip_row = p.skip + b * (p.U_max + 2);
+    for (int u = tid; u <= skip_hi; u += active) dev.st(skip_s + u, skip_row[u]);
+  }
+  // stage index i is valid for the table when first <= i <= last (u = lowest + i in [c_lo, c_hi]); its
+  // column is then row[i - first]
+  auto stage_one = [&](acc_t* e, const acc_t* row, int first, int last, int i) {
+    if (i >= first && i <= last)
+      dev.copy_async(e + i, row + (i - first));
     else
       dev.st(e + i, acc_t(0));
-    if (MODE == kStandard) {
-      if (u >= 0 && u <= skip_hi)
-        dev.copy_async(k + i, skip_row + u);
-      else
-        dev.st(k + i, -std::numeric_limits<float>::infinity());
-    }
   };
+  // stage_step runs for steps n = 1, 2, ..., T_b in order: the table row moves by one frame each time
+  const acc_t* stage_row = p.table + (b * T + (dir == kAlpha ? 0 : T_b - 1)) * W;
+  const int64_t stage_row_step = dir == kAlpha ? W : -W;
   auto stage_step = [&](int n) {
     const int f = frame_of(n);
-    const int base = base_of(f);
+    const int lowest = base_of(f) + s0 - 1;  // the state of stage index 0
     int c_lo = imax(1, U_b - T_b + f);
     if (MODE == kPreserve && shift >= 0) c_lo = imax(c_lo, f - shift);
-    const int c_hi = int(imin<int64_t>(imin(f, U_b), int64_t(c_lo) + W - 1));
-    const acc_t* row = table_b + int64_t(f - 1) * W;
+    const int c_hi = imin(imin(f, U_b), c_lo + Wi - 1);
+    const int first = c_lo - lowest, last = c_hi - lowest;
+    const acc_t* row = stage_row;
+    stage_row += stage_row_step;
     acc_t* e = stage_emit(n);
-    float* k = MODE == kStandard ? stage_skip(n) : nullptr;
 #pragma unroll
-    for (int v = 0; v < VT; ++v) stage_one(e, k, row, base, c_lo, c_hi, 1 + tid * VT + v);
+    for (int v = 0; v < VT; ++v) stage_one(e, row, first, last, 1 + tid * VT + v);
     if (tid == 0) {
-      stage_one(e, k, row, base, c_lo, c_hi, 0);
+      stage_one(e, row, first, last, 0);
       dev.copy_async(e + stride - 1, special + f - 1);
     }
-    if (tid == active - 1) stage_one(e, k, row, base, c_lo, c_hi, span + 1);
+    if (tid == active - 1) stage_one(e, row, first, last, span + 1);
   };
 
   const int j0 = s0 + tid * VT;  // this thread's first slot
-  acc_t* store[2] = {p.store[dir][0], p.store[dir][1]};
-  auto store_row = [&](int frame, const acc_t (&v)[2][VT]) {
-    if (store[0] == nullptr) return;
-    const int64_t off = (b * (T + 1) + frame) * p.store_stride;
+  // this thread's slots of the band row of the current frame in the store (alpha: frames up, beta: down)
+  const bool storing = p.store[dir][0] != nullptr;
+  const int64_t store_step = dir == kAlpha ? p.store_stride : -p.store_stride;
+  acc_t* out[2] = {nullptr, nullptr};
+  if (storing)
+    for (int a = 0; a < A; ++a) out[a] = p.store[dir][a] + (b * (T + 1) + (dir == kAlpha ? 0 : T_b)) * p.store_stride + j0;
+  auto store_row = [&](const acc_t (&v)[2][VT]) {  // then moves to the next frame
+    if (!storing) return;
 #pragma unroll
-    for (int a = 0; a < A; ++a)
+    for (int a = 0; a < A; ++a) {
 #pragma unroll
       for (int k = 0; k < VT; ++k)
-        if (j0 + k < S_row) store[a][off + j0 + k] = v[a][k];
+        if (j0 + k < S_row) out[a][k] = v[a][k];
+      out[a] += store_step;
+    }
   };
   auto write_edges = [&](int parity, const acc_t (&v)[2][VT]) {
 #pragma unroll
@@ -310,7 +321,7 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       r[1][0] = U_b > 0 ? acc_t(0) : NEG;
     }
   }
-  store_row(dir == kAlpha ? 0 : T_b, r);
+  store_row(r);
   write_edges(0, r);
 #pragma unroll
   for (int n = 1; n < STAGES; ++n) {
@@ -354,7 +365,6 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
     }
 
     const acc_t* e = stage_emit(n);
-    const float* sk = stage_skip(n);
     const acc_t e_special = dev.ld(e + stride - 1);
     const int f = frame_of(n);
     acc_t v[2][VT];
@@ -377,14 +387,14 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
         } else {
           const acc_t blank_u = d ? w[0][k + 2] : w[0][k + 1], label_u = d ? w[1][k + 2] : w[1][k + 1];
           const acc_t blank_u1 = d ? w[0][k + 1] : w[0][k], label_u1 = d ? w[1][k + 1] : w[1][k];
-          const acc_t skip_u = acc_t(dev.ld(sk + (j0 + k - s0 + 1)));
+          const acc_t skip_u = acc_t(dev.ld(skip_s + imin(u, skip_hi)));
           const acc_t blank = standard_blank_alpha_cell(blank_u, label_u, e_special);
           const acc_t label = standard_label_alpha_cell(label_u, blank_u1, label_u1 + skip_u, e_u);
           v[0][k] = u <= hi0 ? blank : NEG;
           v[1][k] = (u >= 1 && u <= hi1) ? label : NEG;
         }
       }
-      store_row(f, v);
+      store_row(v);
     } else {
       // beta_{f-1} from beta_f: slot j holds u = base(f-1) + j; u at f is slot j - d, u + 1 is j - d + 1;
       // the stage holds frame f's emissions by frame-f slot
@@ -405,14 +415,14 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
         } else {
           const acc_t blank_u = d ? w[0][k] : w[0][k + 1], label_u = d ? w[1][k] : w[1][k + 1];
           const acc_t label_u1 = d ? w[1][k + 1] : w[1][k + 2];
-          const acc_t skip_u1 = acc_t(dev.ld(sk + q + 1));
+          const acc_t skip_u1 = acc_t(dev.ld(skip_s + imin(u + 1, skip_hi)));
           const acc_t blank = standard_blank_beta_cell(blank_u, label_u1, e_special, e_u1);
           const acc_t label = standard_label_beta_cell(label_u, blank_u, label_u1 + skip_u1, e_special, e_u, e_u1);
           v[0][k] = u <= hi0 ? blank : NEG;
           v[1][k] = (u >= 1 && u <= hi1) ? label : NEG;
         }
       }
-      store_row(f - 1, v);
+      store_row(v);
     }
     write_edges(n & 1, v);
 #pragma unroll
@@ -433,6 +443,15 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       p.status[b] = kRowZero;
     }
   }
+}
+
+// The direction is a template parameter: each CTA runs the loop of its own direction only.
+template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER, class Dev>
+MDLM_DEV void recurrence(const RecurrenceParams<acc_t>& p, unsigned char* smem, Dev& dev) {
+  if (dev.direction() == kAlpha)
+    recurrence_pass<acc_t, MODE, VT, STAGES, CLUSTER, kAlpha>(p, smem, dev);
+  else
+    recurrence_pass<acc_t, MODE, VT, STAGES, CLUSTER, kBeta>(p, smem, dev);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -545,7 +545,7 @@ struct Config {
 template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER>
 void run_recurrence(const cuda_lattice::RecurrenceParams<acc_t>& p, int64_t B, int dirs, const Config& cfg,
                     Report& report) {
-  const cuda_lattice::SmemLayout layout = cuda_lattice::smem_layout(MODE, sizeof(acc_t), cfg.threads, VT);
+  const cuda_lattice::SmemLayout layout = cuda_lattice::smem_layout(MODE, sizeof(acc_t), cfg.threads, VT, p.U_max);
   const int64_t smem = layout.total(STAGES);
   const int ctas = CLUSTER ? cfg.cluster : 1;
   Scheduler s(cfg.seed, cfg.preempt_permille);
@@ -562,7 +562,7 @@ void run_recurrence(const cuda_lattice::RecurrenceParams<acc_t>& p, int64_t B, i
           EmuDev* dev = devs.back().get();
           unsigned char* mem = cluster.ctas[r]->smem;
           dev->fiber = s.spawn(
-              [&p, dev, mem] { cuda_lattice::recurrence_pass<acc_t, MODE, VT, STAGES, CLUSTER>(p, mem, *dev); });
+              [&p, dev, mem] { cuda_lattice::recurrence<acc_t, MODE, VT, STAGES, CLUSTER>(p, mem, *dev); });
         }
     }
   s.on_exit([&devs](int fiber) { devs[size_t(fiber)]->exited(); });
@@ -755,7 +755,8 @@ extern "C" MDLM_EMU_API int mdlm_ctc_emulate_lattice_band(int is_double, void* t
 
 // Launch planning (lattice_cuda_plan.h) for the tests: out = [cluster, threads, vt, stages, smem, slots,
 // resident, one_wave, error].
-extern "C" MDLM_EMU_API void mdlm_ctc_plan_lattice(int64_t W, int mode, int64_t acc_bytes, int64_t B, int dirs, int sms,
+extern "C" MDLM_EMU_API void mdlm_ctc_plan_lattice(int64_t W, int64_t U_max, int mode, int64_t acc_bytes, int64_t B,
+                                                   int dirs, int sms,
                                       int64_t max_smem_per_block, int cluster_launch, int cluster_code, int forced,
                                       mdlm_ctc::cuda_plan::ResidentFn resident, void* context, int64_t* out) {
   using namespace mdlm_ctc::cuda_plan;
@@ -764,10 +765,12 @@ extern "C" MDLM_EMU_API void mdlm_ctc_plan_lattice(int64_t W, int mode, int64_t 
   dev.max_smem_per_block = max_smem_per_block;
   dev.cluster_launch = cluster_launch != 0;
   dev.cluster_code = cluster_code != 0;
-  const Plan p = plan_lattice(W, mode, acc_bytes, B, dirs, dev, forced, resident, context);
+  const Plan p = plan_lattice(W, U_max, mode, acc_bytes, B, dirs, dev, forced, resident, context);
   const int64_t values[] = {p.cluster, p.threads, p.vt, p.stages, p.smem, p.slots, p.resident, p.one_wave, p.error};
   std::copy(std::begin(values), std::end(values), out);
 }
 
-extern "C" MDLM_EMU_API int mdlm_ctc_plan_launch_bounds(int vt) { return mdlm_ctc::cuda_plan::max_threads_for_vt(vt); }
+extern "C" MDLM_EMU_API int mdlm_ctc_plan_launch_bounds(int mode, int vt) {
+  return mdlm_ctc::cuda_plan::max_threads_for_vt(mode, vt);
+}
 #endif

@@ -5,8 +5,9 @@
 //
 //   S = W + 1 slots bound every valid row's band (W = the table width = the widest column band).
 //   One CTA holds up to 8192 slots: VT = 1 / 2 / 4 / 8 slots per thread for <= 256 / 512 / 2048 / 8192
-//   slots and threads = ceil(slots / VT) rounded up to a warp (at most kMaxThreadsForVT[VT], the
-//   kernel's launch bounds). The ring holds 4 stages of emissions, or 2 where 4 do not fit.
+//   slots and threads = ceil(slots / VT) rounded up to a warp (at most max_threads_for_vt, the kernel's
+//   launch bounds). The ring holds 4 stages of emissions, or 2 where 4 do not fit; standard CTC also
+//   keeps the row's skip mask (4 (U_max + 2) bytes) in shared memory, which bounds U_max to ~50k there.
 //   Clusters (sm_90 code, a device with cluster launch): used when S > 2048 (~1024 slots per CTA) and
 //   always when S > 8192; the cluster size is then recomputed from the CTA's capacity, so that the
 //   last CTA holds useful slots, and lowered while the B * directions clusters do not all fit at once
@@ -15,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "lattice_cuda.cuh"
 
@@ -29,8 +31,16 @@ constexpr int64_t kMaxSlotsPerCta = int64_t(kMaxThreads) * 8;  // 8192
 constexpr int64_t kClusterMinSlots = 2048;                     // provisional: no GPU measurement yet
 constexpr int64_t kClusterSlotsPerCta = 1024;
 
-// The kernel's launch bounds per VT: the most threads any plan gives that VT.
-MDLM_HD constexpr int max_threads_for_vt(int vt) { return vt <= 2 ? 256 : vt == 4 ? 512 : 1024; }
+// Slots per thread: VT = 1 / 2 / 4 / 8 for <= 256 / 512 / 2048 / 8192 slots, for both collapses.
+// (Standard CTC holds two cells per slot. Halving its VT would bring the per-warp count of the step
+// loop down, but the per-warp overhead of a step, ~150 instructions, then comes twice as often: more
+// instructions per step in all, on an SM that issues for all warps. See benchmarks/static_cuda.py.)
+MDLM_HD constexpr int vt_for(int64_t slots, int /*mode*/) {
+  return slots <= 256 ? 1 : slots <= 512 ? 2 : slots <= 2048 ? 4 : 8;
+}
+
+// The kernel's launch bounds per (collapse, VT): the most threads any plan gives it.
+MDLM_HD constexpr int max_threads_for_vt(int /*mode*/, int vt) { return vt <= 2 ? 256 : vt == 4 ? 512 : 1024; }
 
 struct DeviceLimits {
   int sms = 0;
@@ -52,21 +62,20 @@ struct Plan {
 // at once; for cluster = 1, CTAs. The launcher asks cudaOccupancyMaxActiveClusters / ...BlocksPerSM.
 using ResidentFn = int64_t (*)(int cluster, int threads, int64_t smem, int vt, int stages, void* context);
 
-MDLM_HD constexpr int vt_for(int64_t slots) { return slots <= 256 ? 1 : slots <= 512 ? 2 : slots <= 2048 ? 4 : 8; }
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline int64_t smem_bytes(int mode, int64_t acc_bytes, int threads, int vt, int stages) {
-  return cuda_lattice::smem_layout(mode, acc_bytes, threads, vt).total(stages);
+inline int64_t smem_bytes(int mode, int64_t acc_bytes, int threads, int vt, int stages, int64_t U_max) {
+  return cuda_lattice::smem_layout(mode, acc_bytes, threads, vt, U_max).total(stages);
 }
 
 // One CTA for `slots` slots; false if it cannot hold them or shared memory is too small.
-inline bool plan_cta(int64_t slots, int mode, int64_t acc_bytes, const DeviceLimits& dev, Plan& plan) {
+inline bool plan_cta(int64_t slots, int mode, int64_t acc_bytes, int64_t U_max, const DeviceLimits& dev,
+                     Plan& plan) {
   if (slots < 1 || slots > kMaxSlotsPerCta) return false;
-  plan.vt = vt_for(slots);
+  plan.vt = vt_for(slots, mode);
   plan.threads = int(cuda_lattice::round_up(ceil_div(slots, plan.vt), kWarpSize));
   for (int stages : {4, 2}) {
-    const int64_t bytes = smem_bytes(mode, acc_bytes, plan.threads, plan.vt, stages);
+    const int64_t bytes = smem_bytes(mode, acc_bytes, plan.threads, plan.vt, stages, U_max);
     if (bytes <= dev.max_smem_per_block) {
       plan.stages = stages;
       plan.smem = bytes;
@@ -77,8 +86,10 @@ inline bool plan_cta(int64_t slots, int mode, int64_t acc_bytes, const DeviceLim
 }
 
 // forced_cluster: -1 automatic, 0 never, N > 0 clusters of N CTAs whenever S > 256.
-inline Plan plan_lattice(int64_t W, int mode, int64_t acc_bytes, int64_t B, int dirs, const DeviceLimits& dev,
-                         int forced_cluster, ResidentFn resident, void* context) {
+// W: the table width; U_max: the padded target length (standard CTC keeps the row's skip mask in shared
+// memory).
+inline Plan plan_lattice(int64_t W, int64_t U_max, int mode, int64_t acc_bytes, int64_t B, int dirs,
+                         const DeviceLimits& dev, int forced_cluster, ResidentFn resident, void* context) {
   const int64_t S = W + 1;
   const int64_t needed = B * dirs;
   const bool clusters_ok = dev.cluster_launch && dev.cluster_code && forced_cluster != 0;
@@ -99,7 +110,7 @@ inline Plan plan_lattice(int64_t W, int mode, int64_t acc_bytes, int64_t B, int 
   }
   for (int64_t c = imin<int64_t>(want, kMaxCluster); clusters_ok && c >= imax<int64_t>(least, 2); --c) {
     Plan plan;
-    if (!plan_cta(ceil_div(S, c), mode, acc_bytes, dev, plan)) continue;
+    if (!plan_cta(ceil_div(S, c), mode, acc_bytes, U_max, dev, plan)) continue;
     // the CTA's capacity decides the size: no CTA without a useful slot
     plan.cluster = int(ceil_div(S, int64_t(plan.threads) * plan.vt));
     if (plan.cluster < 2) continue;
@@ -114,7 +125,7 @@ inline Plan plan_lattice(int64_t W, int mode, int64_t acc_bytes, int64_t B, int 
   }
   Plan plan;
   plan.slots = S;
-  if (!plan_cta(S, mode, acc_bytes, dev, plan)) {
+  if (!plan_cta(S, mode, acc_bytes, U_max, dev, plan)) {
     plan.error = 1;
     return plan;
   }

@@ -3,8 +3,8 @@
 // lattice_band_cpu computes: nll [B] (+inf infeasible, NaN for NaN rows) and, with need_grad, the
 // posteriors written in place over `table` and `special` (0 on infeasible rows and past the input
 // length, NaN on NaN rows). The kernel bodies live in lattice_cuda.cuh (recurrences, shared with the
-// CPU through lattice.h, and a host emulator for tests); this file holds the device execution model,
-// the kernels and the launcher.
+// CPU through lattice.h, and a host emulator for tests), the device execution model and the kernels
+// in lattice_cuda_kernels.cuh; this file holds the launcher.
 //
 // Recurrences (lattice.h): preserve alpha_t(u) = logaddexp(alpha_{t-1}(u) + e_t(k), alpha_{t-1}(u-1) + e_t(y_u)),
 // standard CTC split into blank / label arrays; beta mirrors them; posteriors = exp(alpha + e + beta - loglik).
@@ -14,25 +14,23 @@
 // Scratch: the band rows of alpha and beta, [2, arrays, B, T + 1, W + 1] in the table's dtype (only
 // with need_grad), a status word per row, and for standard CTC the skip mask [B, U + 2] (float).
 //
-// Launch plan (per call, decided on the host from shapes only: no host sync, no .item()):
-//   S = W + 1 bounds every valid row's band in slots (W = the table width = the widest column band).
-//   (1) one CTA per (row, direction), grid (1, B, 2): the band in registers, VT slots per thread,
-//       VT = 1 / 2 / 4 / 8 for S <= 256 / 512 / 2048 / 8192 and threads = ceil(S / VT) rounded to a
-//       warp; warp shuffles for the u +- 1 neighbours, shared-memory edge cells between warps, one named
-//       barrier per step counting only the warps the row's own band needs; cp.async ring of R stages
-//       (2 <= R <= 8, as many as shared memory allows) prefetching the emissions R - 1 frames ahead.
-//   (2) Hopper thread-block clusters (sm_90+, only when the device supports cluster launch and the
-//       cluster fits, cudaOccupancyMaxActiveClusters > 0): one row's band split over C CTAs of a cluster,
-//       grid (C, B, 2), cluster (C, 1, 1), neighbours across CTAs read from the other CTA's shared
-//       memory (DSMEM) after the per-step cluster barrier. Used when S > 2048, with C = the next power
-//       of two of S / 1024 (at most 8) halved until B * directions * C CTAs fit on the SMs at once, and
-//       always when S > 8192 (one CTA holds at most 8192 slots). The runtime falls back to (1) when a
-//       cluster cannot be scheduled; a band of more than 8 * 8192 slots is an error (use backend="cpu"
-//       or "triton").
+// Launch plan (per call, from shapes and cached device properties only: no host sync, no .item()):
+// csrc/lattice_cuda_plan.h, pure functions tested on CPU (tests/test_cuda_plan.py).
+//   (1) one CTA per (row, direction), grid (1, B, 2): the band in registers, VT slots per thread; warp
+//       shuffles for the u +- 1 neighbours, shared-memory edge cells between warps, one named barrier
+//       per step counting only the warps the row's own band needs; a cp.async ring of 4 (or 2) stages.
+//   (2) Hopper thread-block clusters, only with sm_90 code and a device with cluster launch: one row's
+//       band split over C CTAs of a cluster, grid (C, B, 2), neighbours across CTAs read from the other
+//       CTA's shared memory (DSMEM) after the per-step cluster barrier; C sized so that every CTA holds
+//       useful slots and all B * directions clusters are resident at once (cudaOccupancyMaxActiveClusters).
+//       A build without sm_90 code, or a device without clusters, falls back to (1) (a band of more
+//       than 8192 slots is then an error naming the backends that can run it).
 //   (3) posterior pass: one warp per frame, 8 warps per CTA, fully parallel over B * T.
-//   MDLM_CTC_CUDA_CLUSTER=auto|0|N overrides the cluster choice (0: never; N: C = N when S > 256).
+//   MDLM_CTC_CUDA_CLUSTER=auto|0|N overrides the cluster choice (0: never; N: C <= N when S > 256).
+// Device properties, cudaFuncSetAttribute and the occupancy queries are cached per device and kernel.
 // These thresholds are a plan, not a measurement: no GPU was available when this file was written, so
-// the GPU check script's benchmark (rows G2/G3 of SPEC §6) has to confirm or move them.
+// the GPU check script's benchmark (rows G2/G3 of SPEC §6) has to confirm or move them;
+// benchmarks/static_cuda.py reports what the compiled step loop costs (registers, spills, SASS).
 //
 // Numerics: fp32 accumulation for float32 tables, fp64 for float64 (expf/logf resp. exp/log via
 // logspace.h). No atomics; every reduction has a fixed order: results are bitwise reproducible.
@@ -43,8 +41,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cooperative_groups.h>
-#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -57,102 +53,12 @@
 #include <string>
 #include <tuple>
 
-#include "lattice_cuda.cuh"
+#include "lattice_cuda_kernels.cuh"
 #include "lattice_cuda_plan.h"
 
 namespace mdlm_ctc {
 namespace cuda_lattice {
 namespace {
-
-// ---- the device execution model the passes are written against (lattice_cuda.cuh) -------------
-
-template <bool CLUSTER>
-struct CudaDev {
-  __device__ int thread_rank() const { return int(threadIdx.x); }
-  __device__ int block_size() const { return int(blockDim.x); }
-  __device__ int cluster_rank() const { return CLUSTER ? int(blockIdx.x) : 0; }  // cluster dims (gridDim.x, 1, 1)
-  __device__ int cluster_size() const { return CLUSTER ? int(gridDim.x) : 1; }
-  __device__ int64_t row() const { return int64_t(blockIdx.y); }
-  __device__ int direction() const { return int(blockIdx.z); }
-  __device__ bool syncthreads_or(bool pred) const { return __syncthreads_or(pred) != 0; }
-  __device__ void bar_sync(int id, int count) const { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory"); }
-  __device__ void cluster_sync() const {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    cooperative_groups::this_cluster().sync();
-#else
-    __trap();  // unreachable: the launcher runs cluster kernels only when they were compiled for sm_90+
-#endif
-  }
-  template <typename T>
-  __device__ T shfl(unsigned mask, T v, int src) const {
-    return __shfl_sync(mask, v, src);
-  }
-  template <typename T>
-  __device__ T shfl_up(unsigned mask, T v, int delta) const {
-    return __shfl_up_sync(mask, v, delta);
-  }
-  template <typename T>
-  __device__ T shfl_down(unsigned mask, T v, int delta) const {
-    return __shfl_down_sync(mask, v, delta);
-  }
-  template <typename T>
-  __device__ T shfl_xor(unsigned mask, T v, int lane_mask) const {
-    return __shfl_xor_sync(mask, v, lane_mask);
-  }
-  template <typename T>
-  __device__ T ld(const T* shared) const {
-    return *shared;
-  }
-  template <typename T>
-  __device__ void st(T* shared, T v) const {
-    *shared = v;
-  }
-  template <typename T>
-  __device__ T ld_remote(const T* local, int rank) const {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    return *cooperative_groups::this_cluster().map_shared_rank(const_cast<T*>(local), rank);
-#else
-    __trap();
-    return *local;
-#endif
-  }
-  template <typename T>
-  __device__ void copy_async(T* shared_dst, const T* global_src) const {
-    __pipeline_memcpy_async(shared_dst, global_src, sizeof(T));
-  }
-  __device__ void commit() const { __pipeline_commit(); }
-  template <int N>
-  __device__ void wait_prior() const {
-    __pipeline_wait_prior(N);
-  }
-};
-
-// ---- kernels ---------------------------------------------------------------------------------
-
-// Launch bounds per VT (the most threads a plan gives it): VT <= 2 may use 255 registers, VT = 4 128.
-template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER>
-__global__ void __launch_bounds__(cuda_plan::max_threads_for_vt(VT)) recurrence_kernel(const RecurrenceParams<acc_t> p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  CudaDev<CLUSTER> dev;
-  recurrence_pass<acc_t, MODE, VT, STAGES, CLUSTER>(p, smem, dev);
-}
-
-constexpr int kPosteriorWarps = 8;
-
-template <typename acc_t, int MODE>
-__global__ void __launch_bounds__(kPosteriorWarps* kWarpSize) posterior_kernel(const PosteriorParams<acc_t> p) {
-  const int64_t frame = int64_t(blockIdx.x) * kPosteriorWarps + threadIdx.x / kWarpSize;
-  if (frame >= p.B * p.T) return;  // whole warps leave
-  CudaDev<false> dev;
-  posterior_row<acc_t, MODE>(p, frame / p.T, frame % p.T, int(threadIdx.x % kWarpSize), dev);
-}
-
-__global__ void skip_kernel(float* out, const int64_t* targets, const int64_t* target_lengths, int64_t B,
-                            int64_t U_max) {
-  const int64_t n = B * (U_max + 2);
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = skip_value(targets, target_lengths, U_max, i / (U_max + 2), i % (U_max + 2));
-}
 
 // ---- launching (the plan itself is lattice_cuda_plan.h) ---------------------------------------
 
@@ -276,19 +182,22 @@ int cluster_override() {
 template <typename acc_t, int MODE>
 void launch_recurrence(RecurrenceParams<acc_t> params, int64_t W, int64_t B, int dirs, int device,
                        cudaStream_t stream) {
+  const int64_t U_max = params.U_max;
   cuda_plan::Plan plan;
   const void* kernel = nullptr;
   {
     std::lock_guard<std::mutex> lock(device_mutex());
     DeviceInfo& info = device_info<acc_t, MODE>(device);
     ResidentQuery query{&info, &recurrence_kernel_for<acc_t, MODE>, stream};
-    plan = cuda_plan::plan_lattice(W, MODE, sizeof(acc_t), B, dirs, info.limits, cluster_override(),
+    plan = cuda_plan::plan_lattice(W, U_max, MODE, sizeof(acc_t), B, dirs, info.limits, cluster_override(),
                                    &resident_on_device, &query);
     TORCH_CHECK(plan.error == 0, "lattice_band (CUDA): a band of ", W + 1, " states (table width ", W,
+                MODE == kStandard ? ", and a skip mask of U + 2 = " : "", MODE == kStandard ? U_max + 2 : 0,
                 ") is wider than this GPU's lattice kernel supports (",
                 info.limits.cluster_launch && info.limits.cluster_code ? kMaxCluster * cuda_plan::kMaxSlotsPerCta
                                                                        : cuda_plan::kMaxSlotsPerCta,
-                " with the shared memory available); use backend=\"cpu\" or \"triton\"");
+                " states, ", info.limits.max_smem_per_block, " bytes of shared memory per CTA); use backend=\"cpu\" "
+                "or \"triton\"");
     kernel = recurrence_kernel_for<acc_t, MODE>(plan.vt, plan.stages, plan.cluster > 1);
     int64_t& opted = info.smem_set[kernel];
     if (plan.smem > 48 * 1024 && plan.smem > opted) {

@@ -54,10 +54,10 @@ def build(library, csrc=CSRC, defines=(), opt="-O1"):
                    cint, cint, cint, cint, cint, cint, ctypes.c_uint64]
     fn.restype = cint
     lib.mdlm_ctc_emulator_last_error.restype = ctypes.c_char_p
-    lib.mdlm_ctc_plan_lattice.argtypes = [i64, cint, i64, i64, cint, cint, i64, cint, cint, cint, RESIDENT_FN, ptr,
+    lib.mdlm_ctc_plan_lattice.argtypes = [i64, i64, cint, i64, i64, cint, cint, i64, cint, cint, cint, RESIDENT_FN, ptr,
                                           ctypes.POINTER(i64)]
     lib.mdlm_ctc_plan_lattice.restype = None
-    lib.mdlm_ctc_plan_launch_bounds.argtypes = [cint]
+    lib.mdlm_ctc_plan_launch_bounds.argtypes = [cint, cint]
     lib.mdlm_ctc_plan_launch_bounds.restype = cint
     return lib
 

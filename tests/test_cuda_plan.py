@@ -58,28 +58,31 @@ def lib(tmp_path_factory):
                                defines=("MDLM_EMU_VT=1", "MDLM_EMU_STAGES=2", "MDLM_EMU_FLOAT_ONLY"))
 
 
-def plan(lib, W, mode, acc_bytes, B, dirs, *, sms=H200_SMS, smem=H200_SMEM, cluster_launch=True, cluster_code=True,
-         forced=-1, resident=h200_resident):
+def plan(lib, W, mode, acc_bytes, B, dirs, *, U_max=None, sms=H200_SMS, smem=H200_SMEM, cluster_launch=True,
+         cluster_code=True, forced=-1, resident=h200_resident):
+    """The plan of a table of width W; U_max defaults to W (a full band, T = 2U)."""
+    U_max = W if U_max is None else U_max
     out = (ctypes.c_int64 * len(FIELDS))()
     callback = cuda_emulator.RESIDENT_FN(resident)
-    lib.mdlm_ctc_plan_lattice(W, mode, acc_bytes, B, dirs, sms, smem, int(cluster_launch), int(cluster_code), forced,
+    lib.mdlm_ctc_plan_lattice(W, U_max, mode, acc_bytes, B, dirs, sms, smem, int(cluster_launch), int(cluster_code), forced,
                               callback, None, out)
     return dict(zip(FIELDS, list(out)))
 
 
-def smem_of(mode, acc_bytes, threads, vt, stages):
+def smem_of(mode, acc_bytes, threads, vt, stages, U_max):
     arrays = 1 if mode == PRESERVE else 2
     edges = -(-(2 * arrays * 2 * (threads // 32) * acc_bytes) // 16) * 16
+    skip = -(-((U_max + 2) * 4) // 16) * 16 if mode == STANDARD else 0
     stride = -(-(threads * vt + 3) // 4) * 4
-    stage = stride * acc_bytes + (stride * 4 if mode == STANDARD else 0)
-    return edges + stages * stage
+    return edges + skip + stages * stride * acc_bytes
 
 
-def check_invariants(lib, p, S, mode, acc_bytes, where):
+def check_invariants(lib, p, S, mode, acc_bytes, where, U_max=None):
+    U_max = S - 1 if U_max is None else U_max
     assert p["error"] == 0, f"{where}: no plan: {p}"
     assert p["slots"] == S
     assert p["vt"] in (1, 2, 4, 8) and p["stages"] in (2, 4), p
-    assert p["threads"] % 32 == 0 and 32 <= p["threads"] <= lib.mdlm_ctc_plan_launch_bounds(p["vt"]), (
+    assert p["threads"] % 32 == 0 and 32 <= p["threads"] <= lib.mdlm_ctc_plan_launch_bounds(mode, p["vt"]), (
         f"{where}: {p['threads']} threads exceed the launch bounds of VT={p['vt']}")
     assert 1 <= p["cluster"] <= 8
     capacity = p["threads"] * p["vt"]
@@ -88,7 +91,7 @@ def check_invariants(lib, p, S, mode, acc_bytes, where):
     assert (p["cluster"] - 1) * capacity < S, f"{where}: the last CTA of {p} holds no useful slot"
     if p["cluster"] == 1:
         assert (p["threads"] - 32) * p["vt"] < S, f"{where}: the last warp of {p} holds no useful slot"
-    assert p["smem"] == smem_of(mode, acc_bytes, p["threads"], p["vt"], p["stages"]) <= H200_SMEM
+    assert p["smem"] == smem_of(mode, acc_bytes, p["threads"], p["vt"], p["stages"], U_max) <= H200_SMEM
 
 
 @pytest.mark.parametrize("acc_bytes", [4, 8], ids=["fp32", "fp64"])
@@ -98,8 +101,8 @@ def test_plan_of_every_spec_shape(lib, shape, dirs, acc_bytes):
     name, mode, B, T, U = shape
     W = table_width(T, U)
     S = W + 1
-    p = plan(lib, W, mode, acc_bytes, B, dirs)
-    check_invariants(lib, p, S, mode, acc_bytes, name)
+    p = plan(lib, W, mode, acc_bytes, B, dirs, U_max=U)
+    check_invariants(lib, p, S, mode, acc_bytes, name, U_max=U)
     if S > 8192:
         assert p["cluster"] >= 2
     elif S > 2048:
@@ -108,20 +111,21 @@ def test_plan_of_every_spec_shape(lib, shape, dirs, acc_bytes):
         assert p["cluster"] == 1
     assert p["one_wave"] == 1 and p["resident"] >= B * dirs, f"{name}: not one wave on an H200: {p}"
     # four stages of prefetch wherever they fit
-    if smem_of(mode, acc_bytes, p["threads"], p["vt"], 4) <= H200_SMEM:
+    if smem_of(mode, acc_bytes, p["threads"], p["vt"], 4, U) <= H200_SMEM:
         assert p["stages"] == 4
 
 
 @pytest.mark.parametrize("shape,expected", [
     (("G1", PRESERVE, 8, 2048, 1792), dict(cluster=1, threads=160, vt=2, stages=4)),
     (("G2", PRESERVE, 8, 2048, 1024), dict(cluster=1, threads=288, vt=4, stages=4)),
+    (("G2-standard", STANDARD, 8, 2048, 1024), dict(cluster=1, threads=288, vt=4, stages=4)),
     (("G3", PRESERVE, 2, 8192, 7680), dict(cluster=1, threads=160, vt=4, stages=4)),
     (("wide", PRESERVE, 2, 8192, 4096), dict(cluster=5, threads=224, vt=4, stages=4)),
 ])
 def test_plans_spelled_out(lib, shape, expected):
     """The plans the GPU check will measure, spelled out (so a change of rule is a visible diff)."""
     _, mode, B, T, U = shape
-    p = plan(lib, table_width(T, U), mode, 4, B, 2)
+    p = plan(lib, table_width(T, U), mode, 4, B, 2, U_max=U)
     assert {k: p[k] for k in expected} == expected, p
 
 
@@ -171,3 +175,15 @@ def test_small_shared_memory_takes_two_stages_or_fails(lib):
     p = plan(lib, W, STANDARD, 8, 1, 1, cluster_code=False)
     assert p["error"] == 0 and p["stages"] == 2, p
     assert plan(lib, W, STANDARD, 8, 1, 1, cluster_code=False, smem=96 * 1024)["error"] == 1
+
+
+def test_standard_skip_mask_counts_in_shared_memory(lib):
+    """Standard CTC keeps the row's skip mask (4 (U_max + 2) bytes) in shared memory: a huge padded
+    target length with a narrow band is refused with an error instead of overflowing it; preserve is
+    not affected."""
+    small = plan(lib, 100, STANDARD, 4, 2, 2, U_max=100)
+    large = plan(lib, 100, STANDARD, 4, 2, 2, U_max=20000)
+    assert small["error"] == 0 and large["error"] == 0
+    assert large["smem"] - small["smem"] == smem_of(STANDARD, 4, 32, 1, 0, 20000) - smem_of(STANDARD, 4, 32, 1, 0, 100)
+    assert plan(lib, 100, STANDARD, 4, 2, 2, U_max=100000)["error"] == 1
+    assert plan(lib, 100, PRESERVE, 4, 2, 2, U_max=100000)["error"] == 0
