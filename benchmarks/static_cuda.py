@@ -247,6 +247,15 @@ def classify(body):
 
 # ---- the report --------------------------------------------------------------------------------------
 
+# The same measurement of the kernel before issue 10, kept for comparison (it cannot be rebuilt from
+# this tree: the kernel's template signature changed).
+BEFORE = """Before issue 10 (commit 9f678c9, the same toolkit and flags, the same step-loop rule; the direction
+was a runtime value then, so one loop held both the alpha and the beta cells, and the issue's reading
+of the executed path was ~600 (preserve, VT=4) and ~1,050 (standard, VT=4) per warp-step): fp32 step
+loop 541 / 665 / 911 / 1410 instructions (preserve, VT = 1 / 2 / 4 / 8) and 756 / 1009 / 1560 / 2701
+(standard); spills in fp32 standard VT=8 (48/64 B), its cluster variants (VT=4: 12/12 B, VT=8: 20/36 B),
+and fp64 up to 1296/1424 B (standard VT=8, cluster); every kernel capped at 64 registers."""
+
 def _commit():
     try:
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -335,7 +344,7 @@ def render(rows, flags, nvcc, cuobjdump):
         lines.append(head + f"| {plan} | {res['regs']} | {res['spill_stores']}/{res['spill_loads']} | {p['smem']} "
                      f"| {per_sm} | {per_sm * p['threads'] // 32} | {loop['total']} | {loop['mufu']} | {loop['shfl']} "
                      f"| {loop['shared']} | {loop['cp_async']} | {goal} |")
-    lines.append("")
+    lines += ["", BEFORE, ""]
     return "\n".join(lines)
 
 
