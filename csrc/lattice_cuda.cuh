@@ -244,11 +244,13 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
     const float* skip_row = p.skip + b * (p.U_max + 2);
     for (int u = tid; u <= skip_hi; u += active) dev.st(skip_s + u, skip_row[u]);
   }
-  // stage index i is valid for the table when first <= i <= last (u = lowest + i in [c_lo, c_hi]); its
-  // column is then row[i - first]
+  // Stage index i is in the table's column band when first <= i <= last (u = lowest + i in [c_lo, c_hi]);
+  // its column is then row[i - first]. An index outside it takes the nearest column instead of a branch
+  // and a zero: it only ever meets a -inf predecessor (like the CPU kernel's 0), so its value never
+  // reaches a result. (A table of width 0 has no column to read: zeros.)
   auto stage_one = [&](acc_t* e, const acc_t* row, int first, int last, int i) {
-    if (i >= first && i <= last)
-      dev.copy_async(e + i, row + (i - first));
+    if (Wi > 0)
+      dev.copy_async(e + i, row + imin(imax(i - first, 0), imax(last - first, 0)));
     else
       dev.st(e + i, acc_t(0));
   };
