@@ -78,12 +78,15 @@ fi
 
 if [ $SMOKE -eq 1 ]; then
   step gpu_tests 300 "$PY" -m pytest -q -m gpu tests
+  step static_cuda 300 "$PY" benchmarks/static_cuda.py --shapes G1 --dtypes fp32 --out "$LOGS/static_cuda.md"
   step bench_slack_ctc 300 "$PY" benchmarks/bench_slack_ctc.py --smoke
   [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 300 "$PY" benchmarks/bench_linear_slack_ctc.py --smoke
 else
   step gpu_tests 240 "$PY" -m pytest -q -x -m gpu tests
   # the Triton tests written at GPU block sizes, compiled this time (no interpreter), and band_bound
   step triton_gpu_shaped 180 "$PY" -m pytest -q -x tests/test_triton_gpu_shaped.py tests/test_band_bound.py
+  # the CUDA lattice's static cost (SASS per warp-step of each plan) of the very commit measured here
+  step static_cuda 180 "$PY" benchmarks/static_cuda.py
   step bench_slack_ctc 300 "$PY" benchmarks/bench_slack_ctc.py --suite gpu --repeats 20 --record
   step bench_sweep 120 "$PY" benchmarks/bench_slack_ctc.py --suite sweep --repeats 10 --record
   [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 300 "$PY" benchmarks/bench_linear_slack_ctc.py --workloads G4 --chunk-size 512 1024 2048 --record
@@ -96,7 +99,7 @@ fi
 echo
 echo "== gpu_check summary"
 for line in "${summary[@]}"; do echo "  $line"; done
-for f in benchmarks/results/slack_ctc_gpu_latest.md benchmarks/results/linear_slack_ctc_latest.md; do
+for f in benchmarks/results/slack_ctc_gpu_latest.md benchmarks/results/linear_slack_ctc_latest.md benchmarks/results/static_cuda.md; do
   [ -f "$f" ] && [ $SMOKE -eq 0 ] && { echo; cat "$f"; }
 done
 exit $failed

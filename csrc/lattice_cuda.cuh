@@ -96,26 +96,29 @@ struct Arrays {
   static constexpr int kStates = MODE == kPreserve ? 1 : 2;  // preserve states | standard blank + label
 };
 
-// Shared memory of one recurrence CTA: edge cells [2 parities][arrays][lo, hi][warps] (acc_t), then R
-// stages of `stage_stride` emissions (acc_t; slot q at q - s0 + 1, the special emission at the end)
-// and, for standard CTC, as many skip values (float).
+// Shared memory of one recurrence CTA: edge cells [2 parities][arrays][lo, hi][warps] (acc_t); for
+// standard CTC the row's skip mask (float, u = 0..U_max + 1, loaded once: it does not depend on the
+// frame); then R stages of `stage_stride` emissions (acc_t; slot q at q - s0 + 1, the special emission
+// at the end).
 struct SmemLayout {
   int64_t edge_elems;    // acc_t
-  int64_t stage_stride;  // elements per stage array
-  int64_t stage_bytes;   // one stage, all arrays
+  int64_t stage_stride;  // elements per stage
+  int64_t stage_bytes;   // one stage
   int64_t edges_bytes;
-  MDLM_HD int64_t total(int stages) const { return edges_bytes + stages * stage_bytes; }
+  int64_t skip_bytes;
+  MDLM_HD int64_t total(int stages) const { return edges_bytes + skip_bytes + stages * stage_bytes; }
 };
 
 MDLM_HD int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-MDLM_HD SmemLayout smem_layout(int mode, int64_t acc_bytes, int threads, int vt) {
+MDLM_HD SmemLayout smem_layout(int mode, int64_t acc_bytes, int threads, int vt, int64_t U_max) {
   SmemLayout l;
   const int arrays = mode == kPreserve ? 1 : 2;
   l.edge_elems = int64_t(2) * arrays * 2 * (threads / kWarpSize);
   l.edges_bytes = round_up(l.edge_elems * acc_bytes, 16);
   l.stage_stride = round_up(int64_t(threads) * vt + 3, 4);
-  l.stage_bytes = l.stage_stride * acc_bytes + (mode == kStandard ? l.stage_stride * int64_t(sizeof(float)) : 0);
+  l.stage_bytes = l.stage_stride * acc_bytes;
+  l.skip_bytes = mode == kStandard ? round_up((U_max + 2) * int64_t(sizeof(float)), 16) : 0;
   return l;
 }
 
@@ -133,7 +136,6 @@ struct RecurrenceParams {
   acc_t* store[2][2];             // [direction][array]: [B, T + 1, store_stride] band rows, or nullptr
   int64_t T, W, U_max, store_stride, max_shift;
   int32_t slots_per_cta;          // threads * VT
-  int32_t stages;                 // R >= 2
 };
 
 template <typename acc_t>
@@ -163,28 +165,37 @@ MDLM_HD float skip_value(const int64_t* targets, const int64_t* target_lengths, 
 // recurrence pass: alpha (frames 0 -> T) or beta (frames T -> 0) of one row, one CTA or one cluster
 // ---------------------------------------------------------------------------------------------
 
-template <typename acc_t, int MODE, int VT, bool CLUSTER, class Dev>
+// The step barrier: named barrier 1 over the row's active threads, or the whole cluster (it orders the
+// edge cells read through DSMEM as well). Barrier 0 is the __syncthreads_or of the NaN scan.
+constexpr int kStepBarrier = 1;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER, int DIR, class Dev>
 MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* smem, Dev& dev) {
+  static_assert(STAGES >= 2 && (STAGES & (STAGES - 1)) == 0, "the stage ring is a power of two");
   constexpr int A = Arrays<MODE>::kStates;
   const acc_t NEG = neg_inf<acc_t>();
   const int tid = dev.thread_rank(), threads = dev.block_size();
-  const int lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize, warp = tid / kWarpSize, cta_warps = threads / kWarpSize;
   const int rank = dev.cluster_rank(), csize = dev.cluster_size();
   const int64_t b = dev.row();
-  const int dir = dev.direction();
+  constexpr int dir = DIR;
   const int64_t T = p.T, W = p.W;
-  const int64_t T_b = clamp_length(p.input_lengths[b], T), U_b = clamp_length(p.target_lengths[b], p.U_max);
-  const int64_t shift = MODE == kPreserve ? p.max_shift : -1;
+  // lengths are clamped to the padded sizes; the launcher guarantees T, U_max < 2^31, so frame and state
+  // indices fit int from here on (only row offsets into the tables are int64)
+  const int T_b = int(clamp_length(p.input_lengths[b], T)), U_b = int(clamp_length(p.target_lengths[b], p.U_max));
+  // a max_shift of T or more restricts nothing, so clamping it keeps it an int
+  const int shift = MODE == kPreserve ? int(imin<int64_t>(imax<int64_t>(p.max_shift, -1), T)) : -1;
   const acc_t* special = p.special + b * T;
 
   // A NaN emission anywhere in the row makes the row NaN (the vocabulary pass marks it in `special`).
   bool nan = false;
-  for (int64_t i = tid; i < T_b; i += threads) nan |= special[i] != special[i];
-  nan = dev.block_any(nan);
-  const int64_t S_row = row_slots(T_b, U_b, shift);
+  for (int i = tid; i < T_b; i += threads) nan |= special[i] != special[i];
+  nan = dev.syncthreads_or(nan);
+  const int S_row = int(row_slots(T_b, U_b, shift));
   const bool infeasible = U_b > T_b;
   const bool too_narrow = !infeasible && (W < column_band_width(T_b, U_b, shift) ||
-                                          S_row > int64_t(p.slots_per_cta) * csize);
+                                          int64_t(S_row) > int64_t(p.slots_per_cta) * csize);
   if (nan || infeasible || too_narrow) {  // uniform over the CTA and the cluster
     if (dir == kAlpha && rank == 0 && tid == 0) {
       p.nll[b] = infeasible && !nan ? pos_inf<acc_t>() : quiet_nan<acc_t>();
@@ -193,81 +204,107 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
     return;
   }
 
-  const int64_t s0 = int64_t(rank) * p.slots_per_cta;  // first slot of this CTA
+  const int s0 = rank * p.slots_per_cta;  // first slot of this CTA
   // Without a cluster, warps whose slots lie beyond the row's band for every frame leave now, and the
-  // per-step barrier counts only the others (the launch is sized for the widest row of the batch).
+  // step barrier counts only the others (the launch is sized for the widest row of the batch).
   int active = threads;
   if (!CLUSTER) {
-    const int64_t needed = (S_row + VT - 1) / VT;
-    active = int(imin<int64_t>(threads, imax<int64_t>(kWarpSize, round_up(needed, kWarpSize))));
-    if (tid >= active) {
-      dev.retire();
-      return;
-    }
+    const int needed = (S_row + VT - 1) / VT;
+    active = imin(threads, imax(kWarpSize, int(round_up(needed, kWarpSize))));
+    if (tid >= active) return;
   }
   const int warps = active / kWarpSize;
-  const int64_t span = int64_t(active) * VT;  // slots of this CTA: [s0, s0 + span)
-  const Band<MODE> band{T_b, U_b, shift};
-  const SmemLayout layout = smem_layout(MODE, sizeof(acc_t), threads, VT);
+  const int span = active * VT;  // slots of this CTA: [s0, s0 + span)
+  const SmemLayout layout = smem_layout(MODE, sizeof(acc_t), threads, VT, p.U_max);
+  const int stride = int(layout.stage_stride);
   acc_t* edges = reinterpret_cast<acc_t*>(smem);
-  unsigned char* stages = smem + layout.edges_bytes;
-  const int R = p.stages;
-  auto edge = [&](acc_t* base_ptr, int parity, int arr, int side, int w) -> acc_t* {
-    return base_ptr + ((parity * A + arr) * 2 + side) * (threads / kWarpSize) + w;
+  float* skip_s = reinterpret_cast<float*>(smem + layout.edges_bytes);  // standard: skip of state u at [u]
+  unsigned char* stages = smem + layout.edges_bytes + layout.skip_bytes;
+  auto edge = [&](int parity, int arr, int side, int w) -> acc_t* {
+    return edges + ((parity * A + arr) * 2 + side) * cta_warps + w;
   };
-  auto stage_emit = [&](int64_t n) { return reinterpret_cast<acc_t*>(stages + (n % R) * layout.stage_bytes); };
-  auto stage_skip = [&](int64_t n) {
-    return reinterpret_cast<float*>(stages + (n % R) * layout.stage_bytes + layout.stage_stride * sizeof(acc_t));
+  auto stage_emit = [&](int n) {
+    return reinterpret_cast<acc_t*>(stages + (n & (STAGES - 1)) * layout.stage_bytes);
   };
-  auto frame_of = [&](int64_t n) { return dir == kAlpha ? n : T_b + 1 - n; };  // step n = 1..T_b
+  // band base of frame f: the lowest state of the row's band (preserve) or of its blank band (standard)
+  auto base_of = [&](int f) {
+    int lo = imax(0, U_b - (T_b - f));
+    if (MODE == kPreserve && shift >= 0) lo = imax(lo, imin(f - shift, U_b));
+    return lo;
+  };
+  auto frame_of = [&](int n) { return dir == kAlpha ? n : T_b + 1 - n; };  // step n = 1..T_b
 
-  // Copy step n's emissions (frame f, slots q = s0 - 1 .. s0 + span) into its stage; columns outside
-  // the table's band read as 0 like the CPU kernel (only ever met where the predecessor is -inf).
-  auto stage_step = [&](int64_t n) {
-    const int64_t f = frame_of(n);
-    const int64_t base = band.base(f);
-    const int64_t c_lo = column_lo(f, T_b, U_b, shift);
-    const int64_t c_hi = imin(column_hi(f, U_b), c_lo + W - 1);
-    const acc_t* row = p.table + (b * T + f - 1) * W;
+  // Copy step n's emissions (frame f) into its stage: stage index i holds state u = base + s0 - 1 + i.
+  // Thread tid copies its own VT indices 1 + tid * VT + [0, VT); thread 0 also index 0 and the special
+  // emission, the last active thread index span + 1. Columns outside the table's band read as 0 like
+  // the CPU kernel (only ever met where the predecessor is -inf).
+  const int Wi = int(W);  // <= T
+  const int skip_hi = int(p.U_max) + 1;
+  if (MODE == kStandard) {  // ordered before its first use by the step barrier of step 1
+    const float* skip_row = p.skip + b * (p.U_max + 2);
+    for (int u = tid; u <= skip_hi; u += active) dev.st(skip_s + u, skip_row[u]);
+  }
+  // Stage index i is in the table's column band when first <= i <= last (u = lowest + i in [c_lo, c_hi]);
+  // its column is then row[i - first]. An index outside it takes the nearest column instead of a branch
+  // and a zero: it only ever meets a -inf predecessor (like the CPU kernel's 0), so its value never
+  // reaches a result. (A table of width 0 has no column to read: zeros.)
+  auto stage_one = [&](acc_t* e, const acc_t* row, int first, int last, int i) {
+    if (Wi > 0)
+      dev.copy_async(e + i, row + imin(imax(i - first, 0), imax(last - first, 0)));
+    else
+      dev.st(e + i, acc_t(0));
+  };
+  // stage_step runs for steps n = 1, 2, ..., T_b in order: the table row moves by one frame each time
+  const acc_t* stage_row = p.table + (b * T + (dir == kAlpha ? 0 : T_b - 1)) * W;
+  const int64_t stage_row_step = dir == kAlpha ? W : -W;
+  auto stage_step = [&](int n) {
+    const int f = frame_of(n);
+    const int lowest = base_of(f) + s0 - 1;  // the state of stage index 0
+    int c_lo = imax(1, U_b - T_b + f);
+    if (MODE == kPreserve && shift >= 0) c_lo = imax(c_lo, f - shift);
+    const int c_hi = imin(imin(f, U_b), c_lo + Wi - 1);
+    const int first = c_lo - lowest, last = c_hi - lowest;
+    const acc_t* row = stage_row;
+    stage_row += stage_row_step;
     acc_t* e = stage_emit(n);
-    for (int64_t i = tid; i < span + 2; i += active) {
-      const int64_t u = base + s0 - 1 + i;
-      if (u >= c_lo && u <= c_hi)
-        dev.copy_async(e + i, row + (u - c_lo));
-      else
-        e[i] = 0;
+#pragma unroll
+    for (int v = 0; v < VT; ++v) stage_one(e, row, first, last, 1 + tid * VT + v);
+    if (tid == 0) {
+      stage_one(e, row, first, last, 0);
+      dev.copy_async(e + stride - 1, special + f - 1);
     }
-    if (tid == 0) dev.copy_async(e + layout.stage_stride - 1, special + f - 1);
-    if (MODE == kStandard) {
-      float* k = stage_skip(n);
-      const float* skip_row = p.skip + b * (p.U_max + 2);
-      for (int64_t i = tid; i < span + 2; i += active) {
-        const int64_t u = base + s0 - 1 + i;
-        if (u >= 0 && u <= p.U_max + 1)
-          dev.copy_async(k + i, skip_row + u);
-        else
-          k[i] = -std::numeric_limits<float>::infinity();
-      }
-    }
+    if (tid == active - 1) stage_one(e, row, first, last, span + 1);
   };
 
-  const int64_t j0 = s0 + int64_t(tid) * VT;  // this thread's first slot
-  acc_t* store[2] = {p.store[dir][0], p.store[dir][1]};
-  auto store_row = [&](int64_t frame, const acc_t (&v)[2][VT]) {
-    if (store[0] == nullptr) return;
-    const int64_t off = (b * (T + 1) + frame) * p.store_stride;
+  const int j0 = s0 + tid * VT;  // this thread's first slot
+  // this thread's slots of the band row of the current frame in the store (alpha: frames up, beta: down)
+  const bool storing = p.store[dir][0] != nullptr;
+  const int64_t store_step = dir == kAlpha ? p.store_stride : -p.store_stride;
+  acc_t* out[2] = {nullptr, nullptr};
+  if (storing)
+    for (int a = 0; a < A; ++a) out[a] = p.store[dir][a] + (b * (T + 1) + (dir == kAlpha ? 0 : T_b)) * p.store_stride + j0;
+  auto store_row = [&](const acc_t (&v)[2][VT]) {  // then moves to the next frame
+    if (!storing) return;
 #pragma unroll
-    for (int a = 0; a < A; ++a)
+    for (int a = 0; a < A; ++a) {
 #pragma unroll
       for (int k = 0; k < VT; ++k)
-        if (j0 + k < S_row) store[a][off + j0 + k] = v[a][k];
+        if (j0 + k < S_row) out[a][k] = v[a][k];
+      out[a] += store_step;
+    }
   };
   auto write_edges = [&](int parity, const acc_t (&v)[2][VT]) {
 #pragma unroll
     for (int a = 0; a < A; ++a) {
-      if (lane == 0) *edge(edges, parity, a, 0, warp) = v[a][0];
-      if (lane == kWarpSize - 1) *edge(edges, parity, a, 1, warp) = v[a][VT - 1];
+      if (lane == 0) dev.st(edge(parity, a, 0, warp), v[a][0]);
+      if (lane == kWarpSize - 1) dev.st(edge(parity, a, 1, warp), v[a][VT - 1]);
     }
+  };
+  auto step_barrier = [&] {
+    if (CLUSTER)
+      dev.cluster_sync();
+    else
+      dev.bar_sync(kStepBarrier, active);
   };
 
   // frame 0 (alpha) or T_b (beta): the only live state is slot 0 (u = 0, resp. u = U)
@@ -286,41 +323,42 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       r[1][0] = U_b > 0 ? acc_t(0) : NEG;
     }
   }
-  store_row(dir == kAlpha ? 0 : T_b, r);
+  store_row(r);
   write_edges(0, r);
-  for (int64_t n = 1; n < R; ++n) {
+#pragma unroll
+  for (int n = 1; n < STAGES; ++n) {
     if (n <= T_b) stage_step(n);
     dev.commit();
   }
 
-  for (int64_t n = 1; n <= T_b; ++n) {
-    dev.wait_prior(R - 2);  // this thread's copies for step n have landed
-    dev.sync(active);       // everyone's have; step n - 1's edges are visible; stage (n - 1) % R is free
-    if (n + R - 1 <= T_b) stage_step(n + R - 1);
+  for (int n = 1; n <= T_b; ++n) {
+    dev.template wait_prior<STAGES - 2>();  // this thread's copies for step n have landed
+    step_barrier();  // everyone's have; step n - 1's edges are visible; stage (n - 1) % STAGES is free
+    if (n + STAGES - 1 <= T_b) stage_step(n + STAGES - 1);
     dev.commit();
 
     // neighbours: w[a][0] = slot j0 - 1, w[a][1 + k] = slot j0 + k, w[a][VT + 1] = slot j0 + VT
-    const int parity = int((n - 1) & 1);
+    const int parity = (n - 1) & 1;
     acc_t w[2][VT + 2];
 #pragma unroll
     for (int a = 0; a < A; ++a) {
-      acc_t left = dev.shfl_up(r[a][VT - 1]);
-      acc_t right = dev.shfl_down(r[a][0]);
+      acc_t left = dev.shfl_up(kFullMask, r[a][VT - 1], 1);
+      acc_t right = dev.shfl_down(kFullMask, r[a][0], 1);
       if (lane == 0) {
-        if (warp > 0) {
-          left = *edge(edges, parity, a, 1, warp - 1);
-        } else {
+        if (warp > 0)
+          left = dev.ld(edge(parity, a, 1, warp - 1));
+        else if (CLUSTER && rank > 0)
+          left = dev.ld_remote(edge(parity, a, 1, cta_warps - 1), rank - 1);
+        else
           left = NEG;
-          if (CLUSTER && rank > 0) left = *dev.remote(edge(edges, parity, a, 1, threads / kWarpSize - 1), rank - 1);
-        }
       }
       if (lane == kWarpSize - 1) {
-        if (warp < warps - 1) {
-          right = *edge(edges, parity, a, 0, warp + 1);
-        } else {
+        if (warp < warps - 1)
+          right = dev.ld(edge(parity, a, 0, warp + 1));
+        else if (CLUSTER && rank < csize - 1)
+          right = dev.ld_remote(edge(parity, a, 0, 0), rank + 1);
+        else
           right = NEG;
-          if (CLUSTER && rank < csize - 1) right = *dev.remote(edge(edges, parity, a, 0, 0), rank + 1);
-        }
       }
       w[a][0] = left;
 #pragma unroll
@@ -329,65 +367,73 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
     }
 
     const acc_t* e = stage_emit(n);
-    const float* sk = stage_skip(n);
-    const acc_t e_special = e[layout.stage_stride - 1];
-    const int64_t f = frame_of(n);
+    const acc_t e_special = dev.ld(e + stride - 1);
+    const int f = frame_of(n);
     acc_t v[2][VT];
+    // States past the band's top are -inf (slots below its base do not exist); the cells are computed
+    // unconditionally and masked by one compare and select each.
     if (dir == kAlpha) {
       // alpha_f from alpha_{f-1}: slot j holds u = base(f) + j; u at f-1 is slot j + d, u - 1 is j + d - 1
-      const int64_t base = band.base(f);
-      const bool d = base != band.base(f - 1);
+      const int base = base_of(f);
+      const bool d = base != base_of(f - 1);
+      const int hi0 = MODE == kPreserve ? imin(f, U_b) : imin(U_b, imax(0, f - 1)), hi1 = imin(f, U_b);
 #pragma unroll
       for (int k = 0; k < VT; ++k) {
-        const int64_t u = base + j0 + k;
-        const acc_t e_u = e[j0 + k - s0 + 1];
+        const int u = base + j0 + k;
+        const acc_t e_u = dev.ld(e + (j0 + k - s0 + 1));
         if (MODE == kPreserve) {
           const acc_t stay = d ? w[0][k + 2] : w[0][k + 1];
           const acc_t advance = d ? w[0][k + 1] : w[0][k];
-          v[0][k] = band.valid(0, f, u) ? preserve_alpha_cell(stay, advance, e_special, e_u) : NEG;
+          const acc_t cell = preserve_alpha_cell(stay, advance, e_special, e_u);
+          v[0][k] = u <= hi0 ? cell : NEG;
         } else {
           const acc_t blank_u = d ? w[0][k + 2] : w[0][k + 1], label_u = d ? w[1][k + 2] : w[1][k + 1];
           const acc_t blank_u1 = d ? w[0][k + 1] : w[0][k], label_u1 = d ? w[1][k + 1] : w[1][k];
-          const acc_t skip_u = acc_t(sk[j0 + k - s0 + 1]);
-          v[0][k] = band.valid(0, f, u) ? standard_blank_alpha_cell(blank_u, label_u, e_special) : NEG;
-          v[1][k] = band.valid(1, f, u) ? standard_label_alpha_cell(label_u, blank_u1, label_u1 + skip_u, e_u) : NEG;
+          const acc_t skip_u = acc_t(dev.ld(skip_s + imin(u, skip_hi)));
+          const acc_t blank = standard_blank_alpha_cell(blank_u, label_u, e_special);
+          const acc_t label = standard_label_alpha_cell(label_u, blank_u1, label_u1 + skip_u, e_u);
+          v[0][k] = u <= hi0 ? blank : NEG;
+          v[1][k] = (u >= 1 && u <= hi1) ? label : NEG;
         }
       }
-      store_row(f, v);
+      store_row(v);
     } else {
       // beta_{f-1} from beta_f: slot j holds u = base(f-1) + j; u at f is slot j - d, u + 1 is j - d + 1;
       // the stage holds frame f's emissions by frame-f slot
-      const int64_t base = band.base(f - 1);
-      const bool d = band.base(f) != base;
+      const int base = base_of(f - 1);
+      const bool d = base_of(f) != base;
+      const int g = f - 1;
+      const int hi0 = MODE == kPreserve ? imin(g, U_b) : imin(U_b, imax(0, g - 1)), hi1 = imin(g, U_b);
 #pragma unroll
       for (int k = 0; k < VT; ++k) {
-        const int64_t u = base + j0 + k;
-        const int64_t q = j0 + k - s0 + 1 - (d ? 1 : 0);  // stage index of u
-        const acc_t e_u = e[q], e_u1 = e[q + 1];
+        const int u = base + j0 + k;
+        const int q = j0 + k - s0 + 1 - (d ? 1 : 0);  // stage index of u
+        const acc_t e_u = dev.ld(e + q), e_u1 = dev.ld(e + q + 1);
         if (MODE == kPreserve) {
           const acc_t own = d ? w[0][k] : w[0][k + 1];
           const acc_t next = d ? w[0][k + 1] : w[0][k + 2];
-          v[0][k] = band.valid(0, f - 1, u) ? preserve_beta_cell(own, next, e_special, e_u1) : NEG;
+          const acc_t cell = preserve_beta_cell(own, next, e_special, e_u1);
+          v[0][k] = u <= hi0 ? cell : NEG;
         } else {
           const acc_t blank_u = d ? w[0][k] : w[0][k + 1], label_u = d ? w[1][k] : w[1][k + 1];
           const acc_t label_u1 = d ? w[1][k + 1] : w[1][k + 2];
-          const acc_t skip_u1 = acc_t(sk[q + 1]);
-          v[0][k] = band.valid(0, f - 1, u) ? standard_blank_beta_cell(blank_u, label_u1, e_special, e_u1) : NEG;
-          v[1][k] = band.valid(1, f - 1, u)
-                        ? standard_label_beta_cell(label_u, blank_u, label_u1 + skip_u1, e_special, e_u, e_u1)
-                        : NEG;
+          const acc_t skip_u1 = acc_t(dev.ld(skip_s + imin(u + 1, skip_hi)));
+          const acc_t blank = standard_blank_beta_cell(blank_u, label_u1, e_special, e_u1);
+          const acc_t label = standard_label_beta_cell(label_u, blank_u, label_u1 + skip_u1, e_special, e_u, e_u1);
+          v[0][k] = u <= hi0 ? blank : NEG;
+          v[1][k] = (u >= 1 && u <= hi1) ? label : NEG;
         }
       }
-      store_row(f - 1, v);
+      store_row(v);
     }
-    write_edges(int(n & 1), v);
+    write_edges(n & 1, v);
 #pragma unroll
     for (int a = 0; a < A; ++a)
 #pragma unroll
       for (int k = 0; k < VT; ++k) r[a][k] = v[a][k];
   }
-  dev.wait_all();
-  if (CLUSTER) dev.cluster_sync();  // no CTA leaves while a neighbour may still read its edge cells
+  // no CTA leaves (its shared memory goes away) while a neighbour may still read its edge cells
+  if (CLUSTER) dev.cluster_sync();
 
   if (dir == kAlpha && j0 == 0) {  // slot 0 of frame T_b is u = U
     const acc_t loglik = (MODE == kPreserve || U_b == 0) ? r[0][0] : logaddexp(r[0][0], r[1][0]);
@@ -399,6 +445,15 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       p.status[b] = kRowZero;
     }
   }
+}
+
+// The direction is a template parameter: each CTA runs the loop of its own direction only.
+template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER, class Dev>
+MDLM_DEV void recurrence(const RecurrenceParams<acc_t>& p, unsigned char* smem, Dev& dev) {
+  if (dev.direction() == kAlpha)
+    recurrence_pass<acc_t, MODE, VT, STAGES, CLUSTER, kAlpha>(p, smem, dev);
+  else
+    recurrence_pass<acc_t, MODE, VT, STAGES, CLUSTER, kBeta>(p, smem, dev);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -421,7 +476,8 @@ MDLM_DEV void posterior_row(const PosteriorParams<acc_t>& p, int64_t b, int64_t 
   const int64_t shift = MODE == kPreserve ? p.max_shift : -1;
   const acc_t loglik = -p.nll[b];
   const int64_t t = f + 1;
-  const acc_t e_special = *special;
+  // lane 0 alone reads and later overwrites *special: no other lane touches it, so no ordering is needed
+  const acc_t e_special = dev.shfl(kFullMask, lane == 0 ? *special : acc_t(0), 0);
   acc_t slack = 0;
   if (MODE == kPreserve) {
     const int64_t lo_t = preserve_state_lo(t, T_b, U_b, shift), hi_t = preserve_state_hi(t, U_b);
@@ -455,8 +511,7 @@ MDLM_DEV void posterior_row(const PosteriorParams<acc_t>& p, int64_t b, int64_t 
   }
   // fixed-order butterfly: the same sum on every run
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) slack += dev.shfl_xor(slack, offset);
-  dev.warp_sync();  // every lane has read *special
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) slack += dev.shfl_xor(kFullMask, slack, offset);
   if (lane == 0) *special = slack;
 }
 

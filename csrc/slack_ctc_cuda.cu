@@ -3,8 +3,8 @@
 // lattice_band_cpu computes: nll [B] (+inf infeasible, NaN for NaN rows) and, with need_grad, the
 // posteriors written in place over `table` and `special` (0 on infeasible rows and past the input
 // length, NaN on NaN rows). The kernel bodies live in lattice_cuda.cuh (recurrences, shared with the
-// CPU through lattice.h, and a host emulator for tests); this file holds the device execution model,
-// the kernels and the launcher.
+// CPU through lattice.h, and a host emulator for tests), the device execution model and the kernels
+// in lattice_cuda_kernels.cuh; this file holds the launcher.
 //
 // Recurrences (lattice.h): preserve alpha_t(u) = logaddexp(alpha_{t-1}(u) + e_t(k), alpha_{t-1}(u-1) + e_t(y_u)),
 // standard CTC split into blank / label arrays; beta mirrors them; posteriors = exp(alpha + e + beta - loglik).
@@ -14,25 +14,23 @@
 // Scratch: the band rows of alpha and beta, [2, arrays, B, T + 1, W + 1] in the table's dtype (only
 // with need_grad), a status word per row, and for standard CTC the skip mask [B, U + 2] (float).
 //
-// Launch plan (per call, decided on the host from shapes only: no host sync, no .item()):
-//   S = W + 1 bounds every valid row's band in slots (W = the table width = the widest column band).
-//   (1) one CTA per (row, direction), grid (1, B, 2): the band in registers, VT slots per thread,
-//       VT = 1 / 2 / 4 / 8 for S <= 256 / 512 / 2048 / 8192 and threads = ceil(S / VT) rounded to a
-//       warp; warp shuffles for the u +- 1 neighbours, shared-memory edge cells between warps, one named
-//       barrier per step counting only the warps the row's own band needs; cp.async ring of R stages
-//       (2 <= R <= 8, as many as shared memory allows) prefetching the emissions R - 1 frames ahead.
-//   (2) Hopper thread-block clusters (sm_90+, only when the device supports cluster launch and the
-//       cluster fits, cudaOccupancyMaxActiveClusters > 0): one row's band split over C CTAs of a cluster,
-//       grid (C, B, 2), cluster (C, 1, 1), neighbours across CTAs read from the other CTA's shared
-//       memory (DSMEM) after the per-step cluster barrier. Used when S > 2048, with C = the next power
-//       of two of S / 1024 (at most 8) halved until B * directions * C CTAs fit on the SMs at once, and
-//       always when S > 8192 (one CTA holds at most 8192 slots). The runtime falls back to (1) when a
-//       cluster cannot be scheduled; a band of more than 8 * 8192 slots is an error (use backend="cpu"
-//       or "triton").
+// Launch plan (per call, from shapes and cached device properties only: no host sync, no .item()):
+// csrc/lattice_cuda_plan.h, pure functions tested on CPU (tests/test_cuda_plan.py).
+//   (1) one CTA per (row, direction), grid (1, B, 2): the band in registers, VT slots per thread; warp
+//       shuffles for the u +- 1 neighbours, shared-memory edge cells between warps, one named barrier
+//       per step counting only the warps the row's own band needs; a cp.async ring of 4 (or 2) stages.
+//   (2) Hopper thread-block clusters, only with sm_90 code and a device with cluster launch: one row's
+//       band split over C CTAs of a cluster, grid (C, B, 2), neighbours across CTAs read from the other
+//       CTA's shared memory (DSMEM) after the per-step cluster barrier; C sized so that every CTA holds
+//       useful slots and all B * directions clusters are resident at once (cudaOccupancyMaxActiveClusters).
+//       A build without sm_90 code, or a device without clusters, falls back to (1) (a band of more
+//       than 8192 slots is then an error naming the backends that can run it).
 //   (3) posterior pass: one warp per frame, 8 warps per CTA, fully parallel over B * T.
-//   MDLM_CTC_CUDA_CLUSTER=auto|0|N overrides the cluster choice (0: never; N: C = N when S > 256).
+//   MDLM_CTC_CUDA_CLUSTER=auto|0|N overrides the cluster choice (0: never; N: C <= N when S > 256).
+// Device properties, cudaFuncSetAttribute and the occupancy queries are cached per device and kernel.
 // These thresholds are a plan, not a measurement: no GPU was available when this file was written, so
-// the GPU check script's benchmark (rows G2/G3 of SPEC §6) has to confirm or move them.
+// the GPU check script's benchmark (rows G2/G3 of SPEC §6) has to confirm or move them;
+// benchmarks/static_cuda.py reports what the compiled step loop costs (registers, spills, SASS).
 //
 // Numerics: fp32 accumulation for float32 tables, fp64 for float64 (expf/logf resp. exp/log via
 // logspace.h). No atomics; every reduction has a fixed order: results are bitwise reproducible.
@@ -43,153 +41,132 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cooperative_groups.h>
-#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 
-#include "lattice_cuda.cuh"
+#include "lattice_cuda_kernels.cuh"
+#include "lattice_cuda_plan.h"
 
 namespace mdlm_ctc {
 namespace cuda_lattice {
 namespace {
 
-// ---- the device execution model the passes are written against (lattice_cuda.cuh) -------------
+// ---- launching (the plan itself is lattice_cuda_plan.h) ---------------------------------------
 
-template <bool CLUSTER>
-struct CudaDev {
-  __device__ int thread_rank() const { return int(threadIdx.x); }
-  __device__ int block_size() const { return int(blockDim.x); }
-  __device__ int cluster_rank() const { return CLUSTER ? int(blockIdx.x) : 0; }  // cluster dims (gridDim.x, 1, 1)
-  __device__ int cluster_size() const { return CLUSTER ? int(gridDim.x) : 1; }
-  __device__ int64_t row() const { return int64_t(blockIdx.y); }
-  __device__ int direction() const { return int(blockIdx.z); }
-  __device__ bool block_any(bool pred) const { return __syncthreads_or(pred) != 0; }
-  __device__ void retire() const {}  // the named barrier of `sync` counts the remaining threads
-  __device__ void sync(int active_threads) const {
-    if (CLUSTER) {
-      cluster_sync();
-    } else {
-      asm volatile("bar.sync 1, %0;" ::"r"(active_threads) : "memory");
-    }
-  }
-  __device__ void cluster_sync() const {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    cooperative_groups::this_cluster().sync();
-#else
-    __trap();
-#endif
-  }
-  template <typename T>
-  __device__ T* remote(T* local, int rank) const {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    return cooperative_groups::this_cluster().map_shared_rank(local, rank);
-#else
-    __trap();
-    return local;
-#endif
-  }
-  template <typename T>
-  __device__ T shfl_up(T v) const {
-    return __shfl_up_sync(0xffffffffu, v, 1);
-  }
-  template <typename T>
-  __device__ T shfl_down(T v) const {
-    return __shfl_down_sync(0xffffffffu, v, 1);
-  }
-  template <typename T>
-  __device__ T shfl_xor(T v, int mask) const {
-    return __shfl_xor_sync(0xffffffffu, v, mask);
-  }
-  __device__ void warp_sync() const { __syncwarp(); }
-  template <typename T>
-  __device__ void copy_async(T* shared_dst, const T* global_src) const {
-    __pipeline_memcpy_async(shared_dst, global_src, sizeof(T));
-  }
-  __device__ void commit() const { __pipeline_commit(); }
-  __device__ void wait_prior(int groups) const { __pipeline_wait_prior(groups); }
-  __device__ void wait_all() const { __pipeline_wait_prior(0); }
-};
+constexpr int kMaxDevices = 64;
 
-// ---- kernels ---------------------------------------------------------------------------------
-
-template <typename acc_t, int MODE, int VT, bool CLUSTER>
-__global__ void __launch_bounds__(kMaxThreads) recurrence_kernel(const RecurrenceParams<acc_t> p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  if (CLUSTER) {  // never launched there (the launcher checks the device); keeps pre-Hopper builds valid
-    __trap();
-    return;
-  }
-#endif
-  CudaDev<CLUSTER> dev;
-  recurrence_pass<acc_t, MODE, VT, CLUSTER>(p, smem, dev);
+// A failed query whose error is its own: clear it, but raise any earlier (asynchronous) error that the
+// clearing would otherwise discard.
+void clear_own_error(cudaError_t own, const char* what) {
+  const cudaError_t last = cudaGetLastError();
+  TORCH_CHECK(last == cudaSuccess || last == own, "lattice_band (CUDA): an earlier CUDA error surfaced while ", what,
+              ": ", cudaGetErrorString(last));
 }
 
-constexpr int kPosteriorWarps = 8;
-
+// The kernel of (acc_t, MODE, vt, stages, cluster) as the untyped pointer the runtime API takes.
 template <typename acc_t, int MODE>
-__global__ void __launch_bounds__(kPosteriorWarps* kWarpSize) posterior_kernel(const PosteriorParams<acc_t> p) {
-  const int64_t frame = int64_t(blockIdx.x) * kPosteriorWarps + threadIdx.x / kWarpSize;
-  if (frame >= p.B * p.T) return;  // whole warps leave
-  CudaDev<false> dev;
-  posterior_row<acc_t, MODE>(p, frame / p.T, frame % p.T, int(threadIdx.x % kWarpSize), dev);
+const void* recurrence_kernel_for(int vt, int stages, bool cluster) {
+#define MDLM_KERNEL(V, S)                                                                                   \
+  if (vt == V && stages == S)                                                                               \
+    return cluster ? reinterpret_cast<const void*>(&recurrence_kernel<acc_t, MODE, V, S, true>)             \
+                   : reinterpret_cast<const void*>(&recurrence_kernel<acc_t, MODE, V, S, false>);
+  MDLM_KERNEL(1, 2) MDLM_KERNEL(1, 4) MDLM_KERNEL(2, 2) MDLM_KERNEL(2, 4)
+  MDLM_KERNEL(4, 2) MDLM_KERNEL(4, 4) MDLM_KERNEL(8, 2) MDLM_KERNEL(8, 4)
+#undef MDLM_KERNEL
+  TORCH_CHECK(false, "lattice_band (CUDA): no kernel for VT=", vt, ", ", stages, " stages");
+  return nullptr;
 }
-
-__global__ void skip_kernel(float* out, const int64_t* targets, const int64_t* target_lengths, int64_t B,
-                            int64_t U_max) {
-  const int64_t n = B * (U_max + 2);
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = skip_value(targets, target_lengths, U_max, i / (U_max + 2), i % (U_max + 2));
-}
-
-// ---- launch planning -------------------------------------------------------------------------
-
-constexpr int64_t kMaxSlotsPerCta = int64_t(kMaxThreads) * kMaxVT;  // 8192
-constexpr int64_t kClusterMinSlots = 2048;                          // provisional (see the header)
-constexpr int64_t kClusterSlotsPerCta = 1024;
 
 struct DeviceInfo {
-  int major = 0, sms = 0;
-  int64_t max_smem = 48 * 1024;
-  bool cluster_launch = false;
+  cuda_plan::DeviceLimits limits;
+  std::map<std::tuple<const void*, int, int, int64_t>, int64_t> resident;  // (kernel, cluster, threads, smem)
+  std::map<const void*, int64_t> smem_set;                                  // dynamic smem opted in per kernel
 };
 
-const DeviceInfo& device_info(int device) {
+std::mutex& device_mutex() {
   static std::mutex mutex;
-  static std::array<DeviceInfo, 64> cache;
-  static std::array<bool, 64> known{};
-  TORCH_CHECK(device >= 0 && device < 64, "lattice_band: CUDA device index ", device, " out of range");
-  std::lock_guard<std::mutex> lock(mutex);
-  if (!known[device]) {
-    DeviceInfo info;
-    int value = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    info.max_smem = value;
-    value = 0;
-    if (cudaDeviceGetAttribute(&value, cudaDevAttrClusterLaunch, device) != cudaSuccess) {
-      (void)cudaGetLastError();  // an old driver without the attribute: no clusters
-      value = 0;
-    }
-    info.cluster_launch = value != 0 && info.major >= 9;
-    cache[device] = info;
-    known[device] = true;
-  }
-  return cache[device];
+  return mutex;
 }
 
-struct Plan {
-  int cluster = 1, threads = 32, vt = 1, stages = 2;
-  int64_t smem = 0;
+// What the plan needs from the device, queried once per device (under device_mutex()).
+template <typename acc_t, int MODE>
+DeviceInfo& device_info(int device) {
+  static std::array<std::unique_ptr<DeviceInfo>, kMaxDevices> cache;
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "lattice_band: CUDA device index ", device, " out of range");
+  if (cache[device] == nullptr) {
+    auto info = std::make_unique<DeviceInfo>();
+    int major = 0, sms = 0, smem = 0, cluster = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const cudaError_t queried = cudaDeviceGetAttribute(&cluster, cudaDevAttrClusterLaunch, device);
+    if (queried != cudaSuccess) {  // an old driver without the attribute: no clusters
+      clear_own_error(queried, "querying cluster launch support");
+      cluster = 0;
+    }
+    info->limits.sms = sms;
+    info->limits.max_smem_per_block = smem;
+    info->limits.cluster_launch = cluster != 0 && major >= 9;
+    // A build without sm_90 code (e.g. sm_80 SASS or compute_80 PTX JIT-compiled here) has cluster
+    // kernels that cannot synchronise a cluster: never launch them, use one CTA per row instead.
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, recurrence_kernel_for<acc_t, MODE>(1, 2, true)));
+    info->limits.cluster_code = attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
+    cache[device] = std::move(info);
+  }
+  return *cache[device];
+}
+
+struct ResidentQuery {
+  DeviceInfo* info;
+  const void* (*kernel_for)(int, int, bool);
+  cudaStream_t stream;
 };
+
+// cuda_plan::ResidentFn: clusters (or CTAs) of this shape the device holds at once, cached per device.
+int64_t resident_on_device(int cluster, int threads, int64_t smem, int vt, int stages, void* context) {
+  auto& query = *static_cast<ResidentQuery*>(context);
+  const void* kernel = query.kernel_for(vt, stages, cluster > 1);
+  const auto key = std::make_tuple(kernel, cluster, threads, smem);
+  const auto found = query.info->resident.find(key);
+  if (found != query.info->resident.end()) return found->second;
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int64_t count = 0;
+  if (cluster > 1) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(unsigned(cluster), 1, 1);
+    config.blockDim = dim3(unsigned(threads));
+    config.dynamicSmemBytes = size_t(smem);
+    config.stream = query.stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = unsigned(cluster);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    const cudaError_t queried = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+    if (queried != cudaSuccess) clear_own_error(queried, "querying the active clusters");
+    count = queried == cudaSuccess ? clusters : 0;  // 0: this cluster shape cannot be scheduled here
+  } else {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, size_t(smem)));
+    count = int64_t(blocks) * query.info->limits.sms;
+  }
+  query.info->resident[key] = count;
+  return count;
+}
 
 // -1: automatic; 0: never; N > 0: force cluster size N
 int cluster_override() {
@@ -202,118 +179,51 @@ int cluster_override() {
   return n;
 }
 
-int64_t next_pow2(int64_t x) {
-  int64_t p = 1;
-  while (p < x) p *= 2;
-  return p;
-}
-
-// Threads, slots per thread and stages for `slots` slots on one CTA; false if shared memory is too small.
-bool plan_cta(int64_t slots, int mode, int64_t acc_bytes, const DeviceInfo& info, Plan& plan) {
-  if (slots > kMaxSlotsPerCta) return false;
-  plan.vt = slots <= 256 ? 1 : slots <= 512 ? 2 : slots <= 2048 ? 4 : 8;
-  plan.threads = int(round_up((slots + plan.vt - 1) / plan.vt, kWarpSize));
-  const SmemLayout layout = smem_layout(mode, acc_bytes, plan.threads, plan.vt);
-  const int64_t stages = (info.max_smem - layout.edges_bytes) / layout.stage_bytes;
-  if (stages < 2) return false;
-  plan.stages = int(imin<int64_t>(stages, kMaxStages));
-  plan.smem = layout.total(plan.stages);
-  return true;
-}
-
-Plan make_plan(int64_t W, int mode, int64_t acc_bytes, const DeviceInfo& info, int64_t B, int dirs) {
-  const int64_t S = W + 1;
-  const int forced = cluster_override();
-  int64_t cluster = 1;
-  if (info.cluster_launch && forced != 0) {
-    if (forced > 0) {
-      if (S > 256) cluster = forced;
-    } else if (S > kMaxSlotsPerCta) {  // one CTA cannot hold the band: the smallest cluster that can
-      cluster = imin<int64_t>(kMaxCluster, next_pow2((S + kMaxSlotsPerCta - 1) / kMaxSlotsPerCta));
-    } else if (S > kClusterMinSlots) {
-      // ~1024 slots per CTA, but only while every row's cluster still fits in one wave of SMs:
-      // a second wave would double the sequential time that the cluster is meant to cut
-      cluster = imin<int64_t>(kMaxCluster, next_pow2((S + kClusterSlotsPerCta - 1) / kClusterSlotsPerCta));
-      while (cluster > 1 && B * dirs * cluster > info.sms) cluster /= 2;
-    }
-  }
-  Plan plan;
-  plan.cluster = int(cluster);
-  const bool ok = plan_cta((S + cluster - 1) / cluster, mode, acc_bytes, info, plan);
-  TORCH_CHECK(ok, "lattice_band (CUDA): a band of ", S, " states (table width ", W,
-              ") is wider than this GPU's lattice kernel supports (",
-              info.cluster_launch ? kMaxCluster * kMaxSlotsPerCta : kMaxSlotsPerCta,
-              " with the shared memory available); use backend=\"cpu\" or \"triton\"");
-  return plan;
-}
-
-template <typename Kernel>
-void set_smem(Kernel kernel, int64_t smem) {
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-}
-
-template <typename acc_t, int MODE, int VT>
-bool launch_cluster(const Plan& plan, const RecurrenceParams<acc_t>& params, int64_t B, int dirs,
-                    cudaStream_t stream) {
-  auto kernel = recurrence_kernel<acc_t, MODE, VT, true>;
-  set_smem(kernel, plan.smem);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(plan.cluster), unsigned(B), unsigned(dirs));
-  config.blockDim = dim3(unsigned(plan.threads));
-  config.dynamicSmemBytes = size_t(plan.smem);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = unsigned(plan.cluster);
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) {
-    (void)cudaGetLastError();
-    return false;  // this cluster shape cannot be scheduled here: the caller falls back
-  }
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
-  return true;
-}
-
-template <typename acc_t, int MODE, int VT>
-void launch_cta(const Plan& plan, const RecurrenceParams<acc_t>& params, int64_t B, int dirs, cudaStream_t stream) {
-  auto kernel = recurrence_kernel<acc_t, MODE, VT, false>;
-  set_smem(kernel, plan.smem);
-  kernel<<<dim3(1, unsigned(B), unsigned(dirs)), plan.threads, plan.smem, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 template <typename acc_t, int MODE>
-void launch_recurrence(Plan plan, RecurrenceParams<acc_t> params, int64_t W, int64_t B, int dirs,
-                       const DeviceInfo& info, cudaStream_t stream) {
-  if (plan.cluster > 1) {
-    params.slots_per_cta = plan.threads * plan.vt;
-    params.stages = plan.stages;
-    bool launched = false;
-    switch (plan.vt) {
-      case 1: launched = launch_cluster<acc_t, MODE, 1>(plan, params, B, dirs, stream); break;
-      case 2: launched = launch_cluster<acc_t, MODE, 2>(plan, params, B, dirs, stream); break;
-      case 4: launched = launch_cluster<acc_t, MODE, 4>(plan, params, B, dirs, stream); break;
-      default: launched = launch_cluster<acc_t, MODE, 8>(plan, params, B, dirs, stream); break;
+void launch_recurrence(RecurrenceParams<acc_t> params, int64_t W, int64_t B, int dirs, int device,
+                       cudaStream_t stream) {
+  const int64_t U_max = params.U_max;
+  cuda_plan::Plan plan;
+  const void* kernel = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(device_mutex());
+    DeviceInfo& info = device_info<acc_t, MODE>(device);
+    ResidentQuery query{&info, &recurrence_kernel_for<acc_t, MODE>, stream};
+    plan = cuda_plan::plan_lattice(W, U_max, MODE, sizeof(acc_t), B, dirs, info.limits, cluster_override(),
+                                   &resident_on_device, &query);
+    TORCH_CHECK(plan.error == 0, "lattice_band (CUDA): a band of ", W + 1, " states (table width ", W,
+                MODE == kStandard ? ", and a skip mask of U + 2 = " : "", MODE == kStandard ? U_max + 2 : 0,
+                ") is wider than this GPU's lattice kernel supports (",
+                info.limits.cluster_launch && info.limits.cluster_code ? kMaxCluster * cuda_plan::kMaxSlotsPerCta
+                                                                       : cuda_plan::kMaxSlotsPerCta,
+                " states, ", info.limits.max_smem_per_block, " bytes of shared memory per CTA); use backend=\"cpu\" "
+                "or \"triton\"");
+    kernel = recurrence_kernel_for<acc_t, MODE>(plan.vt, plan.stages, plan.cluster > 1);
+    int64_t& opted = info.smem_set[kernel];
+    if (plan.smem > 48 * 1024 && plan.smem > opted) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem)));
+      opted = plan.smem;
     }
-    if (launched) return;
-    Plan single;  // fall back to one CTA per row
-    TORCH_CHECK(plan_cta(W + 1, MODE, sizeof(acc_t), info, single),
-                "lattice_band (CUDA): a band of ", W + 1, " states needs a thread-block cluster of ", plan.cluster,
-                " CTAs, which this GPU cannot schedule; use backend=\"cpu\" or \"triton\"");
-    plan = single;
   }
   params.slots_per_cta = plan.threads * plan.vt;
-  params.stages = plan.stages;
-  switch (plan.vt) {
-    case 1: launch_cta<acc_t, MODE, 1>(plan, params, B, dirs, stream); break;
-    case 2: launch_cta<acc_t, MODE, 2>(plan, params, B, dirs, stream); break;
-    case 4: launch_cta<acc_t, MODE, 4>(plan, params, B, dirs, stream); break;
-    default: launch_cta<acc_t, MODE, 8>(plan, params, B, dirs, stream); break;
+  void* args[] = {&params};
+  if (plan.cluster > 1) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(unsigned(plan.cluster), unsigned(B), unsigned(dirs));
+    config.blockDim = dim3(unsigned(plan.threads));
+    config.dynamicSmemBytes = size_t(plan.smem);
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = unsigned(plan.cluster);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelExC(&config, kernel, args));
+  } else {
+    C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(1, unsigned(B), unsigned(dirs)), dim3(unsigned(plan.threads)), args,
+                                    size_t(plan.smem), stream));
   }
 }
 
@@ -339,6 +249,8 @@ at::Tensor lattice_band_cuda(const at::Tensor& table, const at::Tensor& special,
                   input_lengths_in.device() == device && target_lengths_in.device() == device,
               "lattice_band: all tensors must be on the same CUDA device");
   TORCH_CHECK(B <= 65535, "lattice_band (CUDA): at most 65535 rows per call; got ", B);
+  TORCH_CHECK(T < (int64_t(1) << 31) && targets_in.size(1) < (int64_t(1) << 31),
+              "lattice_band (CUDA): T and U must be below 2^31; got ", T, " and ", targets_in.size(1));
   const c10::cuda::CUDAGuard guard(device);
   const int64_t U_max = targets_in.size(1);
   const int64_t shift = mode == kPreserve ? max_shift : -1;
@@ -363,8 +275,6 @@ at::Tensor lattice_band_cuda(const at::Tensor& table, const at::Tensor& special,
                                             target_lengths.data_ptr<int64_t>(), B, U_max);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const DeviceInfo& info = device_info(device.index());
-
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mdlm_ctc_lattice_band_cuda", [&] {
     using acc_t = scalar_t;
     const int64_t row_elems = B * (T + 1) * (W + 1);
@@ -385,11 +295,10 @@ at::Tensor lattice_band_cuda(const at::Tensor& table, const at::Tensor& special,
     rp.U_max = U_max;
     rp.store_stride = W + 1;
     rp.max_shift = shift;
-    const Plan plan = make_plan(W, int(mode), sizeof(acc_t), info, B, dirs);
     if (mode == kPreserve)
-      launch_recurrence<acc_t, kPreserve>(plan, rp, W, B, dirs, info, stream);
+      launch_recurrence<acc_t, kPreserve>(rp, W, B, dirs, device.index(), stream);
     else
-      launch_recurrence<acc_t, kStandard>(plan, rp, W, B, dirs, info, stream);
+      launch_recurrence<acc_t, kStandard>(rp, W, B, dirs, device.index(), stream);
 
     if (need_grad && T > 0) {
       PosteriorParams<acc_t> pp{};
