@@ -13,11 +13,21 @@ comparison draw the *same* ``t`` and the same masked positions for the same row.
 EOS and EOS padding to ``T_b`` (the padding is part of the answer and trained). Loss of row ``b`` =
 sum over masked canvas positions of ``CE / p_b``.
 
-**ctc** (slack-CTC, arXiv 2601.22947 as reconstructed in paper.md): the *target* is the answer followed
-by one EOS (``U_b = A_b + 1``). The *clean canvas* is that target with ``<slack>`` inserted, padded with
-``<slack>`` to ``T_b``; where slack goes is ``slack_insertion``:
+**ctc** (slack-CTC, arXiv 2601.22947 as reconstructed in paper.md). The *target* depends on
+``ctc_canvas``:
 
-* ``random`` (default): before each target token a geometric number of slack tokens,
+* ``eos`` (default): LLaDA's canvas less ``m_b`` EOS, i.e. the answer and its EOS padding cut to
+  ``U_b = T_b - m_b`` tokens, with the slack budget ``m_b`` of :func:`slack_budgets`. Every admissible
+  canvas then holds exactly ``m_b`` slack tokens (between answer tokens or among the EOS tail), the
+  canvas stays LLaDA's, and the EOS cannot drift: ``m_b = 0`` (``slack_budget 0`` or ``ctc_max_shift
+  0``) is CE exactly, loss and gradients;
+* ``slack``: the answer followed by one EOS (``U_b = A_b + 1``), the rest of the canvas slack (the
+  earlier design: the EOS may sit anywhere after the answer).
+
+The *clean canvas* is the target with ``<slack>`` inserted, padded with ``<slack>`` to ``T_b``; where
+slack goes is ``slack_insertion``:
+
+* ``random``: before each target token a geometric number of slack tokens,
   ``P(k) = (1 - r) r^k`` with ``r = slack_rate``, truncated so the canvas fits (Imputer-style
   alignment noise, paper.md §1.5 reading (b));
 * ``best``: the model's own Viterbi alignment (``mdlm_ctc.best_alignment``) computed without gradient
@@ -47,17 +57,20 @@ Open questions of paper.md §7 and the choices made here:
 1. collapse: delete slack only, never merge repeats (``collapse="preserve"``); EOS is a target token.
 2. lattice: unrestricted by default; ``ctc_max_shift`` bands it (SPEC §3.3). Leading, trailing and
    consecutive slack are all allowed.
-3. T > U comes from the canvas: the EOS padding of CE becomes slack padding; slack may also be inserted
-   inside the answer (``random``/``best``). One EOS is part of the target so the model still learns to
-   stop; the text is cut at the first EOS at decoding.
+3. T > U comes from the slack budget (``eos`` canvas: ``m_b`` slots in LLaDA's canvas) or from slack
+   padding (``slack`` canvas); slack may also be inserted inside the answer (``random``/``probe``/
+   ``best``). The EOS is part of the target so the model learns to stop; the text is cut at the first
+   EOS at decoding.
 4. visible tokens are anchors (observed); the lattice runs over the whole response canvas, masked and
    visible positions alike (visible ones contribute factor 1 and no gradient).
 5. weighting: the same ``1 / p`` per row as CE; normalisation as above, the same for both.
 6. mixing: pure CTC by default; ``ce+ctc`` with ``ctc_weight``.
 7. slack is a vocabulary token (added with a mean-initialised row when missing, see ``model.py``);
    it never appears in prompts.
-8. inference: the LLaDA sampler unchanged; slack is an ordinary candidate in confidence ranking
-   (no special handling), deleted at the end.
+8. inference: the LLaDA sampler; slack is an ordinary candidate in confidence ranking, deleted at the
+   end (``sample_slack_budget`` and ``eos_fill`` are optional constraints, measured in the ablation).
+
+Which of these settings is the default was measured, not assumed: ``mdlm-ctc ablate`` (``ablation.py``).
 """
 
 from __future__ import annotations
