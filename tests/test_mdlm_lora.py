@@ -17,10 +17,12 @@ from mdlm_ctc.mdlm.lora import load_adapted  # noqa: E402
 from mdlm_ctc.mdlm.model import load_model_dir, read_meta  # noqa: E402
 from mdlm_ctc.mdlm.train import read_metrics  # noqa: E402
 
+# the slack canvas: its slack padding is predicted through the trainable <slack> head row, so 30 noisy steps of
+# attention-only adapters visibly lower the loss (the eos canvas's EOS tail needs the frozen EOS row)
 TINY = ["--tiny-hidden-size", "32", "--tiny-layers", "2", "--tiny-intermediate-size", "64",
         "--synthetic-train-size", "200", "--synthetic-eval-size", "10", "--max-length", "32",
         "--synthetic-max-len", "8", "--batch-size", "8", "--no-progress", "--threads", "1", "--device", "cpu",
-        "--objective", "ctc", "--steps", "30", "--log-every", "10", "--checkpoint-every", "10", "--lr", "1e-2",
+        "--objective", "ctc", "--ctc-canvas", "slack", "--steps", "30", "--log-every", "10", "--checkpoint-every", "10", "--lr", "1e-2",
         "--warmup-steps", "2", "--lora", "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0",
         "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj", "--fused-lm-head", "on"]
 CPU = torch.device("cpu")
