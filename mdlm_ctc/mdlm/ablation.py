@@ -107,6 +107,19 @@ def choose(stats: dict, names: list[str]) -> str:
     return max(ctc, key=exact)
 
 
+def base_identity(folder: str) -> dict:
+    """What identifies a base model: the SHA-256 of its weights and the thread count that built it here."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"sha256": h.hexdigest(), "threads": torch.get_num_threads()}
+
+
 def _commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -163,7 +176,7 @@ def _run_ablation(cfg: Config, log=print) -> dict:
     ablation = {
         "fractions": cfg.shift_fraction_list(), "seeds": seeds, "examples": len(val), "source": val_source,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "commit": _commit(), "rule": RULE,
-        "chosen": chosen, "seconds": round(time.time() - t0, 1),
+        "chosen": chosen, "seconds": round(time.time() - t0, 1), "base": base_identity(source),
         "variants": {name: {"objective": VARIANTS[name].objective, "overrides": VARIANTS[name].overrides,
                             "sample": VARIANTS[name].sample, "description": VARIANTS[name].description,
                             "stats": stats["families"][name],

@@ -356,7 +356,10 @@ def write_report(root: str, cfg, *, results: dict, stats: dict, train_summaries:
 
     L.append("## How the CTC settings were chosen\n")
     if ablation:
-        L.append(ablation_markdown(ablation) + "\n")
+        from .ablation import base_identity
+
+        own = base_identity(os.path.join(root, "base", "final")) if base_summary is not None else None
+        L.append(ablation_markdown(ablation, own) + "\n")
     else:
         L.append("No ablation in this run folder. `mdlm-ctc ablate` (same options) fine-tunes every variant of "
                  "`mdlm_ctc/mdlm/ablation.py` from the same base and evaluates it on the validation split (never the "
@@ -411,8 +414,9 @@ def write_report(root: str, cfg, *, results: dict, stats: dict, train_summaries:
     return path
 
 
-def ablation_markdown(ablation: dict) -> str:
-    """The ablation table (validation split) and the rule that picked the default."""
+def ablation_markdown(ablation: dict, base: dict | None = None) -> str:
+    """The ablation table (validation split) and the rule that picked the default; ``base`` is the identity
+    of the comparison's own base (``ablation.base_identity``), to say whether the ablation used it."""
     fractions = ablation["fractions"]
     rows = [["variant", "settings", "seeds"] + [f"exact@{f:g}" for f in fractions] + ["drop@0.05", "win vs ce@0"]]
     for name, v in ablation["variants"].items():
@@ -423,8 +427,19 @@ def ablation_markdown(ablation: dict) -> str:
         row.append(_ci(fam["drop"]["0.05"]) if "0.05" in fam["drop"] else "-")
         row.append(_ci(v["win_rate"]) if v.get("win_rate") else "-")
         rows.append(row)
+    recorded = ablation.get("base")
+    if base is None:
+        which = "every variant fine-tuned from one base"
+    elif recorded and recorded.get("sha256") == base["sha256"]:
+        which = "every variant fine-tuned from this comparison's base (same weights)"
+    elif recorded:
+        which = (f"every variant fine-tuned from one base built with this comparison's settings but not its bits "
+                 f"({recorded.get('threads', '?')} thread(s) against {base['threads']} here: float rounding makes "
+                 f"them different models, see the caveats)")
+    else:
+        which = "every variant fine-tuned from one base (which one was not recorded)"
     text = [f"Validation split ({ablation['examples']} examples held out from training and evaluation), fine-tuning "
-            f"seeds {', '.join(map(str, ablation['seeds']))}, every variant fine-tuned from the same base as the main "
-            f"comparison ({ablation['machine']}, commit `{ablation.get('commit', '?')}`). Intervals as above.\n",
+            f"seeds {', '.join(map(str, ablation['seeds']))}, {which} ({ablation['machine']}, commit "
+            f"`{ablation.get('commit', '?')}`). Intervals as above.\n",
             _md_table(rows) + "\n", f"Rule: {ablation['rule']}\n"]
     return "\n".join(text)
