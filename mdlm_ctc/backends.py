@@ -140,3 +140,21 @@ def stages(backend: str):
         lattice = torch.ops.mdlm_ctc_C.lattice_band if backend == "cuda" else slack_ctc.lattice_band
         return emissions.emissions, lattice, grad.gradient
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def window_stages(backend: str):
+    """``(emissions_window, gradient_window)`` of a backend: stages 1 and 3 over a window of the flat
+    frames (and of the vocabulary), the contract of ``csrc/ops.cpp``; the fused LM head
+    (``mdlm_ctc/linear.py``) runs them on one chunk of logits at a time.
+
+    ``triton`` and ``cuda`` have no windowed Triton kernels yet: they run the reference windows (torch
+    ops on the device, no host synchronisation), correct but not at the Triton passes' speed.
+    """
+    if backend == "cpu":
+        ops = torch.ops.mdlm_ctc_C
+        return ops.emissions_window, ops.gradient_window
+    if backend in ("reference", "triton", "cuda"):
+        from . import reference
+
+        return reference.emissions_window_reference, reference.gradient_window_reference
+    raise ValueError(f"unknown backend {backend!r}")
