@@ -151,6 +151,7 @@ def window_stages(backend: str):
     ops on the device, no host synchronisation), correct but not at the Triton passes' speed.
     """
     if backend == "cpu":
+        extension_loaded()
         ops = torch.ops.mdlm_ctc_C
         return ops.emissions_window, ops.gradient_window
     if backend in ("reference", "triton", "cuda"):

@@ -16,16 +16,17 @@ Layouts. ``hidden`` [B, T, D] is viewed as N = B*T flat frames (frame i = b*T + 
 
 Design: store-free ("recompute"), chosen with the measurements below.
 
-* forward: for each chunk of ``chunk_size`` frames, z = h_chunk W^T + b [chunk, V] (GEMM 1), its lse
-  and band emissions (the vocabulary pass of ``csrc/ops.cpp`` restricted to those frames: the
-  backend stages take whole rows, and a chunk may cut a row); then the backend's lattice (stage 2:
-  C++ on CPU, the Triton lattice on GPU) over the whole [B, T, W] table, which is small and which it
+* forward: for each chunk of ``chunk_size`` frames, z = h_chunk W^T + b [chunk, V] (GEMM 1) into one
+  reused buffer, then the backend's ``emissions_window`` stage on it (``csrc/ops.cpp``: the
+  vocabulary pass over a window of the flat frames, which may cut a row); then the backend's lattice
+  (C++ on CPU, the Triton lattice on GPU) over the whole [B, T, W] table, which is small and which it
   overwrites with the posteriors.
-* backward: the logits are recomputed tile by tile (GEMM 2) and turned into dz in place (softmax
-  times g, then the posteriors, merged per (frame, token), written once); dH += dz W_tile (GEMM 3),
-  dW_tile = dz^T H (GEMM 4), db_tile = sum dz. The loop order makes the fp32 accumulator the smaller
-  of dH [N, D] and dW [V, D]: vocabulary tiles outside when N <= V (each dW tile is then one GEMM
-  over all N frames, rounded once), frame chunks outside otherwise.
+* backward: per tile of frames x vocabulary, the logits are recomputed into one reused buffer (GEMM 2)
+  and the backend's ``gradient_window`` stage turns them into dz in place (softmax times g minus the
+  posteriors of the tile's tokens, with the backend's NaN / observed / infeasible rules); dH += dz W_tile
+  (GEMM 3), dW_tile = dz^T H (GEMM 4), db_tile = sum dz. The loop order makes the fp32 accumulator the
+  smaller of dH [N, D] and dW [V, D]: vocabulary tiles outside when N <= V (each dW tile is then one
+  GEMM over all N frames, rounded once), frame chunks outside otherwise.
 * the alternative, chunked by whole sequences with the gradient computed in the forward (Liger
   FLCE's structure, 3 GEMMs), was built from the backend stages and measured side by side
   (``benchmarks/bench_linear_slack_ctc.py``, provider ``rows``). It saves one GEMM, but
@@ -39,41 +40,25 @@ Design: store-free ("recompute"), chosen with the measurements below.
 Trade per forward + backward: time, 4 LM-head GEMMs (2*N*V*D FLOPs each) vs 3; memory, one chunk of
 logits + fp32 dH [N, D] vs one sequence of logits + fp32 dW [V, D]; recompute, the logits once vs none.
 
-CPU measurements (the only ones in this session; GPU figures are unmeasured). 2 shared cores
-(load 3-7 from other jobs, so process CPU seconds are the stable figure; wall in parentheses),
-float32, forward + backward with gradients for hidden and weight, N=4096 (B=2, T=2048, U=1792),
-D=512, V=32,000, medians of 7 round-robin repeats; peak extra memory includes the 70.5 MiB of
-gradients (rows in ``benchmarks/results/linear_slack_ctc.jsonl``):
+Measurements. The design comparison above was measured on this project's 2-core CPU at D=512 with an
+earlier version of this module (rows in ``benchmarks/results/linear_slack_ctc.jsonl``). The memory and
+speed of this version, one process per configuration at N=4096, D=256, V=32,000 (``bench_linear_slack_ctc.py
+--isolated``), are in ``benchmarks/results/linear_slack_ctc_cpu_memory.md``: the CPU allocator's peak is
+one chunk of logits + the returned gradients + the band tables within a few per cent (fp32), and bf16
+takes no more CPU time than materialising the bf16 logits. GPU figures (G4) are unmeasured.
 
-    store-free (this module), chunk 1024      6.9 CPU-s (12.3 s)   258 MiB
-    store-free (this module), chunk 2048      6.0 CPU-s  (8.6 s)   513 MiB
-    rows: 3 GEMMs, gradient in the forward    3.9 CPU-s  (6.4 s)   823 MiB  (one sequence per chunk)
-    materialised logits + slack_ctc_loss      3.9 CPU-s  (6.1 s)  1004 MiB
-    chunked linear + CE in torch (Liger)      5.9 CPU-s  (9.3 s)   141 MiB  (cross-entropy, not CTC)
-    one GEMM [4096 x 512] x [512 x 32000]     1.0 CPU-s; one elementwise pass over those logits ~1 CPU-s
-
-At D=512 a pass over the logits costs as much as a GEMM, so the CPU gap (x1.6-1.8) is the fourth GEMM
-plus the torch-op vocabulary passes (the ``rows`` prototype uses the fused C++ stages). At G4
-(D=4,096, H200) a GEMM is ~24 ms at 700 TFLOP/s and a Triton pass over bf16 logits ~1 ms [est.]: the
-store-free path should cost ~4/3 of a 3-GEMM fused CE, borderline for G4's 1.2x. Its memory at G4,
-chunk 1024 [est.]: 0.26 GB of logits tile + 0.27 GB fp32 dH + ~0.2 GB of per-frame tables and
-temporaries, plus the 1.17 GB of gradients themselves: ~1.9 GB (~1.8 GB at chunk 512). Store-free
-was chosen for generality (any reduction and upstream gradient), a chunk bound independent of T,
-and fp32 accumulation that fits G4's memory; ``rows`` stays in the benchmark so the H200 measures
-what the fourth GEMM costs.
-
-Paths. CPU: torch ops for the vocabulary passes, the C++ lattice. CUDA: cuBLAS GEMMs, two small
-Triton kernels below for the vocabulary passes (row logsumexp in fp32 from bf16 logits; the in-place
-softmax-times-g pass; checked once per dtype against the torch passes, which take over with a
-warning if they fail), and the lattice of ``backends.resolve(backend, device)`` (the Triton lattice
-with ``"auto"``). ``backend="reference"`` keeps everything in plain PyTorch.
+Paths. Every stage comes from the backend: ``backends.window_stages(backend)`` (emissions and gradient
+over a window; the C++ kernels on CPU, the reference's torch ops for ``reference``, ``triton`` and
+``cuda``, which have no windowed Triton kernels yet) and ``backends.stages(backend)``'s lattice. No
+probe and no host synchronisation on the hot path: with ``validate=False`` (and ``band_bound``) a call
+can be captured in a CUDA graph after one eager warm-up call (tests/test_linear_slack_ctc.py, GPU-only).
 
 Exactness. Same maths as the materialised loss: z is computed in the input dtype as ``F.linear``
 (one rounding of h W^T + b), lse/softmax/posteriors in fp32 (fp64 for fp64 input), dz rounded once
-to the input dtype; dH accumulates over vocabulary tiles and dW over frame chunks in fp32 (fp64),
-and the result is cast once. No gradient filtering. Deterministic: GEMMs, fixed-order reductions,
-and posteriors of equal tokens in one frame merged by a sort and a fixed-order segmented scan, so
-every (frame, token) of dz is written once (no atomics).
+to the input dtype; dH accumulates over vocabulary tiles and dW over frame chunks in fp32 (fp64), and
+the result is cast once (for bf16/fp16 on the CPU and without cuBLAS's fp32-output GEMM, each tile's
+product is rounded to the input dtype before the fp32 sum). No gradient filtering. Deterministic:
+GEMMs, fixed-order reductions, and the posteriors of equal tokens in one frame summed in band order.
 
 Op layer. ``mdlm_ctc::linear_lattice_forward`` / ``mdlm_ctc::linear_lattice_backward`` are
 ``torch.library`` custom ops with fake kernels and registered autograd (as ``_ops.py``), so

@@ -282,13 +282,15 @@ def cpu_peak_bytes(step):
 
 
 def test_peak_memory_is_bounded_by_the_chunk():
+    """The CPU allocator's peak during forward + backward is one chunk of logits + the returned gradients
+    + the fp32 band tables, within 5% (measured: 1.01x at chunk 8 and 1.005x at chunk 32); the backend
+    stages run in place on the one logits buffer, with no fp32 copy and no chunk-sized temporary."""
     B, T, D, V, U = 2, 64, 16, 4096, 40
     hidden, weight, bias, targets = make_case(B=B, T=T, D=D, V=V, U=U, seed=11, dtype=torch.float32)
     h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight, bias))
     N, itemsize = B * T, 4
     outputs = (h.numel() + w.numel() + b.numel()) * itemsize  # the gradients themselves
-    width = T - U + 1
-    small = N * (D + 8 * (width + 1)) * 8  # per-frame tables (posteriors, tokens, merges), independent of V
+    tables = N * (T - U + 1 + 2) * 4  # lse [N], the band table [N, W], special [N], fp32
 
     def step(chunk):
         def run():
@@ -303,8 +305,8 @@ def test_peak_memory_is_bounded_by_the_chunk():
         h.grad = w.grad = b.grad = None  # freed before the measurement, so they cannot offset the new ones
         peaks[chunk] = cpu_peak_bytes(step(chunk))
         chunk_logits = chunk * V * itemsize
-        # a chunk's logits and one same-sized temporary (torch.logsumexp's in the CPU path); measured ~1.5x
-        assert peaks[chunk] <= outputs + small + 2 * chunk_logits, (chunk, peaks[chunk], chunk_logits)
+        budget = outputs + tables + chunk_logits
+        assert peaks[chunk] <= 1.05 * budget, (chunk, peaks[chunk], budget)
     assert peaks[8] < materialised_logits / 4, "the fused loss should never approach the materialised logits"
     assert peaks[8] < peaks[32], "a smaller chunk must lower the peak"
 
