@@ -56,6 +56,8 @@ WORKLOADS = {
     "G4": dict(device="cuda", B=8, T=2048, U=1792, D=4096, V=126464, dtype=BF16,
                goal="<= 1.2x the best fused linear-CE, extra memory <= 2 GB", max_ratio=1.2, max_extra_gb=2.0),
     "cpu-mid": dict(device="cpu", B=2, T=2048, U=1792, D=512, V=32000, dtype=FP32, goal="design measurement"),
+    "cpu-bf16": dict(device="cpu", B=2, T=2048, U=1792, D=256, V=32000, dtype=BF16,
+                     goal="bf16 no slower than materialised bf16 (issue 13)"),
     "smoke": dict(device="any", B=2, T=48, U=40, D=32, V=300, dtype=FP32, goal="runs"),
 }
 DEFAULT_PROVIDERS = ["ours", "rows", "materialised", "liger", "cce", "torch_ce"]
