@@ -44,8 +44,10 @@ Measurements. The design comparison above was measured on this project's 2-core 
 earlier version of this module (rows in ``benchmarks/results/linear_slack_ctc.jsonl``). The memory and
 speed of this version, one process per configuration at N=4096, D=256, V=32,000 (``bench_linear_slack_ctc.py
 --isolated``), are in ``benchmarks/results/linear_slack_ctc_cpu_memory.md``: the CPU allocator's peak is
-one chunk of logits + the returned gradients + the band tables within a few per cent (fp32), and bf16
-takes no more CPU time than materialising the bf16 logits. GPU figures (G4) are unmeasured.
+one chunk of logits + the returned gradients + the band tables (1.00x in fp32, 1.12x in bf16: the fp32
+dH accumulator), and bf16 takes 0-10% more CPU time than materialising the bf16 logits (1.32-1.42 s
+against 1.29-1.32 s: the recompute GEMM, ~0.11 s here, against the vocabulary passes both share).
+GPU figures (G4) are unmeasured.
 
 Paths. Every stage comes from the backend: ``backends.window_stages(backend)`` (emissions and gradient
 over a window; the C++ kernels on CPU, the reference's torch ops for ``reference``, ``triton`` and
