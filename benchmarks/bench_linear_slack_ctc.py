@@ -306,7 +306,8 @@ def table(rows):
 
 ISOLATED = dict(B=2, T=2048, U=1792, D=256, V=32000)  # N = 4096; validated band width T - U + 1 = 257
 ISOLATED_ROWS = [  # (provider, dtype, chunk, validate, band_bound)
-    ("ours", "float32", 1024, True, None), ("ours", "float32", 4096, True, None), ("materialised", "float32", None, True, None),
+    ("ours", "float32", 1024, True, None), ("ours", "float32", 4096, True, None),
+    ("materialised", "float32", None, True, None),
     ("ours", "bfloat16", 1024, True, None), ("ours", "bfloat16", 4096, True, None),
     ("materialised", "bfloat16", None, True, None),
     ("ours", "bfloat16", 1024, False, None), ("ours", "bfloat16", 1024, False, 257),

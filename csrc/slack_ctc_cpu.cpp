@@ -9,7 +9,10 @@
 //   lse           [B, T]     acc     logsumexp over V (0 where t >= input length or unnormalised)
 //   post_target   [B, T, W]  acc     posterior of target column column_lo(t+1) + j at frame t
 //   post_special  [B, T]     acc     posterior of the special token at frame t
-// acc is float64 for float64 logits and float32 otherwise.
+// acc is float64 for float64 logits and float32 otherwise. The windowed stages (emissions_window,
+// gradient_window; ops.cpp) take a window of the flat frames i = b*T + t as [n, V] (or [n, v], a
+// vocabulary window) logits with the per-frame inputs and outputs of those n frames; they run the same
+// per-frame code (emit_frame, gradient_frame) as the whole-tensor stages.
 //
 // Parallelisation: the vocabulary passes (logsumexp, gradient) run over B*T rows, the lattice over
 // the B rows, all through at::parallel_for (OpenMP). Within a row the lattice is sequential in t and

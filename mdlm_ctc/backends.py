@@ -9,6 +9,9 @@ Backends (every one implements the same three-stage contract, see ``csrc/ops.cpp
 * ``triton``: the Triton kernels of ``mdlm_ctc.triton_kernels``, CUDA tensors (CPU tensors too under
   ``TRITON_INTERPRET=1``, for tests).
 
+The fused LM head (``mdlm_ctc/linear.py``) runs stages 1 and 3 over windows of the flat frames
+(and, for the gradient, of the vocabulary): :func:`window_stages`.
+
 Capabilities are probed lazily, on the first call that needs them: importing the package never
 touches CUDA. ``backend="auto"`` picks ``cpu`` for CPU tensors and, for CUDA tensors, the fastest
 GPU backend present (see :func:`resolve`), falling back to ``reference``.
