@@ -3,6 +3,7 @@
     python benchmarks/bench_linear_slack_ctc.py                     # G4 on a GPU, the CPU mid-size shape on a CPU
     python benchmarks/bench_linear_slack_ctc.py --workloads G4 --record
     python benchmarks/bench_linear_slack_ctc.py --smoke             # seconds, CPU; records nothing unless --record
+    python benchmarks/bench_linear_slack_ctc.py --isolated --record # CPU memory table, one process per row
 
 Providers (each one forward + backward from hidden states and the LM head, gradients for both):
     ours          mdlm_ctc.linear.linear_slack_ctc_loss (store-free: 4 GEMMs, the logits recomputed in backward)
@@ -55,6 +56,8 @@ WORKLOADS = {
     "G4": dict(device="cuda", B=8, T=2048, U=1792, D=4096, V=126464, dtype=BF16,
                goal="<= 1.2x the best fused linear-CE, extra memory <= 2 GB", max_ratio=1.2, max_extra_gb=2.0),
     "cpu-mid": dict(device="cpu", B=2, T=2048, U=1792, D=512, V=32000, dtype=FP32, goal="design measurement"),
+    "cpu-bf16": dict(device="cpu", B=2, T=2048, U=1792, D=256, V=32000, dtype=BF16,
+                     goal="bf16 no slower than materialised bf16 (issue 13)"),
     "smoke": dict(device="any", B=2, T=48, U=40, D=32, V=300, dtype=FP32, goal="runs"),
 }
 DEFAULT_PROVIDERS = ["ours", "rows", "materialised", "liger", "cce", "torch_ce"]
@@ -297,8 +300,120 @@ def table(rows):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# --isolated: the CPU memory claim, each configuration in its own process
+# ---------------------------------------------------------------------------------------------
+
+ISOLATED = dict(B=2, T=2048, U=1792, D=256, V=32000)  # N = 4096; validated band width T - U + 1 = 257
+ISOLATED_ROWS = [  # (provider, dtype, chunk, validate, band_bound)
+    ("ours", "float32", 1024, True, None), ("ours", "float32", 4096, True, None),
+    ("materialised", "float32", None, True, None),
+    ("ours", "bfloat16", 1024, True, None), ("ours", "bfloat16", 4096, True, None),
+    ("materialised", "bfloat16", None, True, None),
+    ("ours", "bfloat16", 1024, False, None), ("ours", "bfloat16", 1024, False, 257),
+    ("materialised", "bfloat16", None, False, None), ("materialised", "bfloat16", None, False, 257),
+]
+
+
+def _isolated_step(provider, dtype, chunk, validate, band_bound, shape):
+    w = dict(shape, dtype=getattr(torch, dtype))
+    hidden, weight, targets = make_inputs(w, torch.device("cpu"))
+    h, wt = hidden.requires_grad_(True), weight.requires_grad_(True)
+    # explicit length tensors, as a training loop passes them: without the validation sync their values are
+    # not read on the host, so the tables are min(U, T) wide unless band_bound is given
+    lengths = dict(input_lengths=torch.full((w["B"],), w["T"]), target_lengths=torch.full((w["B"],), w["U"]))
+
+    def step():
+        h.grad = wt.grad = None
+        if provider == "ours":
+            loss = linear.linear_slack_ctc_loss(h, wt, targets, slack_id=SLACK, chunk_size=chunk, validate=validate,
+                                                band_bound=band_bound, **lengths)
+        else:
+            loss = mdlm_ctc.slack_ctc_loss(F.linear(h, wt), targets, slack_id=SLACK, validate=validate,
+                                           band_bound=band_bound, **lengths)
+        loss.backward()
+    return step, h, wt
+
+
+def isolated_child(spec: str) -> None:
+    """One configuration in this process: a warm-up on a small shape (code paths, thread pools), the peak
+    RSS growth of the first full-size forward + backward, the CPU allocator's peak of the second, then
+    the times of five more; one JSON line."""
+    provider, dtype, chunk, validate, band_bound = json.loads(spec)
+    small = dict(B=2, T=64, U=40, D=ISOLATED["D"], V=ISOLATED["V"])
+    step, _, _ = _isolated_step(provider, dtype, 64 if chunk else None, validate, 25 if band_bound else None, small)
+    step()
+    del step
+    step, h, wt = _isolated_step(provider, dtype, chunk, validate, band_bound, ISOLATED)
+    base = common._rss_kib() if common._reset_hwm() else None
+    step()
+    hwm = common._status_kib("VmHWM")
+    rss_mib = None if base is None or hwm is None else (hwm - base) / 1024
+    h.grad = wt.grad = None  # freed before the allocator measurement, so they cannot offset the new ones
+    alloc_mib = common.cpu_allocator_peak_bytes(step) / 2**20
+    wall, cpu = [], []
+    for _ in range(5):
+        start = time.process_time()
+        wall.append(common.timed(step, torch.device("cpu")))
+        cpu.append(time.process_time() - start)
+    print("ISOLATED " + json.dumps(dict(peak_rss_mib=rss_mib, alloc_peak_mib=alloc_mib, wall_s=wall, cpu_s=cpu)))
+
+
+def run_isolated():
+    import subprocess
+
+    B, T, U, D, V = (ISOLATED[k] for k in ("B", "T", "U", "D", "V"))
+    N = B * T
+    rows = []
+    for provider, dtype, chunk, validate, band_bound in ISOLATED_ROWS:
+        spec = json.dumps([provider, dtype, chunk, validate, band_bound])
+        print(f"  {spec}", file=sys.stderr, flush=True)
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--isolated-child", spec],
+                             capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("ISOLATED ")), None)
+        if line is None:
+            raise RuntimeError(f"child {spec} failed:\n{out.stderr[-3000:]}")
+        got = json.loads(line[len("ISOLATED "):])
+        itemsize = getattr(torch, dtype).itemsize
+        grads = (N * D + V * D) * itemsize
+        width = min(U, T - U + 1) if validate else (band_bound or min(U, T))
+        tables = N * (width + 2) * 4  # lse, the band table (emissions, then posteriors), special; fp32
+        logits = (chunk or N) * V * itemsize
+        budget = logits + grads + tables
+        rows.append(dict(workload="cpu-memory", provider=provider, dtype=dtype, chunk_size=chunk, validate=validate,
+                         band_bound=band_bound, B=B, T=T, U=U, N=N, D=D, V=V, table_width=width,
+                         budget_mib=round(budget / 2**20, 1), grad_mib=round(grads / 2**20, 1),
+                         peak_rss_mib=None if got["peak_rss_mib"] is None else round(got["peak_rss_mib"], 1),
+                         alloc_peak_mib=round(got["alloc_peak_mib"], 1),
+                         rss_over_budget=None if got["peak_rss_mib"] is None else
+                         round(got["peak_rss_mib"] * 2**20 / budget, 3),
+                         alloc_over_budget=round(got["alloc_peak_mib"] * 2**20 / budget, 3),
+                         wall_s_median=round(statistics.median(got["wall_s"]), 3),
+                         cpu_s_median=round(statistics.median(got["cpu_s"]), 3), repeats=len(got["cpu_s"])))
+    return rows
+
+
+def isolated_table(rows):
+    head = ("provider", "dtype", "chunk", "validate", "band_bound", "table W", "peak extra RSS MiB",
+            "allocator peak MiB", "budget MiB", "RSS / budget", "alloc / budget", "wall s", "CPU s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(x) for x in (
+            r["provider"], r["dtype"], r["chunk_size"] or "", r["validate"], r["band_bound"] or "", r["table_width"],
+            r["peak_rss_mib"], r["alloc_peak_mib"], r["budget_mib"], r["rss_over_budget"], r["alloc_over_budget"],
+            r["wall_s_median"], r["cpu_s_median"])) + " |")
+    note = ("\nbudget = one chunk of logits in the logits' dtype + the returned gradients (hidden, weight) + "
+            "the fp32 band tables (lse, table [N, W], special); for materialised rows the chunk is all N frames. "
+            "Peak extra RSS: growth of VmHWM over the RSS before the first full-size step (after a small-shape "
+            "warm-up); allocator peak: the CPU allocator's live-bytes peak during the second step.")
+    return "\n".join(lines) + "\n" + note
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--isolated", action="store_true",
+                        help="the CPU memory table (N=4096, D=256, V=32,000), one process per configuration")
+    parser.add_argument("--isolated-child", help=argparse.SUPPRESS)
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS),
                         help="default: G4 with a GPU, else cpu-mid")
     parser.add_argument("--providers", nargs="+", default=DEFAULT_PROVIDERS)
@@ -311,6 +426,15 @@ def main(argv=None):
                         help="append rows to benchmarks/results/linear_slack_ctc.jsonl (CPU smoke runs only with it)")
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
     args = parser.parse_args(argv)
+    if args.isolated_child:
+        isolated_child(args.isolated_child)
+        return 0
+    if args.isolated:
+        rows = run_isolated()
+        common.emit(rows, isolated_table(rows), name="linear_slack_ctc", summary_name="linear_slack_ctc_cpu_memory",
+                    title="linear_slack_ctc CPU memory, one process per row", as_json=args.json,
+                    record_rows=args.record)
+        return 0
 
     has_gpu = torch.cuda.is_available()
     names = ["smoke"] if args.smoke else (args.workloads or (["G4"] if has_gpu else ["cpu-mid"]))

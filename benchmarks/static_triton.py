@@ -84,10 +84,10 @@ def main(argv=None):
              "Limits used: 65,536 registers per SM (allocated per warp in units of 256), 228 KB shared memory "
              "per SM (+1 KB reserved per block), 64 warps and 32 blocks per SM, 132 SMs. \"warps/SM\" is "
              "resident warps per SM (S2 asks >= 32 for the bandwidth-bound vocabulary passes: "
-             "`_emissions_kernel`, `_dense_kernel`, and the fused head's `row_logsumexp_kernel`, "
-             "`softmax_grad_kernel`). Lattice depth: dependent, barrier-separated tile steps on the "
-             "critical path of the chosen plan (sweep tiles per step, boundary tiles per chunk), and the "
-             "cost model's estimate [est., constants not yet fitted on a GPU].", ""]
+             "`_emissions_kernel`, `_dense_kernel`; the fused LM head has no Triton kernel of its own). "
+             "Lattice depth: dependent, barrier-separated tile steps on the critical path of the chosen plan "
+             "(sweep tiles per step, boundary tiles per chunk), and the cost model's estimate [est., "
+             "constants not yet fitted on a GPU].", ""]
     spills = []
     for workload in resources.spec_workloads():
         shape = (f"N={workload.B * workload.T:,} frames" if workload.linear else

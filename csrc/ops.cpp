@@ -17,6 +17,14 @@
 // gradient: g[b] * (softmax - posterior) in the logits' dtype (-g * posterior when normalize is
 //   false); 0 past the input length and at observed frames; on an infeasible row 0 with
 //   zero_infinity, NaN without (PyTorch's convention).
+//
+// The windowed stages (what the fused LM head, mdlm_ctc/linear.py, runs on one chunk of logits at a
+// time): the same values over a window of the flat frames i = b*T + t, frame_offset <= i <
+// frame_offset + n, with the logits given as [n, V] (T = frames_per_row). emissions_window returns the
+// window's lse [n], table [n, W] and special [n]; gradient_window reads the window's lse and
+// posteriors ([n], [n, W], [n]; observed stays [B, T]) and the logits of a vocabulary window
+// [vocab_offset, vocab_offset + v) ([n, v]), and writes the gradient of that window into out [n, v],
+// which may be the logits themselves (each frame reads its logits before writing).
 
 #include <Python.h>
 #include <torch/library.h>
@@ -32,6 +40,15 @@ TORCH_LIBRARY(mdlm_ctc_C, m) {
       "gradient(Tensor grad_nll, Tensor logits, Tensor lse, Tensor targets, Tensor input_lengths, "
       "Tensor target_lengths, Tensor? observed, Tensor post_target, Tensor post_special, Tensor nll, "
       "int special_id, int max_shift, bool zero_infinity, bool normalize) -> Tensor");
+  m.def(
+      "emissions_window(Tensor logits, int frame_offset, int frames_per_row, Tensor targets, Tensor input_lengths, "
+      "Tensor target_lengths, Tensor? observed, int special_id, int max_shift, int band_width, bool normalize) "
+      "-> (Tensor lse, Tensor table, Tensor special)");
+  m.def(
+      "gradient_window(Tensor grad_nll, Tensor logits, int frame_offset, int frames_per_row, int vocab_offset, "
+      "int vocab_size, Tensor lse, Tensor targets, Tensor input_lengths, Tensor target_lengths, Tensor? observed, "
+      "Tensor post_target, Tensor post_special, Tensor nll, int special_id, int max_shift, bool zero_infinity, "
+      "bool normalize, Tensor(a!) out) -> ()");
 }
 
 extern "C" {

@@ -9,7 +9,10 @@
 //   lse           [B, T]     acc     logsumexp over V (0 where t >= input length or unnormalised)
 //   post_target   [B, T, W]  acc     posterior of target column column_lo(t+1) + j at frame t
 //   post_special  [B, T]     acc     posterior of the special token at frame t
-// acc is float64 for float64 logits and float32 otherwise.
+// acc is float64 for float64 logits and float32 otherwise. The windowed stages (emissions_window,
+// gradient_window; ops.cpp) take a window of the flat frames i = b*T + t as [n, V] (or [n, v], a
+// vocabulary window) logits with the per-frame inputs and outputs of those n frames; they run the same
+// per-frame code (emit_frame, gradient_frame) as the whole-tensor stages.
 //
 // Parallelisation: the vocabulary passes (logsumexp, gradient) run over B*T rows, the lattice over
 // the B rows, all through at::parallel_for (OpenMP). Within a row the lattice is sequential in t and
@@ -419,6 +422,89 @@ int64_t clamp_len(int64_t v, int64_t hi) { return std::min<int64_t>(std::max<int
 
 at::Tensor as_long(const at::Tensor& x) { return x.to(at::kLong).contiguous(); }
 
+// Where frame i = b*T + t sits in the lattice: its row's clamped lengths and band (lattice.h).
+struct FrameGeometry {
+  const int64_t* input_lengths;   // [B]
+  const int64_t* target_lengths;  // [B]
+  const int64_t* tokens;          // [B, U_max], clamped to the vocabulary
+  int64_t T, U_max, max_shift;
+
+  int64_t row(int64_t i) const { return i / T; }
+  int64_t frame(int64_t i) const { return i % T; }
+  int64_t input_length(int64_t i) const { return clamp_len(input_lengths[row(i)], T); }
+  int64_t target_length(int64_t i) const { return clamp_len(target_lengths[row(i)], U_max); }
+  bool active(int64_t i) const { return frame(i) < input_length(i); }
+  // first band column of frame i and its width (at most W); tokens_from(i)[j] is column c_lo + j's token
+  int64_t band_lo(int64_t i) const { return column_lo(frame(i) + 1, input_length(i), target_length(i), max_shift); }
+  int64_t band_count(int64_t i, int64_t W) const {
+    return std::max<int64_t>(0, std::min(column_hi(frame(i) + 1, target_length(i)) - band_lo(i) + 1, W));
+  }
+  const int64_t* tokens_from(int64_t i) const { return tokens + row(i) * U_max + (band_lo(i) - 1); }
+};
+
+// The vocabulary pass of one frame i: its lse, its W band slots and its special emission, from its
+// logits row xr [V] (see ops.cpp for the values). A NaN anywhere in the frame is carried by the
+// special emission, which the lattice checks.
+template <typename scalar_t, typename acc_t>
+void emit_frame(const scalar_t* xr, int64_t V, int64_t i, const FrameGeometry& geo, int64_t o, int64_t k, int64_t W,
+                bool normalize, acc_t* lse, acc_t* row, acc_t* special) {
+  if (!geo.active(i)) {
+    *lse = *special = 0;
+    std::fill(row, row + W, acc_t(0));
+    return;
+  }
+  const acc_t l = normalize ? row_logsumexp<scalar_t, acc_t>(xr, V) : acc_t(0);
+  const int64_t width = geo.band_count(i, W);
+  const int64_t* y = geo.tokens_from(i);
+  bool nan = l != l;
+  if (o < 0 && l != neg_inf<acc_t>()) {  // the common case, a free frame: a vectorisable gather
+#pragma omp simd reduction(| : nan)
+    for (int64_t j = 0; j < width; ++j) {
+      row[j] = load_as<scalar_t, acc_t>(xr + y[j]) - l;
+      nan |= row[j] != row[j];
+    }
+  } else {
+    for (int64_t j = 0; j < width; ++j) {
+      row[j] = emission(xr, l, o, y[j], normalize);
+      nan |= row[j] != row[j];
+    }
+  }
+  std::fill(row + width, row + W, acc_t(0));
+  *lse = l;
+  const acc_t e_special = emission(xr, l, o, k, normalize);
+  *special = nan ? std::numeric_limits<acc_t>::quiet_NaN() : e_special;
+}
+
+// The gradient pass of one frame i over the vocabulary window [v0, v0 + v): reads xr [v] (the logits
+// of that window) into the acc-typed scratch `work` [v], then writes out [v] (which may be xr itself:
+// every value is read before any is written). Posteriors of tokens outside the window are skipped.
+template <typename scalar_t, typename acc_t>
+void gradient_frame(const scalar_t* xr, scalar_t* out, int64_t v0, int64_t v, int64_t i, const FrameGeometry& geo,
+                    bool observed, acc_t g, bool infeasible, bool zero_infinity, acc_t lse, acc_t post_k,
+                    const acc_t* post, int64_t W, int64_t k, bool normalize, acc_t* work) {
+  if (!geo.active(i) || observed) {
+    std::fill(out, out + v, scalar_t(0));
+    return;
+  }
+  if (infeasible) {  // PyTorch's convention
+    std::fill(out, out + v, zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
+  if (normalize && lse != neg_inf<acc_t>()) {
+#pragma omp simd
+    for (int64_t c = 0; c < v; ++c) work[c] = LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(xr + c) - lse);
+  } else {
+    std::fill(work, work + v, acc_t(0));
+  }
+  if (k >= v0 && k < v0 + v) work[k - v0] -= post_k;
+  const int64_t width = geo.band_count(i, W);
+  const int64_t* y = geo.tokens_from(i);
+  for (int64_t j = 0; j < width; ++j)  // in order: repeats of a token sum exactly
+    if (y[j] >= v0 && y[j] < v0 + v) work[y[j] - v0] -= post[j];
+#pragma omp simd
+  for (int64_t c = 0; c < v; ++c) out[c] = static_cast<scalar_t>(g * work[c]);
+}
+
 void check_batch(const char* op, const at::Tensor& targets, const at::Tensor& input_lengths,
                  const at::Tensor& target_lengths, int64_t B) {
   TORCH_CHECK(targets.dim() == 2 && targets.size(0) == B, op, ": targets must be [B, U]");
@@ -463,45 +549,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emissions_cpu(
     using acc_t = typename AccOf<scalar_t>::type;
     const scalar_t* x = logits.data_ptr<scalar_t>();
     const int64_t sb = logits.stride(0), st = logits.stride(1);
-    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const FrameGeometry geo{in_len, tg_len, tokens.data_ptr<int64_t>(), T, U_max, max_shift};
     const int64_t* obs = observed.has_value() ? observed->data_ptr<int64_t>() : nullptr;
     acc_t* lse_p = lse.data_ptr<acc_t>();
     acc_t* table_p = table.data_ptr<acc_t>();
     acc_t* special_p = special.data_ptr<acc_t>();
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / T, t = i % T, T_b = clamp_len(in_len[b], T), U_b = clamp_len(tg_len[b], U_max);
-        acc_t* row = table_p + i * W;
-        if (t >= T_b) {
-          lse_p[i] = special_p[i] = 0;
-          std::fill(row, row + W, acc_t(0));
-          continue;
-        }
-        const scalar_t* xr = x + b * sb + t * st;
-        const acc_t l = normalize ? row_logsumexp<scalar_t, acc_t>(xr, V) : acc_t(0);
-        const int64_t o = obs ? obs[i] : -1;
-        const int64_t c_lo = column_lo(t + 1, T_b, U_b, max_shift);
-        const int64_t width = std::max<int64_t>(0, std::min(column_hi(t + 1, U_b) - c_lo + 1, W));
-        const int64_t* y = tok + b * U_max + (c_lo - 1);
-        bool nan = l != l;
-        if (o < 0 && l != neg_inf<acc_t>()) {  // the common case, a free frame: a vectorisable gather
-          _Pragma("omp simd reduction(| : nan)")
-          for (int64_t j = 0; j < width; ++j) {
-            row[j] = load_as<scalar_t, acc_t>(xr + y[j]) - l;
-            nan |= row[j] != row[j];
-          }
-        } else {
-          for (int64_t j = 0; j < width; ++j) {
-            row[j] = emission(xr, l, o, y[j], normalize);
-            nan |= row[j] != row[j];
-          }
-        }
-        std::fill(row + width, row + W, acc_t(0));
-        lse_p[i] = l;
-        const acc_t e_special = emission(xr, l, o, k, normalize);
-        // a NaN anywhere in the frame is carried by its special emission, which the lattice checks
-        special_p[i] = nan ? std::numeric_limits<acc_t>::quiet_NaN() : e_special;
-      }
+      for (int64_t i = begin; i < end; ++i)
+        emit_frame<scalar_t, acc_t>(x + (i / T) * sb + (i % T) * st, V, i, geo, obs ? obs[i] : -1, k, W, normalize,
+                                    lse_p + i, table_p + i * W, special_p + i);
     });
   });
   return {lse, table, special};
@@ -566,80 +622,167 @@ at::Tensor lattice_band_cpu(const at::Tensor& table, const at::Tensor& special, 
 
 // ---- stage 3: the gradient pass -------------------------------------------------------------
 
+// Inputs of a gradient pass, converted once: acc-typed per-frame values, the geometry.
+struct GradientInputs {
+  at::Tensor g, lse, post_target, post_special, nll, input_lengths, target_lengths, tokens;
+  c10::optional<at::Tensor> observed;
+  GradientInputs(const at::Tensor& grad_nll, const at::Tensor& lse_in, const at::Tensor& targets,
+                 const at::Tensor& input_lengths_in, const at::Tensor& target_lengths_in,
+                 const c10::optional<at::Tensor>& observed_in, const at::Tensor& post_target_in,
+                 const at::Tensor& post_special_in, const at::Tensor& nll_in, int64_t V, at::ScalarType acc)
+      : g(grad_nll.to(acc).contiguous()), lse(lse_in.to(acc).contiguous()),
+        post_target(post_target_in.to(acc).contiguous()), post_special(post_special_in.to(acc).contiguous()),
+        nll(nll_in.to(acc).contiguous()), input_lengths(as_long(input_lengths_in)),
+        target_lengths(as_long(target_lengths_in)), tokens(as_long(targets).clamp(0, V - 1).contiguous()) {
+    if (observed_in.has_value()) observed = as_long(*observed_in);
+  }
+  FrameGeometry geometry(int64_t T, int64_t max_shift) const {
+    return FrameGeometry{input_lengths.data_ptr<int64_t>(), target_lengths.data_ptr<int64_t>(),
+                         tokens.data_ptr<int64_t>(), T, tokens.size(1), max_shift};
+  }
+};
+
+// The gradient pass over frames first .. first + n - 1 (flat b*T + t) and the vocabulary window
+// [v0, v0 + v) of a V-token vocabulary. x(r) / out(r) are the logits / gradient rows of window frame r;
+// the per-frame inputs (lse, posteriors) are indexed by r, observed by the flat frame.
+template <typename scalar_t, typename XRow, typename OutRow>
+void gradient_frames(const GradientInputs& in, int64_t first, int64_t n, int64_t T, int64_t v0, int64_t v,
+                     int64_t V, int64_t special_id, int64_t max_shift, bool zero_infinity, bool normalize,
+                     XRow x_row, OutRow out_row) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const FrameGeometry geo = in.geometry(T, max_shift);
+  const int64_t W = in.post_target.size(-1), k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
+  const acc_t* g = in.g.data_ptr<acc_t>();
+  const acc_t* lse = in.lse.data_ptr<acc_t>();
+  const acc_t* pt = in.post_target.data_ptr<acc_t>();
+  const acc_t* ps = in.post_special.data_ptr<acc_t>();
+  const acc_t* nll = in.nll.data_ptr<acc_t>();
+  const int64_t* obs = in.observed.has_value() ? in.observed->data_ptr<int64_t>() : nullptr;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> work(v);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = first + r, b = geo.row(i);
+      gradient_frame<scalar_t, acc_t>(x_row(r), out_row(r), v0, v, i, geo, obs != nullptr && obs[i] >= 0, g[b],
+                                      nll[b] == std::numeric_limits<acc_t>::infinity(), zero_infinity, lse[r], ps[r],
+                                      pt + r * W, W, k, normalize, work.data());
+    }
+  });
+}
+
 at::Tensor gradient_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits, const at::Tensor& lse_in,
                         const at::Tensor& targets_in, const at::Tensor& input_lengths_in,
                         const at::Tensor& target_lengths_in, const c10::optional<at::Tensor>& observed_in,
                         const at::Tensor& post_target_in, const at::Tensor& post_special_in, const at::Tensor& nll_in,
                         int64_t special_id, int64_t max_shift, bool zero_infinity, bool normalize) {
   TORCH_CHECK(logits.dim() == 3 && (logits.stride(2) == 1 || logits.size(2) == 1), "gradient: logits must be [B, T, V], V contiguous");
-  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), U_max = targets_in.size(1);
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_batch("gradient", targets_in, input_lengths_in, target_lengths_in, B);
   TORCH_CHECK(post_target_in.dim() == 3 && post_target_in.size(0) == B && post_target_in.size(1) == T &&
                   post_special_in.dim() == 2 && post_special_in.size(1) == T,
               "gradient: the posteriors were not computed (the forward ran without need_grad)");
-  const int64_t W = post_target_in.size(2);
-  const at::Tensor input_lengths = as_long(input_lengths_in), target_lengths = as_long(target_lengths_in);
-  const at::Tensor tokens = targets_in.to(at::kInt).clamp(0, V - 1).contiguous();  // clamped once
-  const c10::optional<at::Tensor> observed =
-      observed_in.has_value() ? c10::optional<at::Tensor>(as_long(*observed_in)) : c10::nullopt;
   at::Tensor grad = OutputPool::get().empty({B, T, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad.numel() == 0) return grad;
-  const int64_t k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor g_c = grad_nll_in.to(acc_dtype).contiguous(), lse = lse_in.to(acc_dtype).contiguous(),
-                   post_target = post_target_in.to(acc_dtype).contiguous(),
-                   post_special = post_special_in.to(acc_dtype).contiguous(), nll = nll_in.to(acc_dtype).contiguous();
-
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const GradientInputs in(grad_nll_in, lse_in, targets_in, input_lengths_in, target_lengths_in, observed_in,
+                          post_target_in, post_special_in, nll_in, V, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_gradient", [&] {
-    using acc_t = typename AccOf<scalar_t>::type;
-    const acc_t* g = g_c.data_ptr<acc_t>();
-    const acc_t* lse_p = lse.data_ptr<acc_t>();
-    const acc_t* pt_p = post_target.data_ptr<acc_t>();
-    const acc_t* ps_p = post_special.data_ptr<acc_t>();
-    const acc_t* nll_p = nll.data_ptr<acc_t>();
     const scalar_t* x = logits.data_ptr<scalar_t>();
     const int64_t sb = logits.stride(0), st = logits.stride(1);
-    const int64_t* in_len = input_lengths.data_ptr<int64_t>();
-    const int64_t* tg_len = target_lengths.data_ptr<int64_t>();
-    const int32_t* tg = tokens.data_ptr<int32_t>();
-    const int64_t* obs = observed.has_value() ? observed->data_ptr<int64_t>() : nullptr;
     scalar_t* out = grad.data_ptr<scalar_t>();
+    gradient_frames<scalar_t>(
+        in, 0, B * T, T, 0, V, V, special_id, max_shift, zero_infinity, normalize,
+        [&](int64_t i) { return x + (i / T) * sb + (i % T) * st; }, [&](int64_t i) { return out + i * V; });
+  });
+  return grad;
+}
 
-    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(V);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / T, t = i % T, T_b = clamp_len(in_len[b], T);
-        scalar_t* o = out + i * V;
-        const bool active = t < T_b && !(obs != nullptr && obs[i] >= 0);
-        if (!active) {
-          std::fill(o, o + V, scalar_t(0));
-          continue;
-        }
-        if (nll_p[b] == std::numeric_limits<acc_t>::infinity()) {  // infeasible row: PyTorch's convention
-          std::fill(o, o + V, zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN()));
-          continue;
-        }
-        const scalar_t* xr = x + b * sb + t * st;
-        const acc_t l = lse_p[i];
-        if (normalize && l != neg_inf<acc_t>()) {
-          _Pragma("omp simd")  // (inside a dispatch macro: #pragma is not allowed)
-          for (int64_t v = 0; v < V; ++v) row[v] = LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(xr + v) - l);
-        } else {
-          std::fill(row.begin(), row.end(), acc_t(0));
-        }
-        row[k] -= ps_p[i];
-        const int64_t U = clamp_len(tg_len[b], U_max);
-        const int64_t c_lo = column_lo(t + 1, T_b, U, max_shift), c_hi = std::min(column_hi(t + 1, U), c_lo + W - 1);
-        const int32_t* y = tg + b * U_max + (c_lo - 1);  // y[j] is the token of band column j
-        const acc_t* post = pt_p + i * W;
-        for (int64_t j = 0; j <= c_hi - c_lo; ++j) row[y[j]] -= post[j];  // in order: repeats sum exactly
-        const acc_t gb = g[b];
-        _Pragma("omp simd")
-        for (int64_t v = 0; v < V; ++v) o[v] = static_cast<scalar_t>(gb * row[v]);
+// ---- the windowed stages: a window of flat frames (and for the gradient, of the vocabulary) --------
+
+void check_window(const char* op, const at::Tensor& logits, int64_t frame_offset, int64_t T,
+                  const at::Tensor& input_lengths) {
+  TORCH_CHECK(logits.dim() == 2 && (logits.stride(1) == 1 || logits.size(1) == 1),
+              op, ": logits must be [frames, vocabulary window], the vocabulary contiguous");
+  TORCH_CHECK(T >= 1 && frame_offset >= 0 && frame_offset + logits.size(0) <= input_lengths.size(0) * T, op,
+              ": the window of frames [", frame_offset, ", ", frame_offset + logits.size(0),
+              ") is outside the B*T = ", input_lengths.size(0) * T, " frames");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emissions_window_cpu(
+    const at::Tensor& logits, int64_t frame_offset, int64_t T, const at::Tensor& targets_in,
+    const at::Tensor& input_lengths_in, const at::Tensor& target_lengths_in,
+    const c10::optional<at::Tensor>& observed_in, int64_t special_id, int64_t max_shift, int64_t band_width,
+    bool normalize) {
+  check_window("emissions_window", logits, frame_offset, T, input_lengths_in);
+  TORCH_CHECK(logits.size(1) > 0, "emissions_window: empty vocabulary");
+  TORCH_CHECK(band_width >= 1, "emissions_window: band_width must be >= 1");
+  const int64_t n = logits.size(0), V = logits.size(1), B = input_lengths_in.size(0), U_max = targets_in.size(1);
+  check_batch("emissions_window", targets_in, input_lengths_in, target_lengths_in, B);
+  const at::Tensor input_lengths = as_long(input_lengths_in), target_lengths = as_long(target_lengths_in);
+  const at::Tensor tokens = as_long(targets_in).clamp(0, V - 1).contiguous();
+  c10::optional<at::Tensor> observed;
+  if (observed_in.has_value()) observed = as_long(*observed_in).reshape({-1});
+  const int64_t* in_len = input_lengths.data_ptr<int64_t>();
+  const int64_t* tg_len = target_lengths.data_ptr<int64_t>();
+  const int64_t first_row = frame_offset / T, last_row = n > 0 ? (frame_offset + n - 1) / T : first_row - 1;
+  for (int64_t b = first_row; b <= last_row; ++b)
+    TORCH_CHECK(band_width >= column_band_width(clamp_len(in_len[b], T), clamp_len(tg_len[b], U_max), max_shift),
+                "emissions_window: band_width=", band_width, " is smaller than row ", b, "'s band");
+  const auto opts = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor lse = at::empty({n}, opts), table = at::empty({n, band_width}, opts), special = at::empty({n}, opts);
+  if (n == 0) return {lse, table, special};
+  const int64_t W = band_width, k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_emissions_window", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    const int64_t sr = logits.stride(0);
+    const FrameGeometry geo{in_len, tg_len, tokens.data_ptr<int64_t>(), T, U_max, max_shift};
+    const int64_t* obs = observed.has_value() ? observed->data_ptr<int64_t>() : nullptr;
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    acc_t* table_p = table.data_ptr<acc_t>();
+    acc_t* special_p = special.data_ptr<acc_t>();
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t i = frame_offset + r;
+        emit_frame<scalar_t, acc_t>(x + r * sr, V, i, geo, obs ? obs[i] : -1, k, W, normalize, lse_p + r,
+                                    table_p + r * W, special_p + r);
       }
     });
   });
-  return grad;
+  return {lse, table, special};
+}
+
+void gradient_window_cpu(const at::Tensor& grad_nll, const at::Tensor& logits, int64_t frame_offset, int64_t T,
+                         int64_t vocab_offset, int64_t vocab_size, const at::Tensor& lse, const at::Tensor& targets,
+                         const at::Tensor& input_lengths, const at::Tensor& target_lengths,
+                         const c10::optional<at::Tensor>& observed, const at::Tensor& post_target,
+                         const at::Tensor& post_special, const at::Tensor& nll, int64_t special_id, int64_t max_shift,
+                         bool zero_infinity, bool normalize, const at::Tensor& out) {
+  check_window("gradient_window", logits, frame_offset, T, input_lengths);
+  const int64_t n = logits.size(0), v = logits.size(1), B = input_lengths.size(0);
+  check_batch("gradient_window", targets, input_lengths, target_lengths, B);
+  TORCH_CHECK(vocab_offset >= 0 && vocab_size >= 1 && vocab_offset + v <= vocab_size,
+              "gradient_window: the vocabulary window [", vocab_offset, ", ", vocab_offset + v,
+              ") is outside the vocabulary of ", vocab_size);
+  TORCH_CHECK(post_target.dim() == 2 && post_target.size(0) == n && post_special.numel() == n && lse.numel() == n,
+              "gradient_window: lse [n], post_target [n, W] and post_special [n] must cover the window's frames");
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() &&
+                  (out.stride(1) == 1 || v == 1),
+              "gradient_window: out must be like logits, the vocabulary contiguous");
+  TORCH_CHECK(nll.numel() == B && grad_nll.numel() == B, "gradient_window: nll and grad_nll must be [B]");
+  if (n == 0 || v == 0) return;
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  c10::optional<at::Tensor> flat_observed;
+  if (observed.has_value()) flat_observed = observed->reshape({-1});
+  const GradientInputs in(grad_nll, lse, targets, input_lengths, target_lengths, flat_observed, post_target,
+                          post_special, nll, vocab_size, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_gradient_window", [&] {
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t sx = logits.stride(0), so = out.stride(0);
+    gradient_frames<scalar_t>(
+        in, frame_offset, n, T, vocab_offset, v, vocab_size, special_id, max_shift, zero_infinity, normalize,
+        [&](int64_t r) { return x + r * sx; }, [&](int64_t r) { return o + r * so; });
+  });
 }
 
 }  // namespace
@@ -648,6 +791,8 @@ TORCH_LIBRARY_IMPL(mdlm_ctc_C, CPU, m) {
   m.impl("emissions", &emissions_cpu);
   m.impl("lattice_band", &lattice_band_cpu);
   m.impl("gradient", &gradient_cpu);
+  m.impl("emissions_window", &emissions_window_cpu);
+  m.impl("gradient_window", &gradient_window_cpu);
 }
 
 }  // namespace mdlm_ctc

@@ -9,6 +9,9 @@ Backends (every one implements the same three-stage contract, see ``csrc/ops.cpp
 * ``triton``: the Triton kernels of ``mdlm_ctc.triton_kernels``, CUDA tensors (CPU tensors too under
   ``TRITON_INTERPRET=1``, for tests).
 
+The fused LM head (``mdlm_ctc/linear.py``) runs stages 1 and 3 over windows of the flat frames
+(and, for the gradient, of the vocabulary): :func:`window_stages`.
+
 Capabilities are probed lazily, on the first call that needs them: importing the package never
 touches CUDA. ``backend="auto"`` picks ``cpu`` for CPU tensors and, for CUDA tensors, the fastest
 GPU backend present (see :func:`resolve`), falling back to ``reference``.
@@ -140,3 +143,58 @@ def stages(backend: str):
         lattice = torch.ops.mdlm_ctc_C.lattice_band if backend == "cuda" else slack_ctc.lattice_band
         return emissions.emissions, lattice, grad.gradient
     raise ValueError(f"unknown backend {backend!r}")
+
+
+_WINDOW_BLOCK_ELEMENTS = 1 << 24  # logits per sub-window of the torch-op windows (64 MiB of fp32 temporaries)
+
+
+def window_stages(backend: str):
+    """``(emissions_window, gradient_window)`` of a backend: stages 1 and 3 over a window of the flat
+    frames (and of the vocabulary), the contract of ``csrc/ops.cpp``; the fused LM head
+    (``mdlm_ctc/linear.py``) runs them on one chunk of logits at a time.
+
+    ``triton`` and ``cuda`` have no windowed Triton kernels yet: they run the reference windows (torch
+    ops on the device, no host synchronisation) on sub-windows of at most 2**24 logits, so that their
+    fp32 temporaries stay bounded whatever the chunk; correct, but not at the Triton passes' speed.
+    """
+    if backend == "cpu":
+        extension_loaded()
+        ops = torch.ops.mdlm_ctc_C
+        return ops.emissions_window, ops.gradient_window
+    if backend in ("reference", "triton", "cuda"):
+        from . import reference
+
+        if backend == "reference":
+            return reference.emissions_window_reference, reference.gradient_window_reference
+        return _emissions_in_blocks, _gradient_in_blocks
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _block_rows(logits) -> int:
+    return max(1, _WINDOW_BLOCK_ELEMENTS // max(logits.shape[1], 1))
+
+
+def _emissions_in_blocks(logits, frame_offset, frames_per_row, *args):
+    """``emissions_window_reference`` over sub-windows of frames (a window of windows is a window)."""
+    from .reference import emissions_window_reference
+
+    rows = _block_rows(logits)
+    if logits.shape[0] <= rows:
+        return emissions_window_reference(logits, frame_offset, frames_per_row, *args)
+    parts = [emissions_window_reference(logits[r:r + rows], frame_offset + r, frames_per_row, *args)
+             for r in range(0, logits.shape[0], rows)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _gradient_in_blocks(grad_nll, logits, frame_offset, frames_per_row, vocab_offset, vocab_size, lse, targets,
+                        input_lengths, target_lengths, observed, post_target, post_special, *rest):
+    """``gradient_window_reference`` over sub-windows of frames, written into ``out`` (the last argument)."""
+    from .reference import gradient_window_reference
+
+    *options, out = rest
+    rows = _block_rows(logits)
+    for r in range(0, logits.shape[0], rows):
+        window = slice(r, r + rows)
+        gradient_window_reference(grad_nll, logits[window], frame_offset + r, frames_per_row, vocab_offset,
+                                  vocab_size, lse[window], targets, input_lengths, target_lengths, observed,
+                                  post_target[window], post_special[window], *options, out[window])

@@ -364,6 +364,82 @@ def gradient_reference(grad_nll, logits, lse, targets, input_lengths, target_len
     return grad.masked_fill(~active[:, :, None], 0.0).to(logits.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# the windowed stages: a window of flat frames i = b*T + t (and of the vocabulary for the gradient)
+# ---------------------------------------------------------------------------------------------
+
+def _window_columns(frame_offset, n, T, targets, input_lengths, target_lengths, max_shift, W, device):
+    """For the frames ``frame_offset <= i < frame_offset + n``: their row, activity, band columns and
+    which of those are in the band (as ``_band_columns``, one frame per line)."""
+    i = torch.arange(frame_offset, frame_offset + n, device=device)
+    row, t = i // T, i % T
+    T_b = input_lengths.long().clamp(0, T)[row]
+    U_b = target_lengths.long().clamp(0, targets.shape[1])[row]
+    shift = None if max_shift < 0 else max_shift
+    u = column_lo(t + 1, T_b, U_b, shift)[:, None] + torch.arange(W, device=device)
+    active = t < T_b
+    in_band = (u >= 1) & (u <= torch.minimum(t + 1, U_b)[:, None]) & active[:, None]
+    return row, active, u, in_band
+
+
+def _window_tokens(targets, row, u, special_id, V):
+    """``[n, 1 + W]`` token ids: the special token, then the target token of each band column."""
+    U = targets.shape[1]
+    band = targets.long()[row[:, None], (u - 1).clamp(0, max(U - 1, 0))] if U > 0 else torch.zeros_like(u)
+    special = torch.full_like(row, special_id)[:, None]
+    return torch.cat([special, band], 1).clamp(0, V - 1)
+
+
+def emissions_window_reference(logits, frame_offset, frames_per_row, targets, input_lengths, target_lengths,
+                               observed, special_id, max_shift, band_width, normalize):
+    """Stage 1 over a window of frames (``csrc/ops.cpp``): ``(lse [n], table [n, W], special [n])``
+    from the window's logits ``[n, V]``."""
+    n, V = logits.shape
+    acc = acc_dtype(logits.dtype)
+    row, active, u, in_band = _window_columns(frame_offset, n, frames_per_row, targets, input_lengths,
+                                              target_lengths, max_shift, band_width, logits.device)
+    x = logits.detach().to(acc)
+    lse = torch.logsumexp(x, 1) if normalize else torch.zeros(n, dtype=acc, device=logits.device)
+    tokens = _window_tokens(targets, row, u, special_id, V)
+    em = x.gather(1, tokens)
+    if normalize:
+        em = torch.where((lse == NEG_INF)[:, None], NEG_INF, em - lse[:, None])
+    if observed is not None:
+        seen = observed.reshape(-1)[frame_offset:frame_offset + n].long()[:, None]
+        em = torch.where(seen >= 0, torch.where(seen == tokens, 0.0, NEG_INF).to(acc), em)
+    table = em[:, 1:].masked_fill(~in_band, 0.0)
+    frame_nan = (lse.isnan() | table.isnan().any(1)) & active
+    special = em[:, 0].masked_fill(~active, 0.0).masked_fill(frame_nan, float("nan"))
+    return lse.masked_fill(~active, 0.0), table, special
+
+
+def gradient_window_reference(grad_nll, logits, frame_offset, frames_per_row, vocab_offset, vocab_size, lse, targets,
+                              input_lengths, target_lengths, observed, post_target, post_special, nll, special_id,
+                              max_shift, zero_infinity, normalize, out):
+    """Stage 3 over a window of frames and the vocabulary window ``[vocab_offset, vocab_offset + v)``:
+    writes ``g * (softmax - posterior)`` of that window into ``out`` ``[n, v]`` (may be ``logits``)."""
+    n, v = logits.shape
+    acc = acc_dtype(logits.dtype)
+    W = post_target.shape[1]
+    row, active, u, in_band = _window_columns(frame_offset, n, frames_per_row, targets, input_lengths,
+                                              target_lengths, max_shift, W, logits.device)
+    lse = lse.to(acc)
+    if normalize:
+        grad = torch.exp(logits.detach().to(acc) - lse[:, None]).masked_fill((lse == NEG_INF)[:, None], 0.0)
+    else:
+        grad = torch.zeros(n, v, dtype=acc, device=logits.device)
+    local = _window_tokens(targets, row, u, special_id, vocab_size) - vocab_offset
+    inside = (local >= 0) & (local < v) & torch.cat([torch.ones_like(in_band[:, :1]), in_band], 1)
+    posteriors = torch.cat([post_special.reshape(n, 1), post_target], 1).to(acc)
+    grad.scatter_add_(1, local.clamp(0, v - 1), -posteriors.masked_fill(~inside, 0.0))
+    grad = grad * grad_nll.to(acc)[row][:, None]
+    infeasible = (nll == float("inf"))[row]
+    grad = torch.where(infeasible[:, None], 0.0 if zero_infinity else float("nan"), grad)
+    if observed is not None:
+        active = active & (observed.reshape(-1)[frame_offset:frame_offset + n] < 0)
+    out.copy_(grad.masked_fill(~active[:, None], 0.0).to(out.dtype))
+
+
 def viterbi_reference(logits, targets, input_lengths, target_lengths, observed, special_id, mode, max_shift,
                       normalize=True):
     """The most probable admissible canvas per row ``[B, T]`` (token ids), -1 past the input length and

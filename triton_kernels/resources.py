@@ -1,11 +1,12 @@
 """Static resources of every Triton kernel at the configs the launchers choose, from sm_90 cubins
 compiled on a machine without a GPU (the S2 row of SPEC §6).
 
-How: the launchers (``emissions.emissions``, ``slack_ctc.lattice_band``, ``grad.gradient`` and
-``mdlm_ctc.linear``'s two passes) are run on ``meta`` tensors of a workload's shapes with every
-``kernel[grid](...)`` replaced by a recorder, so what is compiled is exactly what the launcher would
-launch there: its constexprs, ``num_warps``, and Triton's own argument specialisation (int32/int64,
-16-byte alignment and divisibility hints, computed by Triton's binder from the recorded arguments).
+How: the launchers (``emissions.emissions``, ``slack_ctc.lattice_band``, ``grad.gradient``; the fused
+LM head, ``mdlm_ctc.linear``, has no Triton kernel of its own: it runs the backends' stages) are run
+on ``meta`` tensors of a workload's shapes with every ``kernel[grid](...)`` replaced by a recorder, so
+what is compiled is exactly what the launcher would launch there: its constexprs, ``num_warps``, and
+Triton's own argument specialisation (int32/int64, 16-byte alignment and divisibility hints, computed
+by Triton's binder from the recorded arguments).
 Each recorded launch is compiled for ``GPUTarget("cuda", 90, 32)`` and its PTX is passed to Triton's
 bundled ``ptxas -v --gpu-name=sm_90a`` (the assembler that makes the cubin a GPU would load), which
 reports registers, spill stores/loads, stack and static shared memory. Blocks per SM follow from
@@ -37,7 +38,7 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 H200_SMS = 132
 
-VOCAB_KERNELS = ("_emissions_kernel", "_dense_kernel", "row_logsumexp_kernel", "softmax_grad_kernel")
+VOCAB_KERNELS = ("_emissions_kernel", "_dense_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Workload:
     W: int | None = None           # the table width; None: the exact width of full-length rows
     observed: bool = False
     in_place: bool = False
-    linear: bool = False           # the fused LM head's passes (mdlm_ctc.linear) instead of the loss's
+    linear: bool = False           # a fused LM head shape (no workload uses it since the head runs the stages)
     note: str = ""
 
     def width(self) -> int:
@@ -73,7 +74,6 @@ def spec_workloads() -> list[Workload]:
         Workload("G2 preserve", 8, 2048, 1024, 126464, P),
         Workload("G2 standard", 8, 2048, 1024, 126464, S),
         Workload("G3", 2, 8192, 7680, 126464, P),
-        Workload("G4", 2, 8192, 0, 126464, linear=True, note="fused linear: 1024-row logit chunks"),
     ]
 
 
@@ -121,20 +121,15 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(launches):
-    from mdlm_ctc import linear
-
     from . import emissions, grad, slack_ctc
 
     patched = [(emissions, "_emissions_kernel"), (grad, "_band_values_kernel"), (grad, "_dense_kernel"),
                (slack_ctc, "_transfer_kernel"), (slack_ctc, "_boundary_kernel"), (slack_ctc, "_sweep_kernel"),
                (slack_ctc, "_loss_kernel"), (slack_ctc, "_posterior_kernel")]
     saved = [(module, name, getattr(module, name)) for module, name in patched]
-    saved.append((linear, "_triton_kernels", linear._triton_kernels))
     try:
-        for module, name, kernel in saved[:-1]:
+        for module, name, kernel in saved:
             setattr(module, name, _Recorder(kernel, launches))
-        kernels = linear._triton_kernels()
-        linear._triton_kernels = lambda: tuple(_Recorder(k, launches) for k in kernels)
         yield
     finally:
         for module, name, kernel in saved:
@@ -147,19 +142,13 @@ def record(workload: Workload, *, n_sm: int = H200_SMS, chunk_lens=None, dense_b
     ``chunk_lens``: lattice chunk lengths to record (default: the one the cost model picks for an H200);
     ``dense_blocks``: extra ``(BLOCK_V, num_warps)`` of the gradient's dense kernel (the autotune list).
     """
-    from mdlm_ctc import linear
-
     from . import emissions, grad, slack_ctc
 
     meta = dict(device="meta")
     w = workload
     launches: list[Launch] = []
     with _recording(launches):
-        if w.linear:
-            z = torch.empty((1024, w.V), dtype=w.dtype, **meta)
-            rows = torch.empty((1024,), dtype=torch.float32, **meta)
-            linear._row_logsumexp_triton(z)
-            linear._softmax_grad_triton(z, rows, rows, rows, torch.empty((1024,), dtype=torch.bool, **meta))
+        if w.linear:  # the fused LM head launches the backends' stages, recorded by their own workloads
             return launches
         B, T, U, V, W = w.B, w.T, w.U, w.V, w.width()
         logits = torch.empty((B, T, V), dtype=w.dtype, **meta)
