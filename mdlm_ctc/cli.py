@@ -201,7 +201,10 @@ def _cmd_sample(cfg) -> int:
         if ex.response:
             print(f"reference: {ex.response}")
         if cfg.eval.show_canvas:
-            print(f"canvas:    {' '.join(tokenizer.convert_ids_to_tokens(res.canvas))}")
+            names = {special.slack_id: "<slack>", special.eos_id: "<eos>", special.mask_id: "<mask>"}
+            tokens = [tok if tok is not None else names.get(i, f"<id {i}>")  # a reserved id has no string
+                      for i, tok in zip(res.canvas, tokenizer.convert_ids_to_tokens(res.canvas))]
+            print(f"canvas:    {' '.join(tokens)}")
         if cfg.sample.shift_fraction > 0:
             print(f"shifted:   {res.displaced} of {res.content_committed} content tokens displaced")
         print()

@@ -119,7 +119,7 @@ class ObjectiveConfig:
     normalization: str = _opt("sequence", "loss normalisation: 'sequence' (each row / its canvas length, "
                               "then / batch: LLaDA), 'token' (/ canvas positions in the batch) or 'batch' "
                               "(/ rows)", ("sequence", "token", "batch"))
-    slack_insertion: str = _opt("random", "CTC clean canvas: 'random' (slack before each target token, "
+    slack_insertion: str = _opt("none", "CTC clean canvas: 'random' (slack before each target token, "
                                 "geometric with slack_rate), 'probe' (with probability slack_rate per row, one "
                                 "slack before a random answer token, that position masked: the shift probe's "
                                 "canvas), 'best' (the model's Viterbi alignment on the fully masked canvas) or "
