@@ -145,6 +145,7 @@ def _run_ablation(cfg: Config, log=print) -> dict:
     from .train import prepare
 
     t0 = time.time()
+    commit = _commit()  # the code that runs, not whatever is checked out when it ends
     names = variant_names(cfg)
     root = cfg.run_dir()
     out_dir = os.path.join(root, "ablation")
@@ -175,7 +176,7 @@ def _run_ablation(cfg: Config, log=print) -> dict:
     chosen = choose(stats, names)
     ablation = {
         "fractions": cfg.shift_fraction_list(), "seeds": seeds, "examples": len(val), "source": val_source,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "commit": _commit(), "rule": RULE,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "commit": commit, "rule": RULE,
         "chosen": chosen, "seconds": round(time.time() - t0, 1), "base": base_identity(source),
         "variants": {name: {"objective": VARIANTS[name].objective, "overrides": VARIANTS[name].overrides,
                             "sample": VARIANTS[name].sample, "description": VARIANTS[name].description,

@@ -363,7 +363,7 @@ def write_report(root: str, cfg, *, results: dict, stats: dict, train_summaries:
     else:
         L.append("No ablation in this run folder. `mdlm-ctc ablate` (same options) fine-tunes every variant of "
                  "`mdlm_ctc/mdlm/ablation.py` from the same base and evaluates it on the validation split (never the "
-                 "evaluation set); its table then appears here. The recorded run is in `results/ablation.md`.\n")
+                 "evaluation set); its table then appears here. The recorded run is in `results/mdlm/ablation.md`.\n")
 
     L.append("## Training\n")
     L.append("![loss curves](loss_curves.png)\n")
