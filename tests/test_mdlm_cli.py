@@ -112,6 +112,16 @@ def test_a_changed_base_setting_retrains_the_base(tmp_path, capsys):
     cfg.train.lr = cfg.train.lr / 2
     train_once(cfg, prepared, run_dir, "ce", log=print)
     assert "training it again" in capsys.readouterr().out
+    train_once(cfg, prepared, run_dir, "ce", log=print)
+    assert "reusing" in capsys.readouterr().out
+    # other initial weights at the same path (a retrained base): the runs made from them are retrained
+    from safetensors.torch import load_file, save_file
+
+    weights_path = os.path.join(prepared.init_source, "model.safetensors")
+    weights = load_file(weights_path)
+    save_file({k: v + 1e-3 for k, v in weights.items()}, weights_path, metadata={"format": "pt"})
+    train_once(cfg, prepared, run_dir, "ce", log=print)
+    assert "training it again" in capsys.readouterr().out
 
 
 def test_eval_and_sample_commands(compared, capsys):

@@ -34,6 +34,18 @@ def _batch(rows, special, length=16, seeds=(11, 12, 13, 14)):
     return O.collate(rows, length, special.eos_id, list(seeds)[: len(rows)])
 
 
+def _without_masking(monkeypatch):
+    """The forward process masks nothing (its noise draws are otherwise unchanged)."""
+    real = O.draw_noise
+
+    def unmasked(batch, eps):
+        noise = real(batch, eps)
+        noise.masked[:] = False
+        return noise
+
+    monkeypatch.setattr(O, "draw_noise", unmasked)
+
+
 def test_embedded_model_is_bidirectional(setup):
     _, _, hf, _, _ = setup
     x = torch.tensor([[5, 6, 7, 8, 9, 10]])
@@ -173,14 +185,7 @@ def test_probe_insertion_is_the_shift_probes_canvas(setup, monkeypatch):
             assert 0 <= k < A and clean[b, where[0]] == special.slack_id
             assert clean[b, P + k + 1] == r.answer_ids[k]  # the displaced token sits one position right
     # nothing masked by the forward process: only the probe's positions are free, so the loss is not 0
-    real = O.draw_noise
-
-    def unmasked(batch, eps):
-        noise = real(batch, eps)
-        noise.masked[:] = False
-        return noise
-
-    monkeypatch.setattr(O, "draw_noise", unmasked)
+    _without_masking(monkeypatch)
     net = M.DiffusionLM(hf)
     denoms = O.denominators(rows, 16)
     probe, _ = O.compute_loss(net, batch, objective="ctc", special=special, obj_cfg=obj, denoms=denoms)
@@ -226,14 +231,7 @@ def test_ctc_without_masked_positions_is_zero(setup, monkeypatch):
     cfg, _, hf, special, rows = setup
     batch = _batch(rows, special)
     net = M.DiffusionLM(hf)
-    real = O.draw_noise
-
-    def unmasked(batch, eps):
-        noise = real(batch, eps)
-        noise.masked[:] = False
-        return noise
-
-    monkeypatch.setattr(O, "draw_noise", unmasked)
+    _without_masking(monkeypatch)
     for objective in ("ce", "ctc"):
         loss, _ = O.compute_loss(net, batch, objective=objective, special=special, obj_cfg=cfg.objective,
                                  denoms=O.denominators(rows, 16))

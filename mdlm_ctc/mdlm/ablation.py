@@ -109,15 +109,11 @@ def choose(stats: dict, names: list[str]) -> str:
 
 def base_identity(folder: str) -> dict:
     """What identifies a base model: the SHA-256 of its weights and the thread count that built it here."""
-    import hashlib
-
     import torch
 
-    h = hashlib.sha256()
-    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"sha256": h.hexdigest(), "threads": torch.get_num_threads()}
+    from .compare import source_identity
+
+    return {"sha256": source_identity(folder), "threads": torch.get_num_threads()}
 
 
 def _commit() -> str:

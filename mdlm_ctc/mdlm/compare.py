@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -130,14 +131,28 @@ def same_settings(recorded: dict, current: dict) -> bool:
     return True
 
 
+def source_identity(source: str) -> str:
+    """The initial weights a run starts from: the SHA-256 of a folder's ``model.safetensors``, else the name."""
+    path = os.path.join(source, "model.safetensors")
+    if not os.path.isfile(path):
+        return source
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def train_once(cfg: Config, prepared, run_dir: str, objective: str, log=print) -> dict:
     """Train ``objective`` into ``run_dir``, or reuse a finished run there with the same settings.
 
-    A finished run whose settings differ is trained again from scratch; an unfinished one resumes
-    from its last checkpoint when ``resume`` is set.
+    The settings are :func:`settings_of` plus the identity of the initial weights, so that a retrained
+    base also retrains the fine-tunes made from it. A run (finished or not) whose settings differ is
+    trained again from scratch; an unfinished one with the same settings resumes from its last checkpoint.
     """
     settings_path = os.path.join(run_dir, "settings.json")
-    settings = json.loads(json.dumps(settings_of(cfg)))
+    settings = dict(settings_of(cfg), source={"weights": source_identity(prepared.init_source)})
+    settings = json.loads(json.dumps(settings))
     if os.path.isdir(run_dir):
         same = False
         if os.path.exists(settings_path):

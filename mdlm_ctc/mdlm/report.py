@@ -129,15 +129,20 @@ def summary_table(results: dict, comparison: dict | None, fractions: list[float]
             pair = comparison["pairs"].get(name)
             row.append(_ci(pair[base]["win_rate"]) if pair else "(baseline)")
         lines.append(row)
-    widths = [max(len(str(r[i])) for r in lines) for i in range(len(header))]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return _text_table(lines)
 
 
 def _md_table(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def _text_table(lines: list[list[str]]) -> str:
+    """Left-aligned columns, a rule under the header."""
+    widths = [max(len(str(r[i])) for r in lines) for i in range(len(lines[0]))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
@@ -160,16 +165,7 @@ def seeded_summary_table(stats: dict) -> str:
         pair = stats["pairs"].get(name)
         row.append(_ci(pair[rho0]["win_rate"]) if pair else ("(baseline)" if name == base else "-"))
         lines.append(row)
-    widths = [max(len(str(r[i])) for r in lines) for i in range(len(header))]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-def _md_table(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows[1:]]
-    return "\n".join(out)
+    return _text_table(lines)
 
 
 def claims(stats: dict, ctc: str = "ctc", margin: float = 0.02) -> list[str]:
