@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ import time
 
 import torch
 
+from .checkpoint import sha256_of
 from .config import Config, copy_config, save_config
 from .evaluate import compare_results, compare_seeded, evaluate_model
 from .model import DiffusionLM, load_model_dir, resolve_device
@@ -134,13 +134,7 @@ def same_settings(recorded: dict, current: dict) -> bool:
 def source_identity(source: str) -> str:
     """The initial weights a run starts from: the SHA-256 of a folder's ``model.safetensors``, else the name."""
     path = os.path.join(source, "model.safetensors")
-    if not os.path.isfile(path):
-        return source
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_of(path) if os.path.isfile(path) else source
 
 
 def train_once(cfg: Config, prepared, run_dir: str, objective: str, log=print) -> dict:
