@@ -284,7 +284,8 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       dev.copy_async(e + stride - 1, stage_special);
     }
     stage_special += dir == kAlpha ? 1 : -1;
-    if (tid == active - 1 && unsigned(span + 1 - first) < cols) dev.copy_async(e + span + 1, row + (span + 1 - first));
+    if (tid == active - 1 && unsigned(span + 1 - first) < cols)
+      dev.copy_async(e + span + 1, row + (span + 1 - first));
   };
 
   const int j0 = s0 + tid * VT;  // this thread's first slot

@@ -393,7 +393,8 @@ class EmuDev {
                                          std::to_string(rank_) + ")");
       // and so must every DSMEM write into it
       for (const Cell& c : cta_.shadow)
-        if (c.writer >= 0 && c.writer / cluster_.threads_per_cta != rank_ && cta_.exit_clock[size_t(c.writer)] < c.epoch)
+        if (c.writer >= 0 && c.writer / cluster_.threads_per_cta != rank_ &&
+            cta_.exit_clock[size_t(c.writer)] < c.epoch)
           report_.fail(kExitedCta, "DSMEM write by thread " + std::to_string(c.writer) +
                                        " not ordered before the exit of the CTA it writes (rank " +
                                        std::to_string(rank_) + ")");
