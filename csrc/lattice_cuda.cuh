@@ -23,12 +23,15 @@
 // previous frame (alpha) or j - d and j - d + 1 (beta): neighbours inside a thread are registers, the
 // ones of the next/previous lane come by one warp shuffle each way, the ones across a warp boundary
 // through two shared-memory edge cells per warp (double-buffered by step parity, so one barrier per
-// step suffices), and across a CTA boundary of a cluster through distributed shared memory (the
-// neighbour CTA's edge cells, read with map_shared_rank after the per-step cluster barrier).
+// step suffices), and across a CTA boundary of a cluster through distributed shared memory: the CTA
+// at each end of a cluster boundary pushes its edge cell into the neighbour's edge array (a remote
+// store before the per-step cluster barrier), so every edge read is a local shared-memory load.
 //
-// Emissions are staged. The step's emissions (and, for standard CTC, the skip mask) for the CTA's
-// slots are copied from global memory into a ring of R shared-memory stages with cp.async, R - 1
-// frames ahead of the step that reads them, so global latency leaves the sequential critical path.
+// Emissions are staged. The step's emissions for the CTA's slots are copied from global memory into
+// a ring of R shared-memory stages with cp.async, R - 1 frames ahead of the step that reads them, so
+// global latency leaves the sequential critical path. Only the stage indices inside the table's column
+// band are copied; the others keep an older frame's emission (or the 0 the ring starts with), and
+// they only ever meet a -inf predecessor, like the CPU kernel's 0 there.
 //
 // Slots outside the band always hold -inf, so bounds never need checking on reads; lengths are
 // clamped to the padded sizes and every table read is bounded by the column band, so bad lengths
@@ -96,10 +99,11 @@ struct Arrays {
   static constexpr int kStates = MODE == kPreserve ? 1 : 2;  // preserve states | standard blank + label
 };
 
-// Shared memory of one recurrence CTA: edge cells [2 parities][arrays][lo, hi][warps] (acc_t); for
-// standard CTC the row's skip mask (float, u = 0..U_max + 1, loaded once: it does not depend on the
-// frame); then R stages of `stage_stride` emissions (acc_t; slot q at q - s0 + 1, the special emission
-// at the end).
+// Shared memory of one recurrence CTA: edge cells [2 parities][arrays][lo, hi][warps + 2] (acc_t: warp w's
+// at w + 1; hi[0] and lo[warps + 1] the neighbour CTAs' cells, pushed by them, or -inf); for standard
+// CTC the skip mask of states s0 .. s0 + U_max + 1 + threads * VT (float, loaded once: it does not depend
+// on the frame); then R stages of `stage_stride` emissions (acc_t; slot q at q - s0 + 1, the special
+// emission at the end).
 struct SmemLayout {
   int64_t edge_elems;    // acc_t
   int64_t stage_stride;  // elements per stage
@@ -114,11 +118,11 @@ MDLM_HD int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to;
 MDLM_HD SmemLayout smem_layout(int mode, int64_t acc_bytes, int threads, int vt, int64_t U_max) {
   SmemLayout l;
   const int arrays = mode == kPreserve ? 1 : 2;
-  l.edge_elems = int64_t(2) * arrays * 2 * (threads / kWarpSize);
+  l.edge_elems = int64_t(2) * arrays * 2 * (threads / kWarpSize + 2);
   l.edges_bytes = round_up(l.edge_elems * acc_bytes, 16);
   l.stage_stride = round_up(int64_t(threads) * vt + 3, 4);
   l.stage_bytes = l.stage_stride * acc_bytes;
-  l.skip_bytes = mode == kStandard ? round_up((U_max + 2) * int64_t(sizeof(float)), 16) : 0;
+  l.skip_bytes = mode == kStandard ? round_up((U_max + 2 + int64_t(threads) * vt) * int64_t(sizeof(float)), 16) : 0;
   return l;
 }
 
@@ -188,6 +192,13 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   const int shift = MODE == kPreserve ? int(imin<int64_t>(imax<int64_t>(p.max_shift, -1), T)) : -1;
   const acc_t* special = p.special + b * T;
 
+  const SmemLayout layout = smem_layout(MODE, sizeof(acc_t), threads, VT, p.U_max);
+  const int stride = int(layout.stage_stride);
+  unsigned char* stages = smem + layout.edges_bytes + layout.skip_bytes;
+  // The ring starts as 0 (the barrier of the NaN scan orders it before every copy into it): a stage index
+  // outside the column band keeps what it holds.
+  for (int i = tid; i < STAGES * stride; i += threads) dev.st(reinterpret_cast<acc_t*>(stages) + i, acc_t(0));
+
   // A NaN emission anywhere in the row makes the row NaN (the vocabulary pass marks it in `special`).
   bool nan = false;
   for (int i = tid; i < T_b; i += threads) nan |= special[i] != special[i];
@@ -215,14 +226,13 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   }
   const int warps = active / kWarpSize;
   const int span = active * VT;  // slots of this CTA: [s0, s0 + span)
-  const SmemLayout layout = smem_layout(MODE, sizeof(acc_t), threads, VT, p.U_max);
-  const int stride = int(layout.stage_stride);
   acc_t* edges = reinterpret_cast<acc_t*>(smem);
-  float* skip_s = reinterpret_cast<float*>(smem + layout.edges_bytes);  // standard: skip of state u at [u]
-  unsigned char* stages = smem + layout.edges_bytes + layout.skip_bytes;
-  auto edge = [&](int parity, int arr, int side, int w) -> acc_t* {
-    return edges + ((parity * A + arr) * 2 + side) * cta_warps + w;
+  float* skip_s = reinterpret_cast<float*>(smem + layout.edges_bytes);  // standard: skip of state s0 + i at [i]
+  // edge cell of slot w (warp w - 1's, or a neighbour CTA's at 0 and cta_warps + 1), in `base`'s edge array
+  auto edge_in = [&](acc_t* base, int parity, int arr, int side, int w) -> acc_t* {
+    return base + ((parity * A + arr) * 2 + side) * (cta_warps + 2) + w;
   };
+  auto edge = [&](int parity, int arr, int side, int w) { return edge_in(edges, parity, arr, side, w); };
   auto stage_emit = [&](int n) {
     return reinterpret_cast<acc_t*>(stages + (n & (STAGES - 1)) * layout.stage_bytes);
   };
@@ -234,46 +244,48 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   };
   auto frame_of = [&](int n) { return dir == kAlpha ? n : T_b + 1 - n; };  // step n = 1..T_b
 
-  // Copy step n's emissions (frame f) into its stage: stage index i holds state u = base + s0 - 1 + i.
-  // Thread tid copies its own VT indices 1 + tid * VT + [0, VT); thread 0 also index 0 and the special
-  // emission, the last active thread index span + 1. Columns outside the table's band read as 0 like
-  // the CPU kernel (only ever met where the predecessor is -inf).
-  const int Wi = int(W);  // <= T
-  const int skip_hi = int(p.U_max) + 1;
-  if (MODE == kStandard) {  // ordered before its first use by the step barrier of step 1
+  // Copy step n's emissions (frame f) into its stage: stage index i holds state u = base + s0 - 1 + i, whose
+  // column is row[i - first] when it lies in the table's column band (0 <= i - first < cols); indices
+  // outside it are not copied. Thread tid copies its own VT indices 1 + tid * VT + [0, VT); thread 0
+  // also index 0 and the special emission, the last active thread index span + 1.
+  // Standard CTC: the skip mask of states s0 .. s0 + U_max + span + 1 (-inf past U_max + 1), so that every
+  // slot of every frame reads its own without a bound (base <= U_max). Ordered before its first use by the
+  // step barrier of step 1.
+  if (MODE == kStandard) {
     const float* skip_row = p.skip + b * (p.U_max + 2);
-    for (int u = tid; u <= skip_hi; u += active) dev.st(skip_s + u, skip_row[u]);
+    const int skip_hi = int(p.U_max) + 1;
+    for (int i = tid; i <= skip_hi + span; i += active)
+      dev.st(skip_s + i, s0 + i <= skip_hi ? skip_row[s0 + i] : -std::numeric_limits<float>::infinity());
   }
-  // Stage index i is in the table's column band when first <= i <= last (u = lowest + i in [c_lo, c_hi]);
-  // its column is then row[i - first]. An index outside it takes the nearest column instead of a branch
-  // and a zero: it only ever meets a -inf predecessor (like the CPU kernel's 0), so its value never
-  // reaches a result. (A table of width 0 has no column to read: zeros.)
-  auto stage_one = [&](acc_t* e, const acc_t* row, int first, int last, int i) {
-    if (Wi > 0)
-      dev.copy_async(e + i, row + imin(imax(i - first, 0), imax(last - first, 0)));
-    else
-      dev.st(e + i, acc_t(0));
-  };
+  const int Wi = int(W);  // <= T
   // stage_step runs for steps n = 1, 2, ..., T_b in order: the table row moves by one frame each time
   const acc_t* stage_row = p.table + (b * T + (dir == kAlpha ? 0 : T_b - 1)) * W;
   const int64_t stage_row_step = dir == kAlpha ? W : -W;
+  const acc_t* stage_special = special + (dir == kAlpha ? 0 : T_b - 1);
   auto stage_step = [&](int n) {
     const int f = frame_of(n);
     const int lowest = base_of(f) + s0 - 1;  // the state of stage index 0
     int c_lo = imax(1, U_b - T_b + f);
     if (MODE == kPreserve && shift >= 0) c_lo = imax(c_lo, f - shift);
     const int c_hi = imin(imin(f, U_b), c_lo + Wi - 1);
-    const int first = c_lo - lowest, last = c_hi - lowest;
+    const unsigned cols = unsigned(imax(c_hi - c_lo + 1, 0));
+    const int first = c_lo - lowest;
     const acc_t* row = stage_row;
     stage_row += stage_row_step;
     acc_t* e = stage_emit(n);
+    const int x = 1 + tid * VT - first;  // column of this thread's first index
+    acc_t* dst = e + 1 + tid * VT;
+    const acc_t* src = row + x;
 #pragma unroll
-    for (int v = 0; v < VT; ++v) stage_one(e, row, first, last, 1 + tid * VT + v);
+    for (int v = 0; v < VT; ++v)
+      if (unsigned(x + v) < cols) dev.copy_async(dst + v, src + v);
     if (tid == 0) {
-      stage_one(e, row, first, last, 0);
-      dev.copy_async(e + stride - 1, special + f - 1);
+      if (unsigned(-first) < cols) dev.copy_async(e, row - first);
+      dev.copy_async(e + stride - 1, stage_special);
     }
-    if (tid == active - 1) stage_one(e, row, first, last, span + 1);
+    stage_special += dir == kAlpha ? 1 : -1;
+    if (tid == active - 1 && unsigned(span + 1 - first) < cols)
+      dev.copy_async(e + span + 1, row + (span + 1 - first));
   };
 
   const int j0 = s0 + tid * VT;  // this thread's first slot
@@ -293,13 +305,41 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       out[a] += store_step;
     }
   };
+  // Lane 0 writes the warp's lo cell and reads warp - 1's hi cell, lane 31 writes the hi cell and reads
+  // warp + 1's lo cell (one pointer each, per parity and array at fixed offsets). Across a cluster boundary
+  // the end thread also pushes its cell into the neighbour CTA's edge array (lo[cta_warps + 1], hi[0]).
+  const int edge_arr = 2 * (cta_warps + 2), edge_parity = A * edge_arr;  // element offsets
+  const bool end_lane = lane == 0 || lane == kWarpSize - 1;
+  acc_t* const own_edge = lane == 0 ? edge(0, 0, 0, warp + 1) : edge(0, 0, 1, warp + 1);
+  const acc_t* const next_edge = lane == 0 ? edge(0, 0, 1, warp) : edge(0, 0, 0, warp + 2);
+  acc_t* push_edge = nullptr;
+  bool push = false;
+  if (CLUSTER) {
+    if (tid == 0 && rank > 0) {
+      push = true;
+      push_edge = edge_in(dev.map_remote(edges, rank - 1), 0, 0, 0, cta_warps + 1);
+    } else if (tid == threads - 1 && rank < csize - 1) {
+      push = true;
+      push_edge = edge_in(dev.map_remote(edges, rank + 1), 0, 0, 1, 0);
+    }
+  }
   auto write_edges = [&](int parity, const acc_t (&v)[2][VT]) {
 #pragma unroll
     for (int a = 0; a < A; ++a) {
-      if (lane == 0) dev.st(edge(parity, a, 0, warp), v[a][0]);
-      if (lane == kWarpSize - 1) dev.st(edge(parity, a, 1, warp), v[a][VT - 1]);
+      const acc_t x = lane == 0 ? v[a][0] : v[a][VT - 1];
+      const int at = parity * edge_parity + a * edge_arr;
+      if (end_lane) dev.st(own_edge + at, x);
+      if (CLUSTER && push) dev.st_remote(push_edge + at, x);
     }
   };
+  // the cells no thread writes: the row's ends (-inf), read from step 1 on (ordered by its barrier)
+#pragma unroll
+  for (int parity = 0; parity < 2; ++parity)
+#pragma unroll
+    for (int a = 0; a < A; ++a) {
+      if (tid == 0 && (!CLUSTER || rank == 0)) dev.st(edge(parity, a, 1, 0), NEG);
+      if (tid == active - 1 && (!CLUSTER || rank == csize - 1)) dev.st(edge(parity, a, 0, warps + 1), NEG);
+    }
   auto step_barrier = [&] {
     if (CLUSTER)
       dev.cluster_sync();
@@ -344,22 +384,11 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
     for (int a = 0; a < A; ++a) {
       acc_t left = dev.shfl_up(kFullMask, r[a][VT - 1], 1);
       acc_t right = dev.shfl_down(kFullMask, r[a][0], 1);
-      if (lane == 0) {
-        if (warp > 0)
-          left = dev.ld(edge(parity, a, 1, warp - 1));
-        else if (CLUSTER && rank > 0)
-          left = dev.ld_remote(edge(parity, a, 1, cta_warps - 1), rank - 1);
-        else
-          left = NEG;
-      }
-      if (lane == kWarpSize - 1) {
-        if (warp < warps - 1)
-          right = dev.ld(edge(parity, a, 0, warp + 1));
-        else if (CLUSTER && rank < csize - 1)
-          right = dev.ld_remote(edge(parity, a, 0, 0), rank + 1);
-        else
-          right = NEG;
-      }
+      // lane 0: warp - 1's hi cell (or the left CTA's), lane 31: warp + 1's lo cell (or the right CTA's)
+      acc_t across = NEG;
+      if (end_lane) across = dev.ld(next_edge + parity * edge_parity + a * edge_arr);
+      if (lane == 0) left = across;
+      if (lane == kWarpSize - 1) right = across;
       w[a][0] = left;
 #pragma unroll
       for (int k = 0; k < VT; ++k) w[a][k + 1] = r[a][k];
@@ -371,29 +400,31 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
     const int f = frame_of(n);
     acc_t v[2][VT];
     // States past the band's top are -inf (slots below its base do not exist); the cells are computed
-    // unconditionally and masked by one compare and select each.
+    // unconditionally and masked by one compare and select each: slot j0 + k holds u = rel + k (rel >= 0),
+    // kept while u <= hi0 (hi1 for labels, which also need u >= 1).
     if (dir == kAlpha) {
       // alpha_f from alpha_{f-1}: slot j holds u = base(f) + j; u at f-1 is slot j + d, u - 1 is j + d - 1
       const int base = base_of(f);
       const bool d = base != base_of(f - 1);
       const int hi0 = MODE == kPreserve ? imin(f, U_b) : imin(U_b, imax(0, f - 1)), hi1 = imin(f, U_b);
+      const int rel = base + j0, l0 = hi0 - rel, l1 = hi1 - rel;
+      const float* skip_window = skip_s + (rel - s0);  // skip of u = rel + k at [k]
 #pragma unroll
       for (int k = 0; k < VT; ++k) {
-        const int u = base + j0 + k;
         const acc_t e_u = dev.ld(e + (j0 + k - s0 + 1));
         if (MODE == kPreserve) {
           const acc_t stay = d ? w[0][k + 2] : w[0][k + 1];
           const acc_t advance = d ? w[0][k + 1] : w[0][k];
           const acc_t cell = preserve_alpha_cell(stay, advance, e_special, e_u);
-          v[0][k] = u <= hi0 ? cell : NEG;
+          v[0][k] = k <= l0 ? cell : NEG;
         } else {
           const acc_t blank_u = d ? w[0][k + 2] : w[0][k + 1], label_u = d ? w[1][k + 2] : w[1][k + 1];
           const acc_t blank_u1 = d ? w[0][k + 1] : w[0][k], label_u1 = d ? w[1][k + 1] : w[1][k];
-          const acc_t skip_u = acc_t(dev.ld(skip_s + imin(u, skip_hi)));
+          const acc_t skip_u = acc_t(dev.ld(skip_window + k));
           const acc_t blank = standard_blank_alpha_cell(blank_u, label_u, e_special);
           const acc_t label = standard_label_alpha_cell(label_u, blank_u1, label_u1 + skip_u, e_u);
-          v[0][k] = u <= hi0 ? blank : NEG;
-          v[1][k] = (u >= 1 && u <= hi1) ? label : NEG;
+          v[0][k] = k <= l0 ? blank : NEG;
+          v[1][k] = (k > 0 || rel > 0) && k <= l1 ? label : NEG;
         }
       }
       store_row(v);
@@ -404,24 +435,25 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       const bool d = base_of(f) != base;
       const int g = f - 1;
       const int hi0 = MODE == kPreserve ? imin(g, U_b) : imin(U_b, imax(0, g - 1)), hi1 = imin(g, U_b);
+      const int rel = base + j0, l0 = hi0 - rel, l1 = hi1 - rel;
+      const float* skip_window = skip_s + (rel - s0);  // skip of u = rel + k at [k]
 #pragma unroll
       for (int k = 0; k < VT; ++k) {
-        const int u = base + j0 + k;
         const int q = j0 + k - s0 + 1 - (d ? 1 : 0);  // stage index of u
         const acc_t e_u = dev.ld(e + q), e_u1 = dev.ld(e + q + 1);
         if (MODE == kPreserve) {
           const acc_t own = d ? w[0][k] : w[0][k + 1];
           const acc_t next = d ? w[0][k + 1] : w[0][k + 2];
           const acc_t cell = preserve_beta_cell(own, next, e_special, e_u1);
-          v[0][k] = u <= hi0 ? cell : NEG;
+          v[0][k] = k <= l0 ? cell : NEG;
         } else {
           const acc_t blank_u = d ? w[0][k] : w[0][k + 1], label_u = d ? w[1][k] : w[1][k + 1];
           const acc_t label_u1 = d ? w[1][k + 1] : w[1][k + 2];
-          const acc_t skip_u1 = acc_t(dev.ld(skip_s + imin(u + 1, skip_hi)));
+          const acc_t skip_u1 = acc_t(dev.ld(skip_window + k + 1));
           const acc_t blank = standard_blank_beta_cell(blank_u, label_u1, e_special, e_u1);
           const acc_t label = standard_label_beta_cell(label_u, blank_u, label_u1 + skip_u1, e_special, e_u, e_u1);
-          v[0][k] = u <= hi0 ? blank : NEG;
-          v[1][k] = (u >= 1 && u <= hi1) ? label : NEG;
+          v[0][k] = k <= l0 ? blank : NEG;
+          v[1][k] = (k > 0 || rel > 0) && k <= l1 ? label : NEG;
         }
       }
       store_row(v);
@@ -432,7 +464,7 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
 #pragma unroll
       for (int k = 0; k < VT; ++k) r[a][k] = v[a][k];
   }
-  // no CTA leaves (its shared memory goes away) while a neighbour may still read its edge cells
+  // no CTA leaves (its shared memory goes away) while a neighbour may still push into its edge cells
   if (CLUSTER) dev.cluster_sync();
 
   if (dir == kAlpha && j0 == 0) {  // slot 0 of frame T_b is u = U

@@ -17,7 +17,8 @@
 //     the wait that retires its group; the write then counts as the issuing thread's, at that wait;
 //   * shuffles exchange values among the lanes of their mask only and order no memory; a lane outside
 //     the mask, or a source lane outside it, is an error;
-//   * a CTA's shared memory is poisoned when its last thread exits: a later DSMEM access is an error.
+//   * a CTA's shared memory is poisoned when its last thread exits: a later DSMEM access is an error,
+//     and so is a DSMEM read or write of another CTA that no barrier ordered before the exit.
 // Numerics are those of the host build of logspace.h (the CPU kernels' exp/log), not CUDA's.
 //
 // Build (Linux, any C++17 compiler): c++ -O1 -std=c++17 -shared -fPIC -fvisibility=hidden -x c++ -DMDLM_CTC_EMULATOR_API
@@ -314,16 +315,27 @@ class EmuDev {
   void st(T* p, T v) {
     write(cta_, p, v);
   }
-  // ld.shared::cluster of the word at `local`'s offset in CTA `rank` of the cluster
+  // mapa: `local`'s word in CTA `rank` of the cluster
   template <typename T>
-  T ld_remote(const T* local, int rank) {
+  T* map_remote(T* local, int rank) {
     if (rank < 0 || rank >= int(cluster_.ctas.size())) {
-      report_.fail(kOutOfRange, "DSMEM read of cluster rank " + std::to_string(rank));
-      return poison<T>();
+      report_.fail(kOutOfRange, "DSMEM address of cluster rank " + std::to_string(rank));
+      return local;
     }
-    Cta& other = *cluster_.ctas[rank];
-    const int64_t offset = reinterpret_cast<const unsigned char*>(local) - cta_.smem;
-    return read(other, reinterpret_cast<const T*>(other.smem + offset), "DSMEM");
+    const int64_t offset = reinterpret_cast<unsigned char*>(local) - cta_.smem;
+    return reinterpret_cast<T*>(cluster_.ctas[size_t(rank)]->smem + offset);
+  }
+  // st.shared::cluster through a map_remote address
+  template <typename T>
+  void st_remote(T* remote, T v) {
+    for (auto& other : cluster_.ctas) {
+      const int64_t offset = reinterpret_cast<unsigned char*>(remote) - other->smem;
+      if (offset >= 0 && offset < other->bytes) {
+        write(*other, remote, v);
+        return;
+      }
+    }
+    report_.fail(kOutOfRange, "DSMEM store outside the cluster's shared memory");
   }
 
   template <typename T>
@@ -379,6 +391,13 @@ class EmuDev {
             report_.fail(kExitedCta, "DSMEM read by thread " + std::to_string(r.first) +
                                          " not ordered before the exit of the CTA it reads (rank " +
                                          std::to_string(rank_) + ")");
+      // and so must every DSMEM write into it
+      for (const Cell& c : cta_.shadow)
+        if (c.writer >= 0 && c.writer / cluster_.threads_per_cta != rank_ &&
+            cta_.exit_clock[size_t(c.writer)] < c.epoch)
+          report_.fail(kExitedCta, "DSMEM write by thread " + std::to_string(c.writer) +
+                                       " not ordered before the exit of the CTA it writes (rank " +
+                                       std::to_string(rank_) + ")");
       cta_.exited = true;
       std::memset(cta_.smem, 0xff, size_t(cta_.bytes));
     }

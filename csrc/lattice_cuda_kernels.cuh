@@ -58,14 +58,20 @@ struct CudaDev {
   __device__ void st(T* shared, T v) const {
     *shared = v;
   }
+  // the generic address of `local`'s word in CTA `rank` of the cluster (mapa), taken once before the loop
   template <typename T>
-  __device__ T ld_remote(const T* local, int rank) const {
+  __device__ T* map_remote(T* local, int rank) const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    return *cooperative_groups::this_cluster().map_shared_rank(const_cast<T*>(local), rank);
+    return cooperative_groups::this_cluster().map_shared_rank(local, rank);
 #else
     __trap();
-    return *local;
+    return local;
 #endif
+  }
+  // a store into another CTA's shared memory through a map_remote address (the cluster barrier orders it)
+  template <typename T>
+  __device__ void st_remote(T* remote, T v) const {
+    *remote = v;
   }
   // cp.async of one 4- or 8-byte element, one commit group per step, a compile-time wait depth
   template <typename T>

@@ -7,7 +7,8 @@
 //   One CTA holds up to 8192 slots: VT = 1 / 2 / 4 / 8 slots per thread for <= 256 / 512 / 2048 / 8192
 //   slots and threads = ceil(slots / VT) rounded up to a warp (at most max_threads_for_vt, the kernel's
 //   launch bounds). The ring holds 4 stages of emissions, or 2 where 4 do not fit; standard CTC also
-//   keeps the row's skip mask (4 (U_max + 2) bytes) in shared memory, which bounds U_max to ~50k there.
+//   keeps the row's skip mask (4 (U_max + 2 + threads * VT) bytes) in shared memory, which bounds U_max to
+//   ~50k there.
 //   Clusters (sm_90 code, a device with cluster launch): used when S > 2048 (~1024 slots per CTA) and
 //   always when S > 8192; the cluster size is then recomputed from the CTA's capacity, so that the
 //   last CTA holds useful slots, and lowered while the B * directions clusters do not all fit at once

@@ -176,21 +176,24 @@ MDLM_HD T min2(T a, T b) {
 }
 
 // log(exp(a) + exp(b)) with the all -inf guard. The larger term contributes exp(0) = 1 exactly, so
-// only the smaller one needs an exp: max + log(1 + exp(min - max)).
+// only the smaller one needs an exp: max + log(1 + exp(min - max)). The guard is branch-free: when
+// both are -inf, min - max is NaN and max2(NaN, -inf) = -inf (fmax drops a NaN, and so does the host
+// form's compare), so the sum is 1 and the result max + log(1) = -inf. Finite maxima are unchanged.
 template <typename acc_t>
 MDLM_HD acc_t logaddexp(acc_t a, acc_t b) {
   const acc_t m = max2(a, b);
-  const acc_t s = acc_t(1) + LogMath<acc_t>::exp(min2(a, b) - m);
-  return m == neg_inf<acc_t>() ? m : m + LogMath<acc_t>::log_1_to_4(s);
+  const acc_t s = acc_t(1) + LogMath<acc_t>::exp(max2(min2(a, b) - m, neg_inf<acc_t>()));
+  return m + LogMath<acc_t>::log_1_to_4(s);
 }
 
-// log(exp(a) + exp(b) + exp(c)) with the all -inf guard; two exps (the maximum contributes 1).
+// log(exp(a) + exp(b) + exp(c)) with the all -inf guard (as above); two exps (the maximum contributes 1).
 template <typename acc_t>
 MDLM_HD acc_t logaddexp3(acc_t a, acc_t b, acc_t c) {
   const acc_t hi = max2(a, b), lo = min2(a, b);
   const acc_t m = max2(hi, c), mid = min2(hi, c);
-  const acc_t s = acc_t(1) + LogMath<acc_t>::exp(lo - m) + LogMath<acc_t>::exp(mid - m);
-  return m == neg_inf<acc_t>() ? m : m + LogMath<acc_t>::log_1_to_4(s);
+  const acc_t s = acc_t(1) + LogMath<acc_t>::exp(max2(lo - m, neg_inf<acc_t>())) +
+                  LogMath<acc_t>::exp(max2(mid - m, neg_inf<acc_t>()));
+  return m + LogMath<acc_t>::log_1_to_4(s);
 }
 
 }  // namespace mdlm_ctc

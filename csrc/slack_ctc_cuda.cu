@@ -32,8 +32,8 @@
 // the GPU check script's benchmark (rows G2/G3 of SPEC §6) has to confirm or move them;
 // benchmarks/static_cuda.py reports what the compiled step loop costs (registers, spills, SASS).
 //
-// Numerics: fp32 accumulation for float32 tables, fp64 for float64 (expf/logf resp. exp/log via
-// logspace.h). No atomics; every reduction has a fixed order: results are bitwise reproducible.
+// Numerics: fp32 accumulation for float32 tables, fp64 for float64 (the SFU's ex2/lg2 resp. exp/log
+// via logspace.h). No atomics; every reduction has a fixed order: results are bitwise reproducible.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -193,7 +193,7 @@ void launch_recurrence(RecurrenceParams<acc_t> params, int64_t W, int64_t B, int
                                    &resident_on_device, &query);
     TORCH_CHECK(plan.error == 0, "lattice_band (CUDA): a band of ", W + 1, " states (table width ", W,
                 MODE == kStandard ? ", and a skip mask of U + 2 = " : "", MODE == kStandard ? U_max + 2 : 0,
-                ") is wider than this GPU's lattice kernel supports (",
+                MODE == kStandard ? " states plus the CTA's slots" : "", ") is wider than this GPU's lattice kernel supports (",
                 info.limits.cluster_launch && info.limits.cluster_code ? kMaxCluster * cuda_plan::kMaxSlotsPerCta
                                                                        : cuda_plan::kMaxSlotsPerCta,
                 " states, ", info.limits.max_smem_per_block, " bytes of shared memory per CTA); use backend=\"cpu\" "

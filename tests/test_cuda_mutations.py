@@ -4,9 +4,10 @@ Each mutation is one small edit of ``csrc/lattice_cuda.cuh`` applied to a tempor
 the emulator (``csrc/lattice_cuda_emulator.h``) is built from that copy and run on emulated cases that
 cross warp and CTA boundaries. A mutation is caught when the emulator reports a violation (data race,
 cp.async read in flight, deadlock, exited CTA, shuffle mask) or the results leave the float64 oracle.
-There is one (or more) per barrier, shuffle and copy wait of the kernel, including the three bugs that
-a weaker emulator let through: a CTA-local step barrier in a cluster, no final cluster sync, and edge
-cells written into the buffer that the neighbours read. (The kernel has no memory fences.)
+There is one (or more) per barrier, shuffle, DSMEM store and copy wait of the kernel, and for the shared
+memory those order (edge cells, the stage ring's initial zeros), including the three bugs that a weaker
+emulator let through: a CTA-local step barrier in a cluster, no final cluster sync, and edge cells
+written into the buffer that the neighbours read. (The kernel has no memory fences.)
 
 Every edit must match the source exactly once, so a kernel change that moves the code fails here
 loudly instead of silently testing nothing. The unmutated source must pass every case.
@@ -52,6 +53,10 @@ class Mutation:
 
 STEP_WAIT = "    dev.template wait_prior<STAGES - 2>();  // this thread's copies for step n have landed\n"
 STEP_BARRIER = "    step_barrier();  // everyone's have; step n - 1's edges are visible; stage (n - 1) % STAGES is free\n"
+RING_ZERO = "  for (int i = tid; i < STAGES * stride; i += threads) dev.st(reinterpret_cast<acc_t*>(stages) + i, acc_t(0));\n"
+NAN_SCAN = ("  // A NaN emission anywhere in the row makes the row NaN (the vocabulary pass marks it in `special`).\n"
+            "  bool nan = false;\n  for (int i = tid; i < T_b; i += threads) nan |= special[i] != special[i];\n"
+            "  nan = dev.syncthreads_or(nan);\n")
 
 MUTATIONS = [
     # barriers
@@ -70,6 +75,22 @@ MUTATIONS = [
     # edge cells (the data the step barrier orders)
     Mutation("edges-written-into-the-buffer-being-read", "write_edges(n & 1, v);", "write_edges((n - 1) & 1, v);"),
     Mutation("initial-edges-not-written", "  write_edges(0, r);\n", ""),
+    Mutation("row-end-edges-not-set", "      if (tid == 0 && (!CLUSTER || rank == 0)) dev.st(edge(parity, a, 1, 0), NEG);\n", ""),
+    Mutation("last-warp-edge-not-set",
+             "      if (tid == active - 1 && (!CLUSTER || rank == csize - 1)) dev.st(edge(parity, a, 0, warps + 1), NEG);\n",
+             ""),
+    # DSMEM pushes of the edge cells across a cluster boundary
+    Mutation("cluster-edge-push-deleted", "      if (CLUSTER && push) dev.st_remote(push_edge + at, x);\n", "", CLUSTER),
+    Mutation("cluster-edge-pushed-into-the-buffer-being-read", "dev.st_remote(push_edge + at, x);",
+             "dev.st_remote(push_edge + (edge_parity - parity * edge_parity) + a * edge_arr, x);", CLUSTER),
+    Mutation("cluster-edge-pushed-onto-the-neighbours-own-cell",
+             "edge_in(dev.map_remote(edges, rank - 1), 0, 0, 0, cta_warps + 1);",
+             "edge_in(dev.map_remote(edges, rank - 1), 0, 0, 0, cta_warps);", CLUSTER),
+    Mutation("cluster-edge-pushed-to-the-own-cta", "edge_in(dev.map_remote(edges, rank + 1), 0, 0, 1, 0);",
+             "edge_in(dev.map_remote(edges, rank), 0, 0, 1, 0);", CLUSTER),
+    # the stage ring's initial zeros (ordered before every copy by the NaN scan's barrier)
+    Mutation("ring-not-zeroed", RING_ZERO, ""),
+    Mutation("ring-zeroed-after-the-nan-scan-barrier", RING_ZERO + "\n" + NAN_SCAN, NAN_SCAN + RING_ZERO, WARPS),
     # copy waits
     Mutation("copy-wait-one-group-short", "wait_prior<STAGES - 2>()", "wait_prior<STAGES - 1>()", WARPS),
     Mutation("copy-wait-deleted", STEP_WAIT, "", WARPS),

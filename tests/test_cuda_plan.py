@@ -71,8 +71,8 @@ def plan(lib, W, mode, acc_bytes, B, dirs, *, U_max=None, sms=H200_SMS, smem=H20
 
 def smem_of(mode, acc_bytes, threads, vt, stages, U_max):
     arrays = 1 if mode == PRESERVE else 2
-    edges = -(-(2 * arrays * 2 * (threads // 32) * acc_bytes) // 16) * 16
-    skip = -(-((U_max + 2) * 4) // 16) * 16 if mode == STANDARD else 0
+    edges = -(-(2 * arrays * 2 * (threads // 32 + 2) * acc_bytes) // 16) * 16  # a cell per warp, one per neighbour
+    skip = -(-((U_max + 2 + threads * vt) * 4) // 16) * 16 if mode == STANDARD else 0  # padded by the CTA's slots
     stride = -(-(threads * vt + 3) // 4) * 4
     return edges + skip + stages * stride * acc_bytes
 
@@ -178,7 +178,7 @@ def test_small_shared_memory_takes_two_stages_or_fails(lib):
 
 
 def test_standard_skip_mask_counts_in_shared_memory(lib):
-    """Standard CTC keeps the row's skip mask (4 (U_max + 2) bytes) in shared memory: a huge padded
+    """Standard CTC keeps the row's skip mask (4 (U_max + 2 + slots per CTA) bytes) in shared memory: a huge padded
     target length with a narrow band is refused with an error instead of overflowing it; preserve is
     not affected."""
     small = plan(lib, 100, STANDARD, 4, 2, 2, U_max=100)
