@@ -27,6 +27,15 @@ Design: store-free ("recompute"), chosen with the measurements below.
   (GEMM 3), dW_tile = dz^T H (GEMM 4), db_tile = sum dz. The loop order makes the fp32 accumulator the
   smaller of dH [N, D] and dW [V, D]: vocabulary tiles outside when N <= V (each dW tile is then one
   GEMM over all N frames, rounded once), frame chunks outside otherwise.
+* one chunk holding every frame (N <= chunk_size): the forward's buffer is kept for the backward, whose
+  one tile uses it instead of GEMM 2 (3 GEMMs, as materialising). The peak is unchanged (the tile would
+  allocate the same buffer), but the buffer lives from the forward to the backward; not under
+  ``torch.compile`` (whose functionalisation would copy a buffer the backward overwrites), and a second
+  backward (``retain_graph``) recomputes. Below one row per chunk nothing can be kept: the posteriors
+  of any frame need the lattice over its whole row, so a chunk's logits are gone before its gradient
+  is known, and the recompute is the price of the memory bound.
+* on the CPU the chunk buffers come from the C++ kernels' buffer pool (``backends.work_buffer``), so a
+  call does not page-fault and zero a fresh mmap of tens of MB for each of them.
 * the alternative, chunked by whole sequences with the gradient computed in the forward (Liger
   FLCE's structure, 3 GEMMs), was built from the backend stages and measured side by side
   (``benchmarks/bench_linear_slack_ctc.py``, provider ``rows``). It saves one GEMM, but
