@@ -52,11 +52,12 @@ logits + fp32 dH [N, D] vs one sequence of logits + fp32 dW [V, D]; recompute, t
 Measurements. The design comparison above was measured on this project's 2-core CPU at D=512 with an
 earlier version of this module (rows in ``benchmarks/results/linear_slack_ctc.jsonl``). The memory and
 speed of this version, one process per configuration at N=4096, D=256, V=32,000 (``bench_linear_slack_ctc.py
---isolated``), are in ``benchmarks/results/linear_slack_ctc_cpu_memory.md``: the CPU allocator's peak is
-one chunk of logits + the returned gradients + the band tables (1.00x in fp32, 1.12x in bf16: the fp32
-dH accumulator), and bf16 takes 0-10% more CPU time than materialising the bf16 logits (1.32-1.42 s
-against 1.29-1.32 s: the recompute GEMM, ~0.11 s here, against the vocabulary passes both share).
-GPU figures (G4) are unmeasured.
+--isolated``, a 2-core AMD EPYC VM), are in ``benchmarks/results/linear_slack_ctc_cpu_memory.md``: the
+CPU allocator's peak (pooled buffers included) is one chunk of logits + the returned gradients + the
+band tables (1.02x in fp32, 1.11x in bf16: the fp32 dH accumulator). bf16 CPU time: 1.60 s with the
+chunk holding every frame (kept logits, 3 GEMMs) and 2.06 s at chunk 1024 (4 GEMMs), against 1.82 s for
+materialising the bf16 logits; GEMMs are about 80% of the time at this D, so the recompute GEMM is
+what chunks shorter than a row cost. GPU figures (G4) are unmeasured.
 
 Paths. Every stage comes from the backend: ``backends.window_stages(backend)`` (emissions and gradient
 over a window; the C++ kernels on CPU, the reference's torch ops for ``reference``, ``triton`` and
