@@ -25,6 +25,9 @@
 // posteriors ([n], [n, W], [n]; observed stays [B, T]) and the logits of a vocabulary window
 // [vocab_offset, vocab_offset + v) ([n, v]), and writes the gradient of that window into out [n, v],
 // which may be the logits themselves (each frame reads its logits before writing).
+//
+// pooled_empty (CPU only): an uninitialised contiguous tensor of `size` with like's dtype, from the
+// CPU kernels' buffer pool (slack_ctc_cpu.cpp, OutputPool), for the fused LM head's chunk buffers.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -49,6 +52,7 @@ TORCH_LIBRARY(mdlm_ctc_C, m) {
       "int vocab_size, Tensor lse, Tensor targets, Tensor input_lengths, Tensor target_lengths, Tensor? observed, "
       "Tensor post_target, Tensor post_special, Tensor nll, int special_id, int max_shift, bool zero_infinity, "
       "bool normalize, Tensor(a!) out) -> ()");
+  m.def("pooled_empty(Tensor like, int[] size) -> Tensor");
 }
 
 extern "C" {

@@ -125,7 +125,10 @@ acc_t* thread_scratch(int slot, size_t count, std::unique_ptr<acc_t[]>& fallback
 // Output buffers (the band table, the gradient) are tens of MB. glibc serves allocations above 32 MB
 // with fresh mmaps, whose page faults and zeroing cost a fifth of a C1-sized loss, on every call.
 // This pool keeps freed output buffers (up to MDLM_CTC_CPU_POOL_MB, default 512; 0 disables it) and
-// hands them out again for the next request of the same size class.
+// hands them out again for the next request of the same size class. It reports every buffer it hands
+// out and takes back to the profiler as the c10 CPU allocator does, so memory profiles (and
+// benchmarks/common.py's allocator peak) see pooled buffers as live for exactly as long as a tensor
+// holds them; cached free buffers are not live.
 class OutputPool {
  public:
   static OutputPool& get() {
@@ -144,6 +147,7 @@ class OutputPool {
       data = std::aligned_alloc(64, rounded);
       TORCH_CHECK(data != nullptr, "mdlm_ctc: out of memory allocating ", rounded, " bytes");
     }
+    report(data, static_cast<int64_t>(rounded));
     return at::from_blob(data, sizes, [rounded](void* p) { OutputPool::get().give_back(p, rounded); }, options);
   }
 
@@ -168,7 +172,13 @@ class OutputPool {
     cached_ -= bytes;
     return data;
   }
+  void report(void* data, int64_t delta) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_ += delta;
+    c10::reportMemoryUsageToProfiler(data, delta, live_, live_ + cached_, c10::Device(c10::DeviceType::CPU));
+  }
   void give_back(void* data, size_t bytes) {
+    report(data, -static_cast<int64_t>(bytes));
     std::lock_guard<std::mutex> lock(mutex_);
     while (cached_ + bytes > cap_bytes_ && !free_.empty()) {  // evict the largest cached buffers first
       auto largest = std::prev(free_.end());
@@ -187,6 +197,7 @@ class OutputPool {
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;
   size_t cached_ = 0, cap_bytes_ = 0;
+  size_t live_ = 0;  // bytes held by tensors
 };
 
 // Lattice rows for t = 0..T, each addressable by absolute state over [lo[t] - 2, hi[t] + 2] (two -inf
@@ -696,6 +707,13 @@ at::Tensor gradient_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits,
   return grad;
 }
 
+// A work buffer from the output pool: the fused LM head's chunk of logits (mdlm_ctc/linear.py), which
+// would otherwise be a fresh mmap, page-faulted and zeroed by the kernel, on every call.
+at::Tensor pooled_empty_cpu(const at::Tensor& like, at::IntArrayRef size) {
+  for (const int64_t s : size) TORCH_CHECK(s >= 0, "pooled_empty: negative size ", size);
+  return OutputPool::get().empty(size, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 // ---- the windowed stages: a window of flat frames (and for the gradient, of the vocabulary) --------
 
 void check_window(const char* op, const at::Tensor& logits, int64_t frame_offset, int64_t T,
@@ -793,6 +811,7 @@ TORCH_LIBRARY_IMPL(mdlm_ctc_C, CPU, m) {
   m.impl("gradient", &gradient_cpu);
   m.impl("emissions_window", &emissions_window_cpu);
   m.impl("gradient_window", &gradient_window_cpu);
+  m.impl("pooled_empty", &pooled_empty_cpu);
 }
 
 }  // namespace mdlm_ctc

@@ -56,6 +56,25 @@ def _has_kernel(dispatch_key: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _has_pooled_empty() -> bool:
+    try:
+        return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "mdlm_ctc_C::pooled_empty", "CPU")
+    except RuntimeError:  # an extension built before the op existed
+        return False
+
+
+def work_buffer(like: torch.Tensor, numel: int) -> torch.Tensor:
+    """An uninitialised 1-D buffer of ``numel`` elements of ``like``'s dtype and device, for a chunk of
+    logits. On the CPU it comes from the C++ kernels' buffer pool (``csrc/slack_ctc_cpu.cpp``,
+    ``MDLM_CTC_CPU_POOL_MB``), so a buffer of tens of MB is not a fresh mmap, page-faulted and zeroed,
+    on every call; CUDA's caching allocator already reuses its blocks."""
+    if like.device.type == "cpu" and _has_pooled_empty():
+        return torch.ops.mdlm_ctc_C.pooled_empty(like, [numel])
+    return like.new_empty(numel)
+
+
+@functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
     try:
         for name in ("emissions", "slack_ctc", "grad"):

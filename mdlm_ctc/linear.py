@@ -27,6 +27,15 @@ Design: store-free ("recompute"), chosen with the measurements below.
   (GEMM 3), dW_tile = dz^T H (GEMM 4), db_tile = sum dz. The loop order makes the fp32 accumulator the
   smaller of dH [N, D] and dW [V, D]: vocabulary tiles outside when N <= V (each dW tile is then one
   GEMM over all N frames, rounded once), frame chunks outside otherwise.
+* one chunk holding every frame (N <= chunk_size): the forward's buffer is kept for the backward, whose
+  one tile uses it instead of GEMM 2 (3 GEMMs, as materialising). The peak is unchanged (the tile would
+  allocate the same buffer), but the buffer lives from the forward to the backward; not under
+  ``torch.compile`` (whose functionalisation would copy a buffer the backward overwrites), and a second
+  backward (``retain_graph``) recomputes. Below one row per chunk nothing can be kept: the posteriors
+  of any frame need the lattice over its whole row, so a chunk's logits are gone before its gradient
+  is known, and the recompute is the price of the memory bound.
+* on the CPU the chunk buffers come from the C++ kernels' buffer pool (``backends.work_buffer``), so a
+  call does not page-fault and zero a fresh mmap of tens of MB for each of them.
 * the alternative, chunked by whole sequences with the gradient computed in the forward (Liger
   FLCE's structure, 3 GEMMs), was built from the backend stages and measured side by side
   (``benchmarks/bench_linear_slack_ctc.py``, provider ``rows``). It saves one GEMM, but
@@ -43,11 +52,12 @@ logits + fp32 dH [N, D] vs one sequence of logits + fp32 dW [V, D]; recompute, t
 Measurements. The design comparison above was measured on this project's 2-core CPU at D=512 with an
 earlier version of this module (rows in ``benchmarks/results/linear_slack_ctc.jsonl``). The memory and
 speed of this version, one process per configuration at N=4096, D=256, V=32,000 (``bench_linear_slack_ctc.py
---isolated``), are in ``benchmarks/results/linear_slack_ctc_cpu_memory.md``: the CPU allocator's peak is
-one chunk of logits + the returned gradients + the band tables (1.00x in fp32, 1.12x in bf16: the fp32
-dH accumulator), and bf16 takes 0-10% more CPU time than materialising the bf16 logits (1.32-1.42 s
-against 1.29-1.32 s: the recompute GEMM, ~0.11 s here, against the vocabulary passes both share).
-GPU figures (G4) are unmeasured.
+--isolated``, a 2-core AMD EPYC VM), are in ``benchmarks/results/linear_slack_ctc_cpu_memory.md``: the
+CPU allocator's peak (pooled buffers included) is one chunk of logits + the returned gradients + the
+band tables (1.02x in fp32, 1.11x in bf16: the fp32 dH accumulator). bf16 CPU time: 1.60 s with the
+chunk holding every frame (kept logits, 3 GEMMs) and 2.06 s at chunk 1024 (4 GEMMs), against 1.82 s for
+materialising the bf16 logits; GEMMs are about 80% of the time at this D, so the recompute GEMM is
+what chunks shorter than a row cost. GPU figures (G4) are unmeasured.
 
 Paths. Every stage comes from the backend: ``backends.window_stages(backend)`` (emissions and gradient
 over a window; the C++ kernels on CPU, the reference's torch ops for ``reference``, ``triton`` and
@@ -69,6 +79,7 @@ Op layer. ``mdlm_ctc::linear_lattice_forward`` / ``mdlm_ctc::linear_lattice_back
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -208,9 +219,10 @@ def _logits_into(out: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor])
 # ---------------------------------------------------------------------------------------------
 
 def _forward(hidden, weight, bias, targets, input_lengths, target_lengths, observed, special_id, mode, max_shift,
-             band_width, need_grad, chunk_size, backend):
+             band_width, need_grad, chunk_size, keep_logits, backend):
     """Per chunk of frames: GEMM 1 into one ``[n, V]`` buffer, the backend's ``emissions_window`` on
-    it; then the backend's lattice over the whole band table."""
+    it; then the backend's lattice over the whole band table. With ``keep_logits`` (one chunk holds
+    every frame) the buffer is returned, [N, V], for the backward to use instead of recomputing it."""
     B, T, D = hidden.shape
     V = weight.shape[0]
     N, W = B * T, max(band_width, 1)
@@ -222,21 +234,21 @@ def _forward(hidden, weight, bias, targets, input_lengths, target_lengths, obser
     lse = torch.empty(N, dtype=acc, device=device)
     table = torch.empty(N, W, dtype=acc, device=device)
     special = torch.empty(N, dtype=acc, device=device)
-    logits = None
+    buffer = backends.work_buffer(h, min(N, chunk_size) * V)  # one buffer, reused by every chunk
     for start in range(0, N, chunk_size):
         stop = min(N, start + chunk_size)
-        if logits is None or logits.shape[0] != stop - start:  # one buffer, reused by every full chunk
-            logits = h.new_empty((stop - start, V))
+        logits = buffer[: (stop - start) * V].view(stop - start, V)
         _logits_into(logits, h[start:stop], weight, bias)
         lse[start:stop], table[start:stop], special[start:stop] = emissions_window(
             logits, start, T, targets, input_lengths, target_lengths, observed, special_id, shift, W, True)
-    del logits
+    kept = buffer.view(N, V) if keep_logits and N <= chunk_size else hidden.new_empty((0, V))
+    del buffer
     _, lattice_band, _ = backends.stages(backend)
     table, special = table.view(B, T, W), special.view(B, T)
     nll = lattice_band(table, special, targets, input_lengths, target_lengths, mode, shift, need_grad)
     if not need_grad:
         table, special = table.new_empty((B, T, 0)), special.new_empty((B, 0))
-    return nll, lse.view(B, T), table, special
+    return nll, lse.view(B, T), table, special, kept
 
 
 def _tiling(N: int, V: int, chunk_size: int):
@@ -254,9 +266,10 @@ def _tiling(N: int, V: int, chunk_size: int):
 
 def _backward(grad_nll, hidden, weight, bias, lse, targets, input_lengths, target_lengths, observed, post_target,
               post_special, nll, special_id, mode, max_shift, zero_infinity, need_hidden, need_weight, need_bias,
-              chunk_size, backend):
+              chunk_size, backend, kept=None):
     """Per tile of frames x vocabulary: GEMM 2 recomputes the logits into one buffer, the backend's
-    ``gradient_window`` turns them into dz in place, GEMMs 3 and 4 (and the bias sum) take dz."""
+    ``gradient_window`` turns them into dz in place, GEMMs 3 and 4 (and the bias sum) take dz. ``kept``
+    (the forward's logits, one tile) replaces GEMM 2 and is overwritten with dz."""
     B, T, D = hidden.shape
     V = weight.shape[0]
     N, W = B * T, post_target.shape[2]
@@ -280,12 +293,16 @@ def _backward(grad_nll, hidden, weight, bias, lse, targets, input_lengths, targe
         grad_weight = torch.zeros(V, D, dtype=dtype if direct else acc, device=device)
     if need_bias:
         grad_bias = torch.zeros(V, dtype=acc, device=device)
-    buffer = torch.empty(min(N, frames_per_tile) * min(V, vocab_per_tile), dtype=dtype, device=device)
+    reuse = kept is not None
+    if reuse and (len(frame_starts), len(vocab_starts)) != (1, 1):
+        raise RuntimeError("mdlm_ctc: kept logits need a backward of one tile")  # keep_logits implies N <= chunk
+    buffer = kept.view(-1) if reuse else backends.work_buffer(h, min(N, frames_per_tile) * min(V, vocab_per_tile))
 
     def tile(fi, start, vi, v0):
         stop, v1 = min(N, start + frames_per_tile), min(V, v0 + vocab_per_tile)
         dz = buffer[: (stop - start) * (v1 - v0)].view(stop - start, v1 - v0)
-        _logits_into(dz, h[start:stop], weight[v0:v1], None if bias is None else bias[v0:v1])
+        if not reuse:
+            _logits_into(dz, h[start:stop], weight[v0:v1], None if bias is None else bias[v0:v1])
         gradient_window(grad_nll, dz, start, T, v0, V, flat_lse[start:stop], targets, input_lengths, target_lengths,
                         observed, flat_target[start:stop], flat_special[start:stop], nll, special_id, shift,
                         zero_infinity, True, dz)
@@ -320,22 +337,25 @@ def _backward(grad_nll, hidden, weight, bias, lse, targets, input_lengths, targe
 def linear_lattice_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                            input_lengths: Tensor, target_lengths: Tensor, observed: Optional[Tensor], special_id: int,
                            mode: int, max_shift: int, band_width: int, need_grad: bool, zero_infinity: bool,
-                           chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(nll [B], lse [B, T], post_target [B, T, W], post_special [B, T])`` from hidden states and the
-    LM head; the posteriors are empty (width 0) unless ``need_grad``. ``zero_infinity`` is only read by
-    the backward."""
+                           chunk_size: int, keep_logits: bool,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(nll [B], lse [B, T], post_target [B, T, W], post_special [B, T], logits)`` from hidden states
+    and the LM head; the posteriors are empty (width 0) unless ``need_grad``; ``logits`` is ``[N, V]``
+    with ``keep_logits`` if ``N <= chunk_size``, else ``[0, V]``. ``zero_infinity`` is only read by the backward."""
     return _forward(hidden, weight, bias, targets, input_lengths, target_lengths, observed, special_id, mode,
-                    max_shift, band_width, need_grad, chunk_size, backend)
+                    max_shift, band_width, need_grad, chunk_size, keep_logits, backend)
 
 
 @linear_lattice_forward.register_fake
 def _linear_lattice_forward_fake(hidden, weight, bias, targets, input_lengths, target_lengths, observed, special_id,
-                                 mode, max_shift, band_width, need_grad, zero_infinity, chunk_size, backend):
+                                 mode, max_shift, band_width, need_grad, zero_infinity, chunk_size, keep_logits,
+                                 backend):
     B, T, _ = hidden.shape
     acc = acc_dtype(hidden.dtype)
     width = max(band_width, 1) if need_grad else 0
     return (hidden.new_empty((B,), dtype=acc), hidden.new_empty((B, T), dtype=acc),
-            hidden.new_empty((B, T, width), dtype=acc), hidden.new_empty((B, T if need_grad else 0), dtype=acc))
+            hidden.new_empty((B, T, width), dtype=acc), hidden.new_empty((B, T if need_grad else 0), dtype=acc),
+            hidden.new_empty((B * T if keep_logits and B * T <= chunk_size else 0, weight.shape[0])))
 
 
 @torch.library.custom_op("mdlm_ctc::linear_lattice_backward", mutates_args=())
@@ -362,20 +382,23 @@ def _linear_lattice_backward_fake(grad_nll, hidden, weight, bias, lse, targets, 
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, targets, input_lengths, target_lengths, observed, special_id, mode, max_shift, band_width,
-     need_grad, zero_infinity, chunk_size, backend) = inputs
-    nll, lse, post_target, post_special = output
+     need_grad, zero_infinity, chunk_size, keep_logits, backend) = inputs
+    nll, lse, post_target, post_special, kept = output
     ctx.save_for_backward(hidden, weight, bias, targets, input_lengths, target_lengths, observed, lse, post_target,
                           post_special, nll)
-    ctx.mark_non_differentiable(lse, post_target, post_special)
+    ctx.mark_non_differentiable(lse, post_target, post_special, kept)
+    # Not a saved tensor: the backward overwrites it with dz and drops it (a second backward, with
+    # retain_graph, recomputes), so it lives no longer than the recompute buffer would.
+    ctx.kept = kept if kept.numel() > 0 else None
     ctx.set_materialize_grads(False)
     ctx.options = (special_id, mode, max_shift, need_grad, zero_infinity, chunk_size, backend)
 
 
-def _backward_formula(ctx, grad_nll, _grad_lse, _grad_post_target, _grad_post_special):
+def _backward_formula(ctx, grad_nll, _grad_lse, _grad_post_target, _grad_post_special, _grad_kept):
     special_id, mode, max_shift, need_grad, zero_infinity, chunk_size, backend = ctx.options
     (hidden, weight, bias, targets, input_lengths, target_lengths, observed, lse, post_target, post_special,
      nll) = ctx.saved_tensors
-    none = (None,) * 15
+    none = (None,) * 16
     if grad_nll is None:
         return none
     if not need_grad:
@@ -383,7 +406,14 @@ def _backward_formula(ctx, grad_nll, _grad_lse, _grad_post_target, _grad_post_sp
                            "was off), so there is no gradient to compute")
     need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_bias = bias is not None and ctx.needs_input_grad[2]
-    grad_hidden, grad_weight, grad_bias = linear_lattice_backward(
+    kept, ctx.kept = ctx.kept, None
+    # Kept logits are used in eager mode only (linear_slack_ctc_loss turns keep_logits off under
+    # torch.compile; a traced backward, whose tensors are fake or functional, recomputes): the op's body
+    # then runs directly, and the op itself never overwrites a tensor it was given.
+    if type(kept) is not torch.Tensor:
+        kept = None
+    backward = linear_lattice_backward if kept is None else functools.partial(_backward, kept=kept)
+    grad_hidden, grad_weight, grad_bias = backward(
         grad_nll.contiguous(), hidden, weight, bias, lse, targets, input_lengths, target_lengths, observed,
         post_target, post_special, nll, special_id, mode, max_shift, zero_infinity, need_hidden, need_weight,
         need_bias, chunk_size, backend)
@@ -435,10 +465,13 @@ def linear_slack_ctc_loss(hidden: Tensor, weight: Tensor, targets: Tensor, targe
     name = backends.resolve(backend, hidden.device)
     need_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
-    nll, _, _, _ = linear_lattice_forward(hidden, weight, bias, args.targets, args.input_lengths,
-                                          args.target_lengths, args.observed, args.special_id, args.mode,
-                                          args.max_shift, args.band_width, need_grad, zero_infinity, chunk_size,
-                                          name)
+    # one chunk holds every frame: keep its logits for the backward (3 GEMMs, not 4; the backward's one
+    # tile would allocate the same buffer). Not under torch.compile, whose functionalisation would copy
+    # the buffer that the backward overwrites.
+    keep_logits = need_grad and hidden.shape[0] * hidden.shape[1] <= chunk_size and not torch.compiler.is_compiling()
+    nll, *_ = linear_lattice_forward(hidden, weight, bias, args.targets, args.input_lengths, args.target_lengths,
+                                     args.observed, args.special_id, args.mode, args.max_shift, args.band_width,
+                                     need_grad, zero_infinity, chunk_size, keep_logits, name)
     return _reduce(nll, args.target_lengths, reduction, zero_infinity)
 
 

@@ -350,27 +350,68 @@ def test_argument_errors():
         call(targets=targets + 13)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("chunk_size, keep_logits", [(5, False), (5, True), (64, True)])
+def test_opcheck(chunk_size, keep_logits):
     hidden, weight, bias, targets = make_case()
     kwargs = ragged_kwargs(True, targets)
     args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True), targets,
-            kwargs["input_lengths"], kwargs["target_lengths"], kwargs["observed"], SLACK, 0, -1, 4, True, True, 5,
-            "cpu" if "cpu" in mdlm_ctc.available_backends("cpu") else "reference")
-    torch.library.opcheck(linear.linear_lattice_forward, args)
-    nll, lse, post_target, post_special = linear.linear_lattice_forward(*[
+            kwargs["input_lengths"], kwargs["target_lengths"], kwargs["observed"], SLACK, 0, -1, 4, True, True,
+            chunk_size, keep_logits, "cpu" if "cpu" in mdlm_ctc.available_backends("cpu") else "reference")
+    # Kept logits are the backward's workspace: an eager backward overwrites them with dz, so an output
+    # comparison after a backward (test_aot_dispatch_*) cannot hold; under torch.compile nothing is kept
+    # (test_compile_fullgraph, and the traced backward recomputes).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor") if keep_logits else None
+    torch.library.opcheck(linear.linear_lattice_forward, args, **({} if utils is None else dict(test_utils=utils)))
+    nll, lse, post_target, post_special, kept = linear.linear_lattice_forward(*[
         a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    N, V = hidden.shape[0] * hidden.shape[1], weight.shape[0]
+    assert kept.shape == ((N, V) if keep_logits and N <= chunk_size else (0, V))
     torch.library.opcheck(linear.linear_lattice_backward,
                           (torch.ones(3, dtype=torch.float64), hidden.detach(), weight.detach(), bias.detach(), lse,
-                           targets, args[4], args[5], args[6], post_target, post_special, nll, SLACK, 0, -1, True,
-                           True, True, True, 5, args[-1]))
+                           targets, args[4], args[5], args[6], post_target, post_special, nll, SLACK, 0, -1,
+                           True, True, True, True, chunk_size, args[-1]))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_kept_logits_equal_recomputed(dtype):
+    """One chunk holding every frame keeps the forward's logits for the backward (no recompute GEMM);
+    the gradients are bitwise those of the recompute (a second backward with retain_graph recomputes,
+    because the first overwrote the kept logits with dz), and a chunk short of one frame recomputes."""
+    hidden, weight, bias, targets = make_case(seed=5, dtype=dtype)
+    kwargs = ragged_kwargs(True, targets)
+    N = hidden.shape[0] * hidden.shape[1]
+
+    def grads(chunk_size, twice=False):
+        inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        loss = linear_slack_ctc_loss(inputs[0], inputs[1], targets, bias=inputs[2], slack_id=SLACK,
+                                     chunk_size=chunk_size, **kwargs)
+        loss.backward(retain_graph=twice)
+        first = [x.grad.clone() for x in inputs]
+        if not twice:
+            return first
+        for x in inputs:
+            x.grad = None
+        loss.backward()
+        return first, [x.grad for x in inputs]
+
+    def same_bits(a, b):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+    kept, recomputed = grads(N, twice=True)
+    for a, b, c in zip(kept, recomputed, grads(N * 4)):  # a wider chunk: one tile, kept
+        same_bits(a, b)
+        same_bits(a, c)
+    for a, b in zip(kept, grads(N - 1)):  # two chunks: recomputed, other tiles (other rounding in bf16)
+        torch.testing.assert_close(a, b, equal_nan=True, **({} if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)))
+
+
+@pytest.mark.parametrize("chunk_size", [4, 64])  # 64 >= B*T: eager keeps the logits, compiled recomputes
+def test_compile_fullgraph(chunk_size):
     torch._dynamo.reset()
     hidden, weight, bias, targets = make_case(seed=12, dtype=torch.float32)
 
     def step(h, w, b):
-        return linear_slack_ctc_loss(h, w, targets, bias=b, slack_id=SLACK, chunk_size=4) * 2.0
+        return linear_slack_ctc_loss(h, w, targets, bias=b, slack_id=SLACK, chunk_size=chunk_size) * 2.0
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
@@ -521,7 +562,8 @@ def test_gpu_bf16_matches_materialised(collapse, max_shift):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture():
+@pytest.mark.parametrize("chunk_size", [40, 256])  # 256 >= B*T: the forward's logits are kept for the backward
+def test_gpu_cuda_graph_capture(chunk_size):
     """No host synchronisation on the hot path: with validate=False and band_bound, forward + backward
     are captured in a CUDA graph (after one eager warm-up call on a side stream, as CUDA graphs need for
     cuBLAS workspaces and Triton compilation) and the replay equals the eager result."""
@@ -532,7 +574,7 @@ def test_gpu_cuda_graph_capture():
 
     def step():
         h.grad = w.grad = None
-        loss = linear_slack_ctc_loss(h, w, targets, slack_id=SLACK, chunk_size=40, validate=False,
+        loss = linear_slack_ctc_loss(h, w, targets, slack_id=SLACK, chunk_size=chunk_size, validate=False,
                                      band_bound=T - U + 1)
         loss.backward()
         return loss.detach()

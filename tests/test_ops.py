@@ -164,3 +164,25 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(backend):
     torch.testing.assert_close(logits.detach() * 2.0, expected_grad)  # the buffer now holds d loss / d logits
     with pytest.raises(TypeError, match="`inplace_backward` must be a bool"):
         mdlm_ctc.slack_ctc_loss(logits, targets, target_lengths, slack_id=0, inplace_backward="yes")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+def test_pooled_work_buffers_are_reused_and_seen_by_the_profiler():
+    """The fused head's chunk buffer (backends.work_buffer) comes from the C++ output pool: a freed
+    buffer is handed out again (no fresh mmap), and the profiler's memory events count a pooled buffer
+    as live exactly while a tensor holds it (as benchmarks/common.py's allocator peak reads them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    like = torch.empty(0, dtype=torch.bfloat16)
+    numel = 3 << 20  # 6 MiB: above the pool's 4 MiB floor
+    first = backends.work_buffer(like, numel)
+    assert first.dtype == torch.bfloat16 and first.shape == (numel,) and first.is_contiguous()
+    address = first.data_ptr()
+    del first
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        again = backends.work_buffer(like, numel)
+        assert again.data_ptr() == address
+        del again
+    events = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    big = [n for n in events if abs(n) >= numel * 2]
+    assert len(big) == 2 and big[0] >= numel * 2 and big[0] + big[1] == 0
