@@ -19,15 +19,15 @@ emulate it): the fast path is for the LLM dtypes.
 
 Windows (``emissions_window``, the fused LM head's chunks): the flat frames i = b*T + t with
 frame_offset <= i < frame_offset + n, logits [n, V] (rows at any stride), outputs lse [n], table [n, W],
-special [n]. One kernel serves both, with this frame layout (shared with grad.py): program r handles
-the flat frame frame_offset + r = b*T + t of the rows it is given and reads its logits at
-b * stride_b + (t - frame_offset) * stride_t. A whole [B, T, V] tensor: frame_offset = 0 and its own
-strides. A window's rows at row stride s: stride_b = T * s, stride_t = s (which is r * s); the window
-launchers pass only the batch rows the window touches (views), so frame_offset < T there. A frame gets
-the same bits in a window as in the whole-tensor pass.
+special [n]. One kernel serves both (as the gradient's kernels in grad.py): with the constexpr WINDOW,
+program r reads row r of the window's logits (row stride in stride_t) and handles the flat frame
+frame_offset + r = b*T + t of the batch rows it is given (the window launchers pass only the rows the
+window touches, as views, so frame_offset < T). Without WINDOW the code is the whole-tensor pass's,
+unchanged (program b*T + t, any strides on B and T). The per-frame arithmetic is the same, so a frame
+gets the same bits in a window as in the whole-tensor pass.
 
-Parallelisation: one program per (b, t) row, grid B*T (n for a window). The logsumexp is online *per lane*: each
-lane keeps its own running max and sum, and a logit costs one exp2 (of the smaller exponent minus
+Parallelisation: one program per (b, t) row, grid B*T (n for a window). The logsumexp is online
+*per lane*: each lane keeps its own running max and sum, and a logit costs one exp2 (of the smaller exponent minus
 the larger, log2(e) folded in), so the SFU does one op per logit (2.07 G exp2 at G1 is ~0.5 ms of
 SFU time, under the ~0.86 ms of HBM time for one read of the bf16 logits; the two overlap). The
 lanes are combined once, after the loop: the loop has no reduction and so no CTA barrier, and each
@@ -78,15 +78,21 @@ def _emissions_kernel(
     # strides
     stride_logits_b, stride_logits_t, stride_targets_b, stride_observed_b, stride_observed_t,
     # meta
-    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # the output row; the flat frame b*T + t is frame_offset + row
-    b = (frame_offset + row) // T
-    t = frame_offset + row - b * T
+    row = tl.program_id(0).to(tl.int64)  # the output row
+    if WINDOW:  # row r of a window's [n, V] logits: the flat frame frame_offset + r of the rows given
+        b = (row + frame_offset) // T
+        t = row + frame_offset - b * T
+        x_row = logits_ptr + row * stride_logits_t
+    else:
+        b = row // T
+        t = row - b * T
+        x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
     T_b = tl.minimum(tl.maximum(tl.load(input_lengths_ptr + b).to(tl.int64), 0), T)
     U_b = tl.minimum(tl.maximum(tl.load(target_lengths_ptr + b).to(tl.int64), 0), U_max)
     active = t < T_b
-    x_row = logits_ptr + b * stride_logits_b + (t - frame_offset) * stride_logits_t  # "Windows" above
 
     # ---- online logsumexp over the vocabulary, per lane (base 2 inside, natural log out) -------
     lse = tl.zeros([], dtype=tl.float32)
@@ -195,7 +201,7 @@ def emissions(logits, targets, input_lengths, target_lengths, observed, special_
     W = int(band_width)
     if logits.stride(2) != 1:
         logits = logits.contiguous()
-    lse, table, special = _launch_emissions(logits, logits.stride(0), logits.stride(1), B * T, 0, T, V, targets,
+    lse, table, special = _launch_emissions(logits, logits.stride(0), logits.stride(1), B * T, None, T, V, targets,
                                             input_lengths, target_lengths, observed, special_id, max_shift, W,
                                             normalize)
     return lse.view(B, T), table.view(B, T, W), special.view(B, T)
@@ -221,15 +227,15 @@ def emissions_window(logits, frame_offset: int, frames_per_row: int, targets, in
     T = int(frames_per_row)
     first, stop = window_rows(frame_offset, n, T)
     rows = slice(first, stop)
-    return _launch_emissions(logits, T * logits.stride(0), logits.stride(0), n, int(frame_offset) - first * T, T, V,
+    return _launch_emissions(logits, 0, logits.stride(0), n, int(frame_offset) - first * T, T, V,
                              targets[rows], input_lengths[rows], target_lengths[rows],
                              None if observed is None else observed[rows], special_id, max_shift, W, normalize)
 
 
 def _launch_emissions(logits, stride_b, stride_t, n, frame_offset, T, V, targets, input_lengths, target_lengths,
                       observed, special_id, max_shift, W, normalize):
-    """``_emissions_kernel`` over n output rows, the flat frames frame_offset .. frame_offset + n - 1 of the
-    rows given (the module docstring's frame layout); returns ``(lse [n], table [n, W], special [n])``."""
+    """``_emissions_kernel`` over n output rows: the whole tensor (``frame_offset=None``) or a window of the
+    rows given (the module docstring's "Windows"); returns ``(lse [n], table [n, W], special [n])``."""
     device = logits.device
     lse = torch.empty((n,), dtype=torch.float32, device=device)
     table = torch.empty((n, W), dtype=torch.float32, device=device)
@@ -243,10 +249,11 @@ def _launch_emissions(logits, stride_b, stride_t, n, frame_offset, T, V, targets
     observed_arg = observed if has_observed else input_lengths  # a dummy pointer when absent
     stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
     args = (logits, targets, input_lengths, target_lengths, observed_arg, lse, table, special,
-            T, V, targets.shape[1], W, int(special_id), int(max_shift), frame_offset,
+            T, V, targets.shape[1], W, int(special_id), int(max_shift), frame_offset or 0,
             stride_b, stride_t, targets.stride(0), stride_ob, stride_ot)
     with device_guard(device):
         _emissions_kernel[(n,)](*args, HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize),
+                                WINDOW=frame_offset is not None,
                                 **emissions_config(V, W, logits.element_size(), small=small_blocks()))
     return lse, table, special
 

@@ -104,20 +104,25 @@ def _band_values_kernel(
     # strides
     stride_logits_b, stride_logits_t, stride_observed_b, stride_observed_t,
     # meta
-    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, JUMPS: tl.constexpr,
+    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_B: tl.constexpr,
+    JUMPS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # the output row; the flat frame b*T + t is frame_offset + row
-    b = (frame_offset + row) // T
-    t = frame_offset + row - b * T
+    row = tl.program_id(0).to(tl.int64)  # the output row
+    if WINDOW:  # emissions.py, "Windows"
+        b = (row + frame_offset) // T
+        t = row + frame_offset - b * T
+        x_row = logits_ptr + row * stride_logits_t
+    else:
+        b = row // T
+        t = row - b * T
+        x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
     active, live, infeasible, c_lo, c_hi, width = _row_state(
         b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
         stride_observed_b, stride_observed_t, W, HAS_OBSERVED)
     g = tl.load(grad_nll_ptr + b).to(tl.float32)
     lse = tl.load(lse_ptr + row)
     scaled_lse = tl.where(lse == NEG_INF, 0.0, lse) * LOG2E
-    x_row = logits_ptr + b * stride_logits_b + (t - frame_offset) * stride_logits_t  # emissions.py "Windows"
     k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
-    k_local = k - vocab_offset  # the special token's column in the vocabulary window
     post_k = tl.load(post_special_ptr + row)
     post_row = post_target_ptr + row * W
     parked_row = parked_ptr + row * W
@@ -148,14 +153,21 @@ def _band_values_kernel(
         # the chain's part before this tile: the total parked at its last member there (never a writer)
         total += tl.load(parked_row + entry, mask=in_band & (entry >= 0), other=0.0)
         writer = in_band & (tl.load(next_row + p, mask=in_band, other=0) + 1 > c_hi)
-        local = token - vocab_offset
-        soft = _softmax_at(x_row, local, writer & (local >= 0) & (local < V_window), lse, scaled_lse, V_window,
-                           NORMALIZE)
+        if WINDOW:  # the softmax where the logits are: tokens in the vocabulary window
+            column = token - vocab_offset
+            soft = _softmax_at(x_row, column, writer & (column >= 0) & (column < V_window), lse, scaled_lse, V_window,
+                               NORMALIZE)
+        else:
+            soft = _softmax_at(x_row, token, writer, lse, scaled_lse, V, NORMALIZE)
         exact = g * (soft - (total + tl.where(token == k, post_k, 0.0)))
         tl.store(parked_row + j, tl.where(writer, exact, total), mask=in_band)
         tl.debug_barrier()  # this tile's totals are visible to the next tile's entry loads
-    soft_k = _softmax_at(x_row, k_local, live & (k_local >= 0) & (k_local < V_window), lse, scaled_lse, V_window,
-                         NORMALIZE)
+    if WINDOW:
+        column_k = k - vocab_offset
+        soft_k = _softmax_at(x_row, column_k, live & (column_k >= 0) & (column_k < V_window), lse, scaled_lse,
+                             V_window, NORMALIZE)
+    else:
+        soft_k = _softmax_at(x_row, k, live, lse, scaled_lse, V, NORMALIZE)
     tl.store(parked_special_ptr + row, g * (soft_k - post_k))
 
 
@@ -170,19 +182,27 @@ def _dense_kernel(
     stride_logits_b, stride_logits_t, stride_out_b, stride_out_t, stride_observed_b, stride_observed_t,
     # meta
     HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, ZERO_INFINITY: tl.constexpr, IN_PLACE: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # the output row; the flat frame b*T + t is frame_offset + row
-    b = (frame_offset + row) // T
-    t = frame_offset + row - b * T
+    row = tl.program_id(0).to(tl.int64)  # the output row
+    if WINDOW:  # emissions.py, "Windows"; the vocabulary window's columns [vocab_offset, vocab_offset + V_window)
+        b = (row + frame_offset) // T
+        t = row + frame_offset - b * T
+        x_row = logits_ptr + row * stride_logits_t
+        out_row = out_ptr + row * stride_out_t
+        n_columns = V_window
+    else:
+        b = row // T
+        t = row - b * T
+        x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
+        out_row = out_ptr + b * stride_out_b + t * stride_out_t
+        n_columns = V
     active, live, infeasible, c_lo, c_hi, width = _row_state(
         b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
         stride_observed_b, stride_observed_t, W, HAS_OBSERVED)
     g = tl.load(grad_nll_ptr + b).to(tl.float32)
     lse = tl.load(lse_ptr + row)
     scaled_lse = tl.where(lse == NEG_INF, 0.0, lse) * LOG2E
-    x_row = logits_ptr + b * stride_logits_b + (t - frame_offset) * stride_logits_t  # emissions.py "Windows"
-    out_row = out_ptr + b * stride_out_b + (t - frame_offset) * stride_out_t
 
     # ---- the dense row: g * softmax (0 / the infeasible fill elsewhere) ----------------------------
     if ZERO_INFINITY:
@@ -190,9 +210,9 @@ def _dense_kernel(
     else:
         fill = tl.where(active & infeasible, NAN, 0.0)
     offs_v = tl.arange(0, BLOCK_V)
-    for v0 in range(0, V_window, BLOCK_V):
-        v = v0 + offs_v  # a column of the vocabulary window
-        in_vocab = v < V_window
+    for v0 in range(0, n_columns, BLOCK_V):
+        v = v0 + offs_v
+        in_vocab = v < n_columns
         if NORMALIZE:
             x = tl.load(x_row + v, mask=in_vocab & live, other=NEG_INF).to(tl.float32)
             dense = g * tl.where(lse == NEG_INF, 0.0, tl.exp2(x * LOG2E - scaled_lse))
@@ -205,10 +225,14 @@ def _dense_kernel(
     tl.debug_barrier()  # the dense values land before the exact ones that replace them
 
     # ---- the exact values over the dense ones: the special token, then the band's writers ----------
-    k_local = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64) - vocab_offset
+    k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
     value_k = tl.load(parked_special_ptr + row)
-    tl.store(out_row + k_local, _to_output_dtype(value_k, out_ptr.dtype.element_ty),
-             mask=live & (k_local >= 0) & (k_local < V_window))
+    if WINDOW:
+        k = k - vocab_offset
+        live_k = live & (k >= 0) & (k < V_window)
+    else:
+        live_k = live
+    tl.store(out_row + k, _to_output_dtype(value_k, out_ptr.dtype.element_ty), mask=live_k)
     tl.debug_barrier()  # a writer of the special token (invalid input: k inside the band) comes last
     offs_j = tl.arange(0, BLOCK_J)
     tokens_row = tokens_ptr + b * U_max
@@ -219,10 +243,12 @@ def _dense_kernel(
         in_band = j < width
         p = c_lo - 1 + j
         writer = in_band & (tl.load(next_row + p, mask=in_band, other=0) + 1 > c_hi)
-        local = tl.load(tokens_row + p, mask=writer, other=0) - vocab_offset
-        writer = writer & (local >= 0) & (local < V_window)  # writers of tokens in the vocabulary window
+        token = tl.load(tokens_row + p, mask=writer, other=0)
+        if WINDOW:  # writers of tokens in the vocabulary window, at their column
+            token = token - vocab_offset
+            writer = writer & (token >= 0) & (token < V_window)
         value = tl.load(parked_row + j, mask=writer, other=0.0)
-        tl.store(out_row + local, _to_output_dtype(value, out_ptr.dtype.element_ty), mask=writer)
+        tl.store(out_row + token, _to_output_dtype(value, out_ptr.dtype.element_ty), mask=writer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +329,8 @@ def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, obse
         return out
     if logits.stride(2) != 1:
         logits = logits.contiguous()
-    _launch_gradient(out, logits, (logits.stride(0), logits.stride(1)), (out.stride(0), out.stride(1)), B * T, 0, T,
-                     0, V, V, grad_nll, lse, targets, input_lengths, target_lengths, observed, post_target.shape[2],
+    _launch_gradient(out, logits, (logits.stride(0), logits.stride(1)), (out.stride(0), out.stride(1)), B * T, None,
+                     T, 0, V, V, grad_nll, lse, targets, input_lengths, target_lengths, observed, post_target.shape[2],
                      post_target, post_special, nll, special_id, max_shift, zero_infinity, normalize, in_place,
                      dense_block=dense_block, tune=autotune_enabled(logits.device) and not in_place)
     return out
@@ -349,7 +375,7 @@ def gradient_window(grad_nll, logits, frame_offset: int, frames_per_row: int, vo
     T = int(frames_per_row)
     first, stop = window_rows(frame_offset, n, T)
     rows = slice(first, stop)
-    _launch_gradient(out, logits, (T * logits.stride(0), logits.stride(0)), (T * out.stride(0), out.stride(0)), n,
+    _launch_gradient(out, logits, (0, logits.stride(0)), (0, out.stride(0)), n,
                      int(frame_offset) - first * T, T, v0, v, V, grad_nll.reshape(-1)[rows], lse, targets[rows],
                      input_lengths[rows], target_lengths[rows], None if observed is None else observed[rows],
                      post_target.shape[1], post_target, post_special, nll.reshape(-1)[rows], special_id, max_shift,
@@ -360,9 +386,9 @@ def gradient_window(grad_nll, logits, frame_offset: int, frames_per_row: int, vo
 def _launch_gradient(out, logits, logits_strides, out_strides, n, frame_offset, T, vocab_offset, V_window, V, grad_nll,
                      lse, targets, input_lengths, target_lengths, observed, W, post_target, post_special, nll,
                      special_id, max_shift, zero_infinity, normalize, in_place, *, dense_block=None, tune=False):
-    """The two kernels over n output rows, the flat frames frame_offset .. frame_offset + n - 1 of the rows
-    given, and the vocabulary columns [vocab_offset, vocab_offset + V_window) of V (frame layout: emissions.py,
-    "Windows"). Per-frame inputs are indexed by output row, per-row ones by the rows given."""
+    """The two kernels over n output rows: the whole tensor (``frame_offset=None``), or a window of the rows
+    given (emissions.py, "Windows") and the vocabulary columns [vocab_offset, vocab_offset + V_window) of V.
+    Per-frame inputs are indexed by output row, per-row ones by the rows given."""
     device = logits.device
     B = input_lengths.shape[0]
     U_max = targets.shape[1]
@@ -381,8 +407,8 @@ def _launch_gradient(out, logits, logits_strides, out_strides, n, frame_offset, 
     observed_arg = observed if has_observed else input_lengths
     stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
     small = small_blocks()
-    sizes = (T, V, U_max, W, int(special_id), int(max_shift), frame_offset, vocab_offset, V_window)
-    flags = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize))
+    sizes = (T, V, U_max, W, int(special_id), int(max_shift), frame_offset or 0, vocab_offset, V_window)
+    flags = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize), WINDOW=frame_offset is not None)
     with device_guard(device):
         _band_values_kernel[(n,)](
             logits, lse, grad_nll, nll, input_lengths, target_lengths, observed_arg, post_target, post_special,
