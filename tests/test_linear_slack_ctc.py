@@ -505,7 +505,8 @@ def test_triton_backend_end_to_end(collapse, max_shift, with_observed, zero_infi
     expected = run_materialised(hidden, weight, bias, targets, **kwargs)
     if not zero_infinity:  # the infeasible row: inf loss, NaN gradients on its frames
         assert torch.isinf(fused[0][2]) and fused[1][0][2, :3].isnan().all()
-    assert_matches(fused, expected, f"triton backend, {collapse}, max_shift={max_shift}", tol=dict(atol=2e-5, rtol=2e-5))
+    assert_matches(fused, expected, f"triton backend, {collapse}, max_shift={max_shift}",
+                   tol=dict(atol=2e-5, rtol=2e-5))
 
 
 @triton_interpreted

@@ -24,11 +24,12 @@ program r reads row r of the window's logits (row stride in stride_t) and handle
 frame_offset + r = b*T + t of the batch rows it is given (the window launchers pass only the rows the
 window touches, as views, so frame_offset < T). Without WINDOW the code is the whole-tensor pass's,
 unchanged (program b*T + t, any strides on B and T). The per-frame arithmetic is the same, so a frame
-gets the same bits in a window as in the whole-tensor pass.
+gets the same bits in a window as in the whole-tensor pass. float64 windows go to
+``mdlm_ctc.reference.emissions_window_reference``.
 
 Parallelisation: one program per (b, t) row, grid B*T (n for a window). The logsumexp is online
-*per lane*: each lane keeps its own running max and sum, and a logit costs one exp2 (of the smaller exponent minus
-the larger, log2(e) folded in), so the SFU does one op per logit (2.07 G exp2 at G1 is ~0.5 ms of
+*per lane*: each lane keeps its own running max and sum, and a logit costs one exp2 (of the smaller
+exponent minus the larger, log2(e) folded in), so the SFU does one op per logit (2.07 G exp2 at G1 is ~0.5 ms of
 SFU time, under the ~0.86 ms of HBM time for one read of the bf16 logits; the two overlap). The
 lanes are combined once, after the loop: the loop has no reduction and so no CTA barrier, and each
 iteration issues two tiles' loads (2 x BLOCK_V) before using either, so a warp keeps two loads in
@@ -40,8 +41,8 @@ target ids are gathered from the row after the loop: the row (253 KB in bf16 at 
 just streamed through L2, so the gathers are L2 hits, and W is small next to V (W <= 257 at G1;
 ~2k at worst).
 
-Host-side helpers shared by the three launchers (autotune switch, interpreter test, device guard)
-live at the end of this file.
+Host-side helpers shared by the launchers (autotune switch, interpreter test, device guard, the
+windows' checks) live at the end of this file.
 """
 
 from __future__ import annotations

@@ -14,7 +14,16 @@ Layouts: logits [B, T, V] float32/bfloat16/float16, any strides on B and T, V co
 contiguous tensor, or ``out=``: any buffer with V contiguous, the logits themselves for the in-place
 mode). float64 logits are handed to ``mdlm_ctc.reference.gradient_reference``.
 
-Two kernels, one program per (b, t) row each (grid B*T), no atomics anywhere:
+Windows (``gradient_window``, the fused LM head's tiles): the flat frames frame_offset <= i <
+frame_offset + n and the vocabulary columns [vocab_offset, vocab_offset + v), logits and out [n, v]
+(rows at any stride, the vocabulary contiguous; out may be the logits), per-frame inputs [n], [n, W].
+The same two kernels with the constexpr WINDOW (frame layout: emissions.py, "Windows"): the dense loop
+runs over the window's v columns, and the exact values of the special token and of the band's writers
+are read and written only where their token falls in the window; without WINDOW the code is the
+whole-tensor pass's. Every element gets the same bits as in the whole-tensor pass. The window launcher
+is never autotuned; float64 windows go to ``mdlm_ctc.reference.gradient_window_reference``.
+
+Two kernels, one program per (b, t) row each (grid B*T, n for a window), no atomics anywhere:
 
   1. ``_band_values_kernel`` (small, O(band width) per frame): the exact fp32 values at the band's
      tokens, g * (softmax - gamma), parked in a [B, T, W] fp32 scratch, and the special token's
@@ -300,6 +309,11 @@ def _dense_autotune_configs():
 _dense_kernel_tuned = triton.autotune(configs=_dense_autotune_configs(), key=["V"])(_dense_kernel)
 
 
+def _aliases(out, logits) -> bool:
+    """``out`` is the logits' buffer (the in-place mode)."""
+    return out.numel() > 0 and (out is logits or (out.device.type != "meta" and out.data_ptr() == logits.data_ptr()))
+
+
 def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, observed, post_target, post_special, nll,
              special_id: int, max_shift: int, zero_infinity: bool, normalize: bool, *, out=None, dense_block=None):
     """Stage 3 of the backend contract (``csrc/ops.cpp``): ``grad [B, T, V]`` in the logits' dtype.
@@ -316,7 +330,7 @@ def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, obse
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     elif out.numel() > 0 and out.stride(2) != 1:
         raise ValueError(f"gradient: `out` must be contiguous in the vocabulary dimension; got strides {out.stride()}")
-    in_place = out.numel() > 0 and (out is logits or (out.device.type != "meta" and out.data_ptr() == logits.data_ptr()))
+    in_place = _aliases(out, logits)
     if in_place and out.stride() != logits.stride():
         raise ValueError("gradient: `out` aliases the logits with different strides")
     if logits.dtype == torch.float64:
@@ -365,7 +379,7 @@ def gradient_window(grad_nll, logits, frame_offset: int, frames_per_row: int, vo
         raise ValueError(f"gradient_window: `out` must be {tuple(logits.shape)} {logits.dtype} on {logits.device} "
                          f"with the vocabulary contiguous; got {tuple(out.shape)} {out.dtype} on {out.device}, "
                          f"strides {out.stride()}")
-    in_place = out.numel() > 0 and (out is logits or (out.device.type != "meta" and out.data_ptr() == logits.data_ptr()))
+    in_place = _aliases(out, logits)
     if in_place and out.stride() != logits.stride():
         raise ValueError("gradient_window: `out` aliases the logits with different strides")
     if out.numel() == 0:
