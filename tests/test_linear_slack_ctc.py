@@ -527,6 +527,22 @@ def test_triton_backend_vocabulary_tiles_and_float64(monkeypatch):
 
 
 @triton_interpreted
+def test_triton_backend_empty_targets_and_tiny_shapes():
+    """Empty targets (and a padded target width of 0), T = 1 and B = 0 through the Triton windows."""
+    tol = dict(atol=2e-5, rtol=2e-5)
+    hidden, weight, _, targets = make_case(seed=2, dtype=torch.float32)
+    lengths = dict(target_lengths=torch.tensor([0, 3, 0]), input_lengths=torch.tensor([7, 7, 2]), reduction="none")
+    for name, t, kwargs in (("empty targets", targets, lengths), ("U_max = 0", targets[:, :0], dict(reduction="sum"))):
+        fused = run_fused(hidden, weight, None, t, chunk_size=4, backend="triton", **kwargs)
+        assert_matches(fused, run_materialised(hidden, weight, None, t, **kwargs), f"triton, {name}", tol=tol)
+    hidden, weight, bias, targets = make_case(B=1, T=1, U=1, seed=16, dtype=torch.float32)
+    for B in (1, 0):
+        fused = run_fused(hidden[:B], weight, bias, targets[:B], chunk_size=2, backend="triton", reduction="sum")
+        assert_matches(fused, run_materialised(hidden[:B], weight, bias, targets[:B], reduction="sum"),
+                       f"triton, B={B}, T=1", tol=tol)
+
+
+@triton_interpreted
 def test_triton_backend_bf16():
     """bf16 through the Triton windows: the precision-relative rule against the float64 materialised loss."""
     hidden, weight, bias, targets = make_case(seed=19)
