@@ -152,8 +152,10 @@ def window_stages(backend: str):
 
     ``triton`` and ``cuda`` run the Triton kernels of :func:`stages` on the window
     (``emissions.emissions_window``, ``grad.gradient_window``): the same kernels, configs and bits per
-    frame as the whole-tensor passes; no host synchronisation, no autotuning, nothing probed (the only
-    warm-up is Triton's compilation of each kernel specialisation on its first launch).
+    frame as the whole-tensor passes; no host synchronisation, no autotuning, nothing probed. The only
+    warm-up is Triton's compilation on first launch: it specialises integer arguments (offsets, window
+    widths, strides) on their divisibility by 16, so a chunk schedule compiles a few variants, and one
+    eager call with the shapes to be captured in a CUDA graph compiles all of them.
     """
     if backend == "cpu":
         extension_loaded()
