@@ -84,7 +84,8 @@ def main(argv=None):
              "Limits used: 65,536 registers per SM (allocated per warp in units of 256), 228 KB shared memory "
              "per SM (+1 KB reserved per block), 64 warps and 32 blocks per SM, 132 SMs. \"warps/SM\" is "
              "resident warps per SM (S2 asks >= 32 for the bandwidth-bound vocabulary passes: "
-             "`_emissions_kernel`, `_dense_kernel`; the fused LM head has no Triton kernel of its own). "
+             "`_emissions_kernel`, `_dense_kernel`; the fused LM head, G4, has no Triton kernel of its own: it runs "
+             "these kernels over its windows of frames and vocabulary). "
              "Lattice depth: dependent, barrier-separated tile steps on the critical path of the chosen plan "
              "(sweep tiles per step, boundary tiles per chunk), and the cost model's estimate [est., "
              "constants not yet fitted on a GPU].", ""]

@@ -164,56 +164,28 @@ def stages(backend: str):
     raise ValueError(f"unknown backend {backend!r}")
 
 
-_WINDOW_BLOCK_ELEMENTS = 1 << 24  # logits per sub-window of the torch-op windows (64 MiB of fp32 temporaries)
-
-
 def window_stages(backend: str):
     """``(emissions_window, gradient_window)`` of a backend: stages 1 and 3 over a window of the flat
     frames (and of the vocabulary), the contract of ``csrc/ops.cpp``; the fused LM head
     (``mdlm_ctc/linear.py``) runs them on one chunk of logits at a time.
 
-    ``triton`` and ``cuda`` have no windowed Triton kernels yet: they run the reference windows (torch
-    ops on the device, no host synchronisation) on sub-windows of at most 2**24 logits, so that their
-    fp32 temporaries stay bounded whatever the chunk; correct, but not at the Triton passes' speed.
+    ``triton`` and ``cuda`` run the Triton kernels of :func:`stages` on the window
+    (``emissions.emissions_window``, ``grad.gradient_window``): the same kernels, configs and bits per
+    frame as the whole-tensor passes; no host synchronisation, no autotuning, nothing probed. The only
+    warm-up is Triton's compilation on first launch: it specialises integer arguments (offsets, window
+    widths, strides) on their divisibility by 16, so a chunk schedule compiles a few variants, and one
+    eager call with the shapes to be captured in a CUDA graph compiles all of them.
     """
     if backend == "cpu":
         extension_loaded()
         ops = torch.ops.mdlm_ctc_C
         return ops.emissions_window, ops.gradient_window
-    if backend in ("reference", "triton", "cuda"):
+    if backend == "reference":
         from . import reference
 
-        if backend == "reference":
-            return reference.emissions_window_reference, reference.gradient_window_reference
-        return _emissions_in_blocks, _gradient_in_blocks
+        return reference.emissions_window_reference, reference.gradient_window_reference
+    if backend in ("triton", "cuda"):
+        from .triton_kernels import emissions, grad
+
+        return emissions.emissions_window, grad.gradient_window
     raise ValueError(f"unknown backend {backend!r}")
-
-
-def _block_rows(logits) -> int:
-    return max(1, _WINDOW_BLOCK_ELEMENTS // max(logits.shape[1], 1))
-
-
-def _emissions_in_blocks(logits, frame_offset, frames_per_row, *args):
-    """``emissions_window_reference`` over sub-windows of frames (a window of windows is a window)."""
-    from .reference import emissions_window_reference
-
-    rows = _block_rows(logits)
-    if logits.shape[0] <= rows:
-        return emissions_window_reference(logits, frame_offset, frames_per_row, *args)
-    parts = [emissions_window_reference(logits[r:r + rows], frame_offset + r, frames_per_row, *args)
-             for r in range(0, logits.shape[0], rows)]
-    return tuple(torch.cat(p) for p in zip(*parts))
-
-
-def _gradient_in_blocks(grad_nll, logits, frame_offset, frames_per_row, vocab_offset, vocab_size, lse, targets,
-                        input_lengths, target_lengths, observed, post_target, post_special, *rest):
-    """``gradient_window_reference`` over sub-windows of frames, written into ``out`` (the last argument)."""
-    from .reference import gradient_window_reference
-
-    *options, out = rest
-    rows = _block_rows(logits)
-    for r in range(0, logits.shape[0], rows):
-        window = slice(r, r + rows)
-        gradient_window_reference(grad_nll, logits[window], frame_offset + r, frames_per_row, vocab_offset,
-                                  vocab_size, lse[window], targets, input_lengths, target_lengths, observed,
-                                  post_target[window], post_special[window], *options, out[window])

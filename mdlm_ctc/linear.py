@@ -60,10 +60,12 @@ materialising the bf16 logits; GEMMs are about 80% of the time at this D, so the
 what chunks shorter than a row cost. GPU figures (G4) are unmeasured.
 
 Paths. Every stage comes from the backend: ``backends.window_stages(backend)`` (emissions and gradient
-over a window; the C++ kernels on CPU, the reference's torch ops for ``reference``, ``triton`` and
-``cuda``, which have no windowed Triton kernels yet) and ``backends.stages(backend)``'s lattice. No
-probe and no host synchronisation on the hot path: with ``validate=False`` (and ``band_bound``) a call
-can be captured in a CUDA graph after one eager warm-up call (tests/test_linear_slack_ctc.py, GPU-only).
+over a window; the C++ kernels on CPU, the torch ops for ``reference``, and for ``triton`` and ``cuda``
+the Triton kernels of the materialised path, run over the window: ``emissions_window``,
+``gradient_window`` in ``triton_kernels``, the same bits per frame) and ``backends.stages(backend)``'s
+lattice. No probe and no host synchronisation on the hot path: with ``validate=False`` (and
+``band_bound``) a call can be captured in a CUDA graph after one eager warm-up call, which compiles the
+Triton kernels (and sets up cuBLAS) (tests/test_linear_slack_ctc.py, GPU-only; unrun so far).
 
 Exactness. Same maths as the materialised loss: z is computed in the input dtype as ``F.linear``
 (one rounding of h W^T + b), lse/softmax/posteriors in fp32 (fp64 for fp64 input), dz rounded once

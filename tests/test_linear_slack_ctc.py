@@ -447,15 +447,16 @@ def _stage_case(dtype):
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("max_shift", [-1, 1])
-def test_window_stages_match_whole_stages(monkeypatch, backend, dtype, max_shift):
+def test_window_stages_match_whole_stages(backend, dtype, max_shift):
     """Windows of 4 frames (crossing rows) and 6 vocabulary entries reassemble the whole-tensor stages
     of the reference backend exactly (float64) or to an ulp of the acc dtype; the gradient in place.
-    ``triton``'s windows are the reference's in sub-windows (here 1 frame for emissions, 3 for the gradient)."""
+    ``triton``'s windows are its Triton kernels (tests/test_triton_windows.py checks them bit for bit
+    against its whole-tensor passes)."""
     if backend == "cpu" and "cpu" not in mdlm_ctc.available_backends("cpu"):
         pytest.skip("cpu not built")
+    if backend == "triton" and "triton" not in mdlm_ctc.available_backends("cpu"):
+        pytest.skip("needs Triton (interpreted on the CPU)")
     from mdlm_ctc import backends, reference
-
-    monkeypatch.setattr(backends, "_WINDOW_BLOCK_ELEMENTS", 18)
 
     logits, targets, T_b, U_b, observed = _stage_case(dtype)
     B, T, V = logits.shape
@@ -529,13 +530,72 @@ triton_interpreted = pytest.mark.skipif(
 
 
 @triton_interpreted
-def test_triton_backend_end_to_end():
-    """backend="triton" (what CUDA tensors get): the windowed stages and the Triton lattice."""
+@pytest.mark.parametrize("collapse,max_shift,with_observed,zero_infinity,chunk_size", [
+    ("preserve", None, True, True, 5),
+    ("preserve", 1, False, False, 4),
+    ("preserve", 0, True, True, 9),
+    ("standard", None, True, True, 8),
+])
+def test_triton_backend_end_to_end(collapse, max_shift, with_observed, zero_infinity, chunk_size):
+    """backend="triton" (what CUDA tensors get): the Triton windowed stages (chunks that cut rows) and the
+    Triton lattice, against the materialised loss on the cpu backend."""
     hidden, weight, bias, targets = make_case(seed=14, dtype=torch.float32)
-    kwargs = dict(ragged_kwargs(True, targets), reduction="none", zero_infinity=True)
-    fused = run_fused(hidden, weight, bias, targets, chunk_size=5, backend="triton", **kwargs)
-    assert_matches(fused, run_materialised(hidden, weight, bias, targets, **kwargs), "triton backend",
+    kwargs = dict(ragged_kwargs(with_observed, targets), collapse=collapse, max_shift=max_shift, reduction="none",
+                  zero_infinity=zero_infinity)
+    fused = run_fused(hidden, weight, bias, targets, chunk_size=chunk_size, backend="triton", **kwargs)
+    expected = run_materialised(hidden, weight, bias, targets, **kwargs)
+    if not zero_infinity:  # the infeasible row: inf loss, NaN gradients on its frames
+        assert torch.isinf(fused[0][2]) and fused[1][0][2, :3].isnan().all()
+    assert_matches(fused, expected, f"triton backend, {collapse}, max_shift={max_shift}",
                    tol=dict(atol=2e-5, rtol=2e-5))
+
+
+@triton_interpreted
+def test_triton_backend_vocabulary_tiles_and_float64(monkeypatch):
+    """The vocabulary-outer backward on the Triton windows (tiles of 10 frames x 4 vocabulary entries), and float64
+    (the Triton stages hand it to the reference windows and lattice)."""
+    monkeypatch.setattr(linear, "_MIN_VOCAB_TILE", 4)
+    hidden, weight, bias, targets = make_case(B=2, T=6, V=40, U=3, seed=18)
+    assert linear._tiling(12, 40, 1) == (True, 10, 4)  # frame tiles of 10 (cutting rows of 6), vocabulary of 4
+    kwargs = dict(target_lengths=torch.tensor([3, 2]), input_lengths=torch.tensor([6, 4]), reduction="none")
+    expected = run_materialised(hidden, weight, bias, targets, **kwargs)
+    assert_matches(run_fused(hidden, weight, bias, targets, chunk_size=1, backend="triton", **kwargs), expected,
+                   "triton float64, vocabulary tiles")
+    low = [x.float() for x in (hidden, weight, bias)]
+    fused = run_fused(*low, targets, chunk_size=1, backend="triton", **kwargs)
+    assert_matches(fused, run_materialised(*low, targets, **kwargs), "triton fp32, vocabulary tiles",
+                   tol=dict(atol=2e-5, rtol=2e-5))
+
+
+@triton_interpreted
+def test_triton_backend_empty_targets_and_tiny_shapes():
+    """Empty targets (and a padded target width of 0), T = 1 and B = 0 through the Triton windows."""
+    tol = dict(atol=2e-5, rtol=2e-5)
+    hidden, weight, _, targets = make_case(seed=2, dtype=torch.float32)
+    lengths = dict(target_lengths=torch.tensor([0, 3, 0]), input_lengths=torch.tensor([7, 7, 2]), reduction="none")
+    for name, t, kwargs in (("empty targets", targets, lengths), ("U_max = 0", targets[:, :0], dict(reduction="sum"))):
+        fused = run_fused(hidden, weight, None, t, chunk_size=4, backend="triton", **kwargs)
+        assert_matches(fused, run_materialised(hidden, weight, None, t, **kwargs), f"triton, {name}", tol=tol)
+    hidden, weight, bias, targets = make_case(B=1, T=1, U=1, seed=16, dtype=torch.float32)
+    for B in (1, 0):
+        fused = run_fused(hidden[:B], weight, bias, targets[:B], chunk_size=2, backend="triton", reduction="sum")
+        assert_matches(fused, run_materialised(hidden[:B], weight, bias, targets[:B], reduction="sum"),
+                       f"triton, B={B}, T=1", tol=tol)
+
+
+@triton_interpreted
+def test_triton_backend_bf16():
+    """bf16 through the Triton windows: the precision-relative rule against the float64 materialised loss."""
+    hidden, weight, bias, targets = make_case(seed=19)
+    kwargs = dict(ragged_kwargs(True, targets), reduction="none", zero_infinity=True)
+    low = [x.to(torch.bfloat16) for x in (hidden, weight, bias)]
+    fused = run_fused(*low, targets, chunk_size=6, backend="triton", **kwargs)
+    same_dtype = run_materialised(*low, targets, **kwargs)
+    exact = run_materialised(*[x.double() for x in low], targets, **kwargs)
+    assert_low_precision_close(fused[0], same_dtype[0], exact[0], what="bf16 loss (triton)")
+    for name, a, b, c in zip(("hidden", "weight", "bias"), fused[1], same_dtype[1], exact[1]):
+        assert a.dtype == torch.bfloat16
+        assert_low_precision_close(a, b, c, what=f"bf16 d{name} (triton)", tiny=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 4,096-wide vocabulary tiles (several per row), 512-1,024-slot band tiles, the boundary kernel's
 [BLOCK_X, BLOCK_D] tiles, and the time-parallel scan with 75-150 chunks, as on the GPU path (137-293
 at SPEC §6), at small T·V (the interpreter runs one program at a time: T·V is what costs). Plus strided logits for the gradient and a logits view whose element offsets
-pass 2^31 (the int64 offset path), built over a mostly untouched buffer. Oracles: autograd on the
-float64 reference and the reference stages. On a GPU machine the same tests run compiled.
+pass 2^31 (the int64 offset path), built over a mostly untouched buffer, and the windowed stages of the
+fused LM head at these tiles. Oracles: autograd on the float64 reference and the reference stages. On a
+GPU machine the same tests run compiled.
 """
 
 import os
@@ -153,3 +154,44 @@ def test_gradient_band_wider_than_one_gpu_tile():
             SLACK, -1, False, True)
     assert_close_report(grad_module.gradient(*args), gradient_reference(*args), atol=1e-6, rtol=1e-5,
                         what="gradient over a two-tile band")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_windows_at_gpu_block_sizes(dtype):
+    """The windowed stages (the fused LM head's) at GPU tiles: windows of 5 frames cutting rows of 6, and
+    vocabulary windows of 2,101 and 2,399 columns (several dense tiles, odd widths); the same bits as the
+    whole-tensor passes, and the reference windows' values."""
+    from mdlm_ctc.reference import emissions_window_reference, gradient_window_reference
+
+    B, T, U, V = 2, 6, 4, 4500
+    logits, targets, T_b, U_b = make_case(B, T, 12, V, T_b=[6, 5], U_b=[4, 2], dtype=dtype, seed=25)
+    targets = targets[:, :U].contiguous()
+    targets[0, 1:3] = targets[0, 0]
+    observed = torch.full((B, T), -1, dtype=torch.long, device=DEVICE)
+    observed[1, 3] = SLACK
+    W = max(int(column_band_width(T_b, U_b).max()), 1)
+    flat = logits.reshape(B * T, V)
+    lse, table, special = emissions_module.emissions(logits, targets, T_b, U_b, observed, SLACK, -1, W, True)
+    windows = [(0, 5), (5, 10), (10, 12)]
+    for i, j in windows:
+        got = emissions_module.emissions_window(flat[i:j], i, T, targets, T_b, U_b, observed, SLACK, -1, W, True)
+        want = emissions_window_reference(flat[i:j], i, T, targets, T_b, U_b, observed, SLACK, -1, W, True)
+        for name, a, whole, ref in zip(("lse", "table", "special"), got, (lse, table, special), want):
+            assert torch.equal(a, whole.reshape(B * T, -1)[i:j].reshape(a.shape)), f"frames [{i}, {j}) {name} bits"
+            assert_close_report(a, ref, atol=1e-4, rtol=1e-5, what=f"frames [{i}, {j}) {name}")
+    nll = lattice_module.lattice_band(table, special, targets, T_b, U_b, PRESERVE, -1, True)
+    grad_nll = torch.rand(B, device=DEVICE)
+    whole = grad_module.gradient(grad_nll, logits, lse, targets, T_b, U_b, observed, table, special, nll, SLACK, -1,
+                                 False, True).reshape(B * T, V)
+    got = flat.clone()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for i, j in windows:
+        for v0, v1 in ((0, 2101), (2101, V)):
+            rest = (lse.reshape(-1)[i:j], targets, T_b, U_b, observed, table.reshape(B * T, W)[i:j],
+                    special.reshape(-1)[i:j], nll, SLACK, -1, False, True)
+            want = torch.empty_like(flat[i:j, v0:v1])
+            gradient_window_reference(grad_nll, flat[i:j, v0:v1], i, T, v0, V, *rest, want)
+            tile = got[i:j, v0:v1]
+            grad_module.gradient_window(grad_nll, tile, i, T, v0, V, *rest, tile)  # in place
+            assert_close_report(tile, want, atol=tol, rtol=tol, what=f"gradient [{i}, {j}) x [{v0}, {v1})")
+    assert torch.equal(got, whole), "windowed gradient bits"

@@ -53,6 +53,14 @@ def test_every_kernel_is_covered(launch_resources):
     assert len(configs) >= 40, f"only {len(configs)} distinct configs recorded"
 
 
+def test_fused_head_windows_are_covered(launch_resources):
+    """G4 (the fused LM head) records its windowed stages: the vocabulary pass over a chunk of frames and the
+    in-place gradient pass over a backward tile, as the spec rows whose spills and occupancy are checked."""
+    g4 = {row["kernel"]: row for row in launch_resources if row["workload"] == "G4"}
+    assert {"_emissions_kernel", "_band_values_kernel", "_dense_kernel"} <= set(g4), sorted(g4)
+    assert g4["_dense_kernel"]["spec"] and "IN_PLACE=1" in g4["_dense_kernel"]["config"]
+
+
 def test_no_config_the_launchers_can_choose_spills(launch_resources):
     spilling = [row for row in launch_resources if row["spills"] or row["stack"]]
     assert not spilling, "configs that spill registers at sm_90:\n" + "\n".join(

@@ -17,9 +17,19 @@ or None. Outputs lse [B, T], table [B, T, W], special [B, T], all float32, conti
 are handed to ``mdlm_ctc.reference.emissions_reference`` (float64 accumulation; Triton would only
 emulate it): the fast path is for the LLM dtypes.
 
-Parallelisation: one program per (b, t) row, grid B*T. The logsumexp is online *per lane*: each
-lane keeps its own running max and sum, and a logit costs one exp2 (of the smaller exponent minus
-the larger, log2(e) folded in), so the SFU does one op per logit (2.07 G exp2 at G1 is ~0.5 ms of
+Windows (``emissions_window``, the fused LM head's chunks): the flat frames i = b*T + t with
+frame_offset <= i < frame_offset + n, logits [n, V] (rows at any stride), outputs lse [n], table [n, W],
+special [n]. One kernel serves both (as the gradient's kernels in grad.py): with the constexpr WINDOW,
+program r reads row r of the window's logits (row stride in stride_t) and handles the flat frame
+frame_offset + r = b*T + t of the batch rows it is given (the window launchers pass only the rows the
+window touches, as views, so frame_offset < T). Without WINDOW the code is the whole-tensor pass's,
+unchanged (program b*T + t, any strides on B and T). The per-frame arithmetic is the same, so a frame
+gets the same bits in a window as in the whole-tensor pass. float64 windows go to
+``mdlm_ctc.reference.emissions_window_reference``.
+
+Parallelisation: one program per (b, t) row, grid B*T (n for a window). The logsumexp is online
+*per lane*: each lane keeps its own running max and sum, and a logit costs one exp2 (of the smaller
+exponent minus the larger, log2(e) folded in), so the SFU does one op per logit (2.07 G exp2 at G1 is ~0.5 ms of
 SFU time, under the ~0.86 ms of HBM time for one read of the bf16 logits; the two overlap). The
 lanes are combined once, after the loop: the loop has no reduction and so no CTA barrier, and each
 iteration issues two tiles' loads (2 x BLOCK_V) before using either, so a warp keeps two loads in
@@ -31,8 +41,8 @@ target ids are gathered from the row after the loop: the row (253 KB in bf16 at 
 just streamed through L2, so the gathers are L2 hits, and W is small next to V (W <= 257 at G1;
 ~2k at worst).
 
-Host-side helpers shared by the three launchers (autotune switch, interpreter test, device guard)
-live at the end of this file.
+Host-side helpers shared by the launchers (autotune switch, interpreter test, device guard, the
+windows' checks) live at the end of this file.
 """
 
 from __future__ import annotations
@@ -65,19 +75,25 @@ def _emissions_kernel(
     logits_ptr, targets_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
     lse_ptr, table_ptr, special_ptr,
     # sizes
-    T, V, U_max, W, special_id, max_shift,
+    T, V, U_max, W, special_id, max_shift, frame_offset,
     # strides
     stride_logits_b, stride_logits_t, stride_targets_b, stride_observed_b, stride_observed_t,
     # meta
-    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
+    row = tl.program_id(0).to(tl.int64)  # the output row
+    if WINDOW:  # row r of a window's [n, V] logits: the flat frame frame_offset + r of the rows given
+        b = (row + frame_offset) // T
+        t = row + frame_offset - b * T
+        x_row = logits_ptr + row * stride_logits_t
+    else:
+        b = row // T
+        t = row - b * T
+        x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
     T_b = tl.minimum(tl.maximum(tl.load(input_lengths_ptr + b).to(tl.int64), 0), T)
     U_b = tl.minimum(tl.maximum(tl.load(target_lengths_ptr + b).to(tl.int64), 0), U_max)
     active = t < T_b
-    x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
 
     # ---- online logsumexp over the vocabulary, per lane (base 2 inside, natural log out) -------
     lse = tl.zeros([], dtype=tl.float32)
@@ -186,30 +202,89 @@ def emissions(logits, targets, input_lengths, target_lengths, observed, special_
     W = int(band_width)
     if logits.stride(2) != 1:
         logits = logits.contiguous()
+    lse, table, special = _launch_emissions(logits, logits.stride(0), logits.stride(1), B * T, None, T, V, targets,
+                                            input_lengths, target_lengths, observed, special_id, max_shift, W,
+                                            normalize)
+    return lse.view(B, T), table.view(B, T, W), special.view(B, T)
+
+
+def emissions_window(logits, frame_offset: int, frames_per_row: int, targets, input_lengths, target_lengths, observed,
+                     special_id: int, max_shift: int, band_width: int, normalize: bool):
+    """Stage 1 over the flat frames ``frame_offset <= i < frame_offset + n`` (``csrc/ops.cpp``; the fused LM
+    head's chunks, which may cut a row): ``(lse [n], table [n, W], special [n])`` from their logits
+    ``[n, V]`` (rows at any stride, the vocabulary contiguous), by the kernel of :func:`emissions`, so
+    every frame gets the same bits as in the whole-tensor pass. No host synchronisation."""
+    if logits.dtype == torch.float64:
+        from mdlm_ctc.reference import emissions_window_reference
+
+        return emissions_window_reference(logits, frame_offset, frames_per_row, targets, input_lengths,
+                                          target_lengths, observed, special_id, max_shift, band_width, normalize)
+    n, V = check_window("emissions_window", logits, frame_offset, frames_per_row, input_lengths)
+    W = int(band_width)
+    if W < 1:
+        raise ValueError(f"emissions_window: `band_width` must be >= 1; got {band_width}")
+    if n > 0 and V > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous()
+    T = int(frames_per_row)
+    first, stop = window_rows(frame_offset, n, T)
+    rows = slice(first, stop)
+    return _launch_emissions(logits, 0, logits.stride(0), n, int(frame_offset) - first * T, T, V,
+                             targets[rows], input_lengths[rows], target_lengths[rows],
+                             None if observed is None else observed[rows], special_id, max_shift, W, normalize)
+
+
+def _launch_emissions(logits, stride_b, stride_t, n, frame_offset, T, V, targets, input_lengths, target_lengths,
+                      observed, special_id, max_shift, W, normalize):
+    """``_emissions_kernel`` over n output rows: the whole tensor (``frame_offset=None``) or a window of the
+    rows given (the module docstring's "Windows"); returns ``(lse [n], table [n, W], special [n])``."""
     device = logits.device
-    lse = torch.empty((B, T), dtype=torch.float32, device=device)
-    table = torch.empty((B, T, W), dtype=torch.float32, device=device)
-    special = torch.empty((B, T), dtype=torch.float32, device=device)
-    if B * T == 0 or V == 0:
+    lse = torch.empty((n,), dtype=torch.float32, device=device)
+    table = torch.empty((n, W), dtype=torch.float32, device=device)
+    special = torch.empty((n,), dtype=torch.float32, device=device)
+    if n == 0 or V == 0:
         return lse.zero_(), table.zero_(), special.zero_()
     targets = targets.contiguous()
     input_lengths = input_lengths.to(torch.int64).contiguous()
     target_lengths = target_lengths.to(torch.int64).contiguous()
     has_observed = observed is not None
-    observed_arg = observed.contiguous() if has_observed else input_lengths  # a dummy pointer when absent
+    observed_arg = observed if has_observed else input_lengths  # a dummy pointer when absent
     stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
     args = (logits, targets, input_lengths, target_lengths, observed_arg, lse, table, special,
-            T, V, targets.shape[1], W, int(special_id), int(max_shift),
-            logits.stride(0), logits.stride(1), targets.stride(0), stride_ob, stride_ot)
+            T, V, targets.shape[1], W, int(special_id), int(max_shift), frame_offset or 0,
+            stride_b, stride_t, targets.stride(0), stride_ob, stride_ot)
     with device_guard(device):
-        _emissions_kernel[(B * T,)](*args, HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize),
-                                    **emissions_config(V, W, logits.element_size(), small=small_blocks()))
+        _emissions_kernel[(n,)](*args, HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize),
+                                WINDOW=frame_offset is not None,
+                                **emissions_config(V, W, logits.element_size(), small=small_blocks()))
     return lse, table, special
 
 
 # ---------------------------------------------------------------------------------------------
 # host-side helpers shared by the launchers of emissions.py, slack_ctc.py and grad.py
 # ---------------------------------------------------------------------------------------------
+
+def window_rows(frame_offset: int, n: int, T: int) -> tuple[int, int]:
+    """The batch rows ``[first, stop)`` that the flat frames ``frame_offset .. frame_offset + n - 1`` touch
+    (host integers: no device value is read)."""
+    first = int(frame_offset) // int(T)
+    return first, (int(frame_offset) + max(int(n), 1) - 1) // int(T) + 1
+
+
+def check_window(op: str, logits, frame_offset, frames_per_row, input_lengths) -> tuple[int, int]:
+    """Shape checks of a windowed stage (host-side, no sync); returns ``(n, v)``: frames and vocabulary."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"{op}: `logits` must be a 2-D [frames, vocabulary] tensor; got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    n = logits.shape[0]
+    T, offset = int(frames_per_row), int(frame_offset)
+    if T < 1:
+        raise ValueError(f"{op}: `frames_per_row` must be >= 1; got {frames_per_row}")
+    B = input_lengths.shape[0]
+    if offset < 0 or offset + n > B * T:
+        raise ValueError(f"{op}: the window of frames [{offset}, {offset + n}) (`frame_offset`, `logits`) is "
+                         f"outside the B*T = {B * T} frames")
+    return n, logits.shape[1]
+
 
 def interpreted() -> bool:
     """Running under the Triton interpreter (CPU tensors, tests)."""

@@ -14,7 +14,16 @@ Layouts: logits [B, T, V] float32/bfloat16/float16, any strides on B and T, V co
 contiguous tensor, or ``out=``: any buffer with V contiguous, the logits themselves for the in-place
 mode). float64 logits are handed to ``mdlm_ctc.reference.gradient_reference``.
 
-Two kernels, one program per (b, t) row each (grid B*T), no atomics anywhere:
+Windows (``gradient_window``, the fused LM head's tiles): the flat frames frame_offset <= i <
+frame_offset + n and the vocabulary columns [vocab_offset, vocab_offset + v), logits and out [n, v]
+(rows at any stride, the vocabulary contiguous; out may be the logits), per-frame inputs [n], [n, W].
+The same two kernels with the constexpr WINDOW (frame layout: emissions.py, "Windows"): the dense loop
+runs over the window's v columns, and the exact values of the special token and of the band's writers
+are read and written only where their token falls in the window; without WINDOW the code is the
+whole-tensor pass's. Every element gets the same bits as in the whole-tensor pass. The window launcher
+is never autotuned; float64 windows go to ``mdlm_ctc.reference.gradient_window_reference``.
+
+Two kernels, one program per (b, t) row each (grid B*T, n for a window), no atomics anywhere:
 
   1. ``_band_values_kernel`` (small, O(band width) per frame): the exact fp32 values at the band's
      tokens, g * (softmax - gamma), parked in a [B, T, W] fp32 scratch, and the special token's
@@ -45,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .emissions import autotune_enabled, device_guard, small_blocks, vocab_block
+from .emissions import autotune_enabled, check_window, device_guard, small_blocks, vocab_block, window_rows
 from .logspace import LOG2E, NAN, NEG_INF, POS_INF
 
 
@@ -100,22 +109,28 @@ def _band_values_kernel(
     logits_ptr, lse_ptr, grad_nll_ptr, nll_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
     post_target_ptr, post_special_ptr, tokens_ptr, prev_same_ptr, next_same_ptr, parked_ptr, parked_special_ptr,
     # sizes
-    T, V, U_max, W, special_id, max_shift,
+    T, V, U_max, W, special_id, max_shift, frame_offset, vocab_offset, V_window,
     # strides
     stride_logits_b, stride_logits_t, stride_observed_b, stride_observed_t,
     # meta
-    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, JUMPS: tl.constexpr,
+    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_B: tl.constexpr,
+    JUMPS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
+    row = tl.program_id(0).to(tl.int64)  # the output row
+    if WINDOW:  # emissions.py, "Windows"
+        b = (row + frame_offset) // T
+        t = row + frame_offset - b * T
+        x_row = logits_ptr + row * stride_logits_t
+    else:
+        b = row // T
+        t = row - b * T
+        x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
     active, live, infeasible, c_lo, c_hi, width = _row_state(
         b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
         stride_observed_b, stride_observed_t, W, HAS_OBSERVED)
     g = tl.load(grad_nll_ptr + b).to(tl.float32)
     lse = tl.load(lse_ptr + row)
     scaled_lse = tl.where(lse == NEG_INF, 0.0, lse) * LOG2E
-    x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
     k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
     post_k = tl.load(post_special_ptr + row)
     post_row = post_target_ptr + row * W
@@ -147,11 +162,21 @@ def _band_values_kernel(
         # the chain's part before this tile: the total parked at its last member there (never a writer)
         total += tl.load(parked_row + entry, mask=in_band & (entry >= 0), other=0.0)
         writer = in_band & (tl.load(next_row + p, mask=in_band, other=0) + 1 > c_hi)
-        soft = _softmax_at(x_row, token, writer, lse, scaled_lse, V, NORMALIZE)
+        if WINDOW:  # the softmax where the logits are: tokens in the vocabulary window
+            column = token - vocab_offset
+            soft = _softmax_at(x_row, column, writer & (column >= 0) & (column < V_window), lse, scaled_lse, V_window,
+                               NORMALIZE)
+        else:
+            soft = _softmax_at(x_row, token, writer, lse, scaled_lse, V, NORMALIZE)
         exact = g * (soft - (total + tl.where(token == k, post_k, 0.0)))
         tl.store(parked_row + j, tl.where(writer, exact, total), mask=in_band)
         tl.debug_barrier()  # this tile's totals are visible to the next tile's entry loads
-    soft_k = _softmax_at(x_row, k, live, lse, scaled_lse, V, NORMALIZE)
+    if WINDOW:
+        column_k = k - vocab_offset
+        soft_k = _softmax_at(x_row, column_k, live & (column_k >= 0) & (column_k < V_window), lse, scaled_lse,
+                             V_window, NORMALIZE)
+    else:
+        soft_k = _softmax_at(x_row, k, live, lse, scaled_lse, V, NORMALIZE)
     tl.store(parked_special_ptr + row, g * (soft_k - post_k))
 
 
@@ -161,24 +186,32 @@ def _dense_kernel(
     out_ptr, logits_ptr, lse_ptr, grad_nll_ptr, nll_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
     tokens_ptr, next_same_ptr, parked_ptr, parked_special_ptr,
     # sizes
-    T, V, U_max, W, special_id, max_shift,
+    T, V, U_max, W, special_id, max_shift, frame_offset, vocab_offset, V_window,
     # strides
     stride_logits_b, stride_logits_t, stride_out_b, stride_out_t, stride_observed_b, stride_observed_t,
     # meta
     HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, ZERO_INFINITY: tl.constexpr, IN_PLACE: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
+    row = tl.program_id(0).to(tl.int64)  # the output row
+    if WINDOW:  # emissions.py, "Windows"; the vocabulary window's columns [vocab_offset, vocab_offset + V_window)
+        b = (row + frame_offset) // T
+        t = row + frame_offset - b * T
+        x_row = logits_ptr + row * stride_logits_t
+        out_row = out_ptr + row * stride_out_t
+        n_columns = V_window
+    else:
+        b = row // T
+        t = row - b * T
+        x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
+        out_row = out_ptr + b * stride_out_b + t * stride_out_t
+        n_columns = V
     active, live, infeasible, c_lo, c_hi, width = _row_state(
         b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
         stride_observed_b, stride_observed_t, W, HAS_OBSERVED)
     g = tl.load(grad_nll_ptr + b).to(tl.float32)
     lse = tl.load(lse_ptr + row)
     scaled_lse = tl.where(lse == NEG_INF, 0.0, lse) * LOG2E
-    x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
-    out_row = out_ptr + b * stride_out_b + t * stride_out_t
 
     # ---- the dense row: g * softmax (0 / the infeasible fill elsewhere) ----------------------------
     if ZERO_INFINITY:
@@ -186,9 +219,9 @@ def _dense_kernel(
     else:
         fill = tl.where(active & infeasible, NAN, 0.0)
     offs_v = tl.arange(0, BLOCK_V)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, n_columns, BLOCK_V):
         v = v0 + offs_v
-        in_vocab = v < V
+        in_vocab = v < n_columns
         if NORMALIZE:
             x = tl.load(x_row + v, mask=in_vocab & live, other=NEG_INF).to(tl.float32)
             dense = g * tl.where(lse == NEG_INF, 0.0, tl.exp2(x * LOG2E - scaled_lse))
@@ -203,7 +236,12 @@ def _dense_kernel(
     # ---- the exact values over the dense ones: the special token, then the band's writers ----------
     k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
     value_k = tl.load(parked_special_ptr + row)
-    tl.store(out_row + k, _to_output_dtype(value_k, out_ptr.dtype.element_ty), mask=live)
+    if WINDOW:
+        k = k - vocab_offset
+        live_k = live & (k >= 0) & (k < V_window)
+    else:
+        live_k = live
+    tl.store(out_row + k, _to_output_dtype(value_k, out_ptr.dtype.element_ty), mask=live_k)
     tl.debug_barrier()  # a writer of the special token (invalid input: k inside the band) comes last
     offs_j = tl.arange(0, BLOCK_J)
     tokens_row = tokens_ptr + b * U_max
@@ -215,6 +253,9 @@ def _dense_kernel(
         p = c_lo - 1 + j
         writer = in_band & (tl.load(next_row + p, mask=in_band, other=0) + 1 > c_hi)
         token = tl.load(tokens_row + p, mask=writer, other=0)
+        if WINDOW:  # writers of tokens in the vocabulary window, at their column
+            token = token - vocab_offset
+            writer = writer & (token >= 0) & (token < V_window)
         value = tl.load(parked_row + j, mask=writer, other=0.0)
         tl.store(out_row + token, _to_output_dtype(value, out_ptr.dtype.element_ty), mask=writer)
 
@@ -268,6 +309,11 @@ def _dense_autotune_configs():
 _dense_kernel_tuned = triton.autotune(configs=_dense_autotune_configs(), key=["V"])(_dense_kernel)
 
 
+def _aliases(out, logits) -> bool:
+    """``out`` is the logits' buffer (the in-place mode)."""
+    return out.numel() > 0 and (out is logits or (out.device.type != "meta" and out.data_ptr() == logits.data_ptr()))
+
+
 def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, observed, post_target, post_special, nll,
              special_id: int, max_shift: int, zero_infinity: bool, normalize: bool, *, out=None, dense_block=None):
     """Stage 3 of the backend contract (``csrc/ops.cpp``): ``grad [B, T, V]`` in the logits' dtype.
@@ -284,7 +330,7 @@ def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, obse
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     elif out.numel() > 0 and out.stride(2) != 1:
         raise ValueError(f"gradient: `out` must be contiguous in the vocabulary dimension; got strides {out.stride()}")
-    in_place = out.numel() > 0 and (out is logits or (out.device.type != "meta" and out.data_ptr() == logits.data_ptr()))
+    in_place = _aliases(out, logits)
     if in_place and out.stride() != logits.stride():
         raise ValueError("gradient: `out` aliases the logits with different strides")
     if logits.dtype == torch.float64:
@@ -297,8 +343,68 @@ def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, obse
         return out
     if logits.stride(2) != 1:
         logits = logits.contiguous()
+    _launch_gradient(out, logits, (logits.stride(0), logits.stride(1)), (out.stride(0), out.stride(1)), B * T, None,
+                     T, 0, V, V, grad_nll, lse, targets, input_lengths, target_lengths, observed, post_target.shape[2],
+                     post_target, post_special, nll, special_id, max_shift, zero_infinity, normalize, in_place,
+                     dense_block=dense_block, tune=autotune_enabled(logits.device) and not in_place)
+    return out
+
+
+def gradient_window(grad_nll, logits, frame_offset: int, frames_per_row: int, vocab_offset: int, vocab_size: int,
+                    lse, targets, input_lengths, target_lengths, observed, post_target, post_special, nll,
+                    special_id: int, max_shift: int, zero_infinity: bool, normalize: bool, out) -> None:
+    """Stage 3 over the flat frames ``frame_offset <= i < frame_offset + n`` and the vocabulary window
+    ``[vocab_offset, vocab_offset + v)`` (``csrc/ops.cpp``; the fused LM head's tiles): reads the window's
+    logits ``[n, v]``, lse ``[n]`` and posteriors ``[n, W]``, ``[n]``, and writes its gradient into ``out``
+    ``[n, v]`` (rows at any stride, the vocabulary contiguous), which may be ``logits`` itself. The kernels
+    of :func:`gradient`, so every element gets the same bits as in the whole-tensor pass; never autotuned
+    (the dense config is a function of v). No host synchronisation."""
+    if logits.dtype == torch.float64:
+        from mdlm_ctc.reference import gradient_window_reference
+
+        return gradient_window_reference(grad_nll, logits, frame_offset, frames_per_row, vocab_offset, vocab_size,
+                                         lse, targets, input_lengths, target_lengths, observed, post_target,
+                                         post_special, nll, special_id, max_shift, zero_infinity, normalize, out)
+    n, v = check_window("gradient_window", logits, frame_offset, frames_per_row, input_lengths)
+    V, v0 = int(vocab_size), int(vocab_offset)
+    if v0 < 0 or V < 1 or v0 + v > V:
+        raise ValueError(f"gradient_window: the vocabulary window [{v0}, {v0 + v}) (`vocab_offset`, `logits`) is "
+                         f"outside the vocabulary of `vocab_size`={V}")
+    if post_target.dim() != 2 or post_target.shape[0] != n or post_special.numel() != n or lse.numel() != n:
+        raise ValueError("gradient_window: `lse` [n], `post_target` [n, W] and `post_special` [n] must cover the "
+                         f"window's n = {n} frames; got {tuple(lse.shape)}, {tuple(post_target.shape)} and "
+                         f"{tuple(post_special.shape)}")
+    if out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device or (
+            out.numel() > 0 and v > 1 and out.stride(1) != 1):
+        raise ValueError(f"gradient_window: `out` must be {tuple(logits.shape)} {logits.dtype} on {logits.device} "
+                         f"with the vocabulary contiguous; got {tuple(out.shape)} {out.dtype} on {out.device}, "
+                         f"strides {out.stride()}")
+    in_place = _aliases(out, logits)
+    if in_place and out.stride() != logits.stride():
+        raise ValueError("gradient_window: `out` aliases the logits with different strides")
+    if out.numel() == 0:
+        return None
+    if v > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous()
+    T = int(frames_per_row)
+    first, stop = window_rows(frame_offset, n, T)
+    rows = slice(first, stop)
+    _launch_gradient(out, logits, (0, logits.stride(0)), (0, out.stride(0)), n,
+                     int(frame_offset) - first * T, T, v0, v, V, grad_nll.reshape(-1)[rows], lse, targets[rows],
+                     input_lengths[rows], target_lengths[rows], None if observed is None else observed[rows],
+                     post_target.shape[1], post_target, post_special, nll.reshape(-1)[rows], special_id, max_shift,
+                     zero_infinity, normalize, in_place)
+    return None
+
+
+def _launch_gradient(out, logits, logits_strides, out_strides, n, frame_offset, T, vocab_offset, V_window, V, grad_nll,
+                     lse, targets, input_lengths, target_lengths, observed, W, post_target, post_special, nll,
+                     special_id, max_shift, zero_infinity, normalize, in_place, *, dense_block=None, tune=False):
+    """The two kernels over n output rows: the whole tensor (``frame_offset=None``), or a window of the rows
+    given (emissions.py, "Windows") and the vocabulary columns [vocab_offset, vocab_offset + V_window) of V.
+    Per-frame inputs are indexed by output row, per-row ones by the rows given."""
     device = logits.device
-    W = post_target.shape[2]
+    B = input_lengths.shape[0]
     U_max = targets.shape[1]
     input_lengths = input_lengths.to(torch.int64).contiguous()
     target_lengths = target_lengths.to(torch.int64).contiguous()
@@ -309,30 +415,27 @@ def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, obse
     nll = nll.to(**f32).contiguous()
     post_target = post_target.to(**f32).contiguous()
     post_special = post_special.to(**f32).contiguous()
-    parked = torch.empty((B, T, W), device=device, **f32)
-    parked_special = torch.empty((B, T), device=device, **f32)
+    parked = torch.empty((n, W), device=device, **f32)
+    parked_special = torch.empty((n,), device=device, **f32)
     has_observed = observed is not None
-    observed_arg = observed.contiguous() if has_observed else input_lengths
+    observed_arg = observed if has_observed else input_lengths
     stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
     small = small_blocks()
-    sizes = (T, V, U_max, W, int(special_id), int(max_shift))
-    flags = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize))
+    sizes = (T, V, U_max, W, int(special_id), int(max_shift), frame_offset or 0, vocab_offset, V_window)
+    flags = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize), WINDOW=frame_offset is not None)
     with device_guard(device):
-        _band_values_kernel[(B * T,)](
+        _band_values_kernel[(n,)](
             logits, lse, grad_nll, nll, input_lengths, target_lengths, observed_arg, post_target, post_special,
-            tokens, prev_same, next_same, parked, parked_special, *sizes,
-            logits.stride(0), logits.stride(1), stride_ob, stride_ot,
+            tokens, prev_same, next_same, parked, parked_special, *sizes, *logits_strides, stride_ob, stride_ot,
             **flags, **band_values_config(W, small=small))
         dense_args = (out, logits, lse, grad_nll, nll, input_lengths, target_lengths, observed_arg, tokens, next_same,
-                      parked, parked_special, *sizes,
-                      logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), stride_ob, stride_ot)
+                      parked, parked_special, *sizes, *logits_strides, *out_strides, stride_ob, stride_ot)
         flags.update(ZERO_INFINITY=bool(zero_infinity), IN_PLACE=in_place)
         if dense_block is not None:
             block_v, num_warps = dense_block
-            _dense_kernel[(B * T,)](*dense_args, **flags, BLOCK_V=block_v, BLOCK_J=4 if small else 128,
-                                    num_warps=num_warps)
-        elif autotune_enabled(device) and not in_place:  # re-running is harmless only when out != logits
-            _dense_kernel_tuned[(B * T,)](*dense_args, **flags)
+            _dense_kernel[(n,)](*dense_args, **flags, BLOCK_V=block_v, BLOCK_J=4 if small else 128,
+                                num_warps=num_warps)
+        elif tune:  # re-running is harmless only when out != logits
+            _dense_kernel_tuned[(n,)](*dense_args, **flags)
         else:
-            _dense_kernel[(B * T,)](*dense_args, **flags, **dense_config(V, logits.element_size(), small=small))
-    return out
+            _dense_kernel[(n,)](*dense_args, **flags, **dense_config(V_window, logits.element_size(), small=small))

@@ -1,8 +1,9 @@
 """Static resources of every Triton kernel at the configs the launchers choose, from sm_90 cubins
 compiled on a machine without a GPU (the S2 row of SPEC §6).
 
-How: the launchers (``emissions.emissions``, ``slack_ctc.lattice_band``, ``grad.gradient``; the fused
-LM head, ``mdlm_ctc.linear``, has no Triton kernel of its own: it runs the backends' stages) are run
+How: the launchers (``emissions.emissions``, ``slack_ctc.lattice_band``, ``grad.gradient``; for the fused
+LM head, ``mdlm_ctc.linear``, which has no Triton kernel of its own, the windowed launchers of the same
+kernels, ``emissions.emissions_window`` and ``grad.gradient_window``, at its chunk and tile) are run
 on ``meta`` tensors of a workload's shapes with every ``kernel[grid](...)`` replaced by a recorder, so
 what is compiled is exactly what the launcher would launch there: its constexprs, ``num_warps``, and
 Triton's own argument specialisation (int32/int64, 16-byte alignment and divisibility hints, computed
@@ -53,7 +54,7 @@ class Workload:
     W: int | None = None           # the table width; None: the exact width of full-length rows
     observed: bool = False
     in_place: bool = False
-    linear: bool = False           # a fused LM head shape (no workload uses it since the head runs the stages)
+    linear: bool = False           # a fused LM head shape: its windowed stages at the default chunk and tile
     note: str = ""
 
     def width(self) -> int:
@@ -74,6 +75,11 @@ def spec_workloads() -> list[Workload]:
         Workload("G2 preserve", 8, 2048, 1024, 126464, P),
         Workload("G2 standard", 8, 2048, 1024, 126464, S),
         Workload("G3", 2, 8192, 7680, 126464, P),
+        Workload("G4", 8, 2048, 1792, 126464, P, linear=True,
+                 note="fused LM head, bf16: the windowed stages at chunk_size 1024 and its backward tile, in place; "
+                      "rows as G1"),
+        Workload("G4 observed", 8, 2048, 1792, 126464, P, linear=True, observed=True,
+                 note="the MDLM loop's fused call (observed tokens)"),
     ]
 
 
@@ -148,7 +154,8 @@ def record(workload: Workload, *, n_sm: int = H200_SMS, chunk_lens=None, dense_b
     w = workload
     launches: list[Launch] = []
     with _recording(launches):
-        if w.linear:  # the fused LM head launches the backends' stages, recorded by their own workloads
+        if w.linear:
+            _record_linear(w, meta)
             return launches
         B, T, U, V, W = w.B, w.T, w.U, w.V, w.width()
         logits = torch.empty((B, T, V), dtype=w.dtype, **meta)
@@ -170,9 +177,38 @@ def record(workload: Workload, *, n_sm: int = H200_SMS, chunk_lens=None, dense_b
     return launches
 
 
+def _record_linear(w: Workload, meta: dict) -> None:
+    """The fused LM head's launches (``mdlm_ctc.linear`` at its default chunk size): the vocabulary pass over
+    its second chunk of frames, the lattice, and the gradient pass in place over its second backward tile."""
+    from mdlm_ctc import linear
+
+    from . import emissions, grad, slack_ctc
+
+    B, T, U, V, W = w.B, w.T, w.U, w.V, w.width()
+    N, chunk = B * T, linear.DEFAULT_CHUNK_SIZE
+    targets = torch.empty((B, U), dtype=torch.int64, **meta)
+    lengths = torch.empty((B,), dtype=torch.int64, **meta)
+    observed = torch.empty((B, T), dtype=torch.int64, **meta) if w.observed else None
+    n = min(chunk, N - chunk)
+    emissions.emissions_window(torch.empty((n, V), dtype=w.dtype, **meta), chunk, T, targets, lengths, lengths,
+                               observed, 0, -1, W, True)
+    S = W + 1 if w.mode == slack_ctc.PRESERVE else 2 * W + 1
+    table = torch.empty((B, T, W), dtype=torch.float32, **meta)
+    special = torch.empty((B, T), dtype=torch.float32, **meta)
+    nll = slack_ctc.lattice_band(table, special, targets, lengths, lengths, w.mode, -1, True,
+                                 chunk_len=slack_ctc.choose_chunk_len(B, T, S, w.mode, H200_SMS))
+    _, frames, width = linear._tiling(N, V, chunk)
+    dz = torch.empty((frames, min(width, V - width)), dtype=w.dtype, **meta)
+    post_target = torch.empty((frames, W), dtype=torch.float32, **meta)
+    per_frame = torch.empty((frames,), dtype=torch.float32, **meta)
+    grad.gradient_window(torch.empty((B,), dtype=torch.float32, **meta), dz, 0, T, width, V, per_frame, targets,
+                         lengths, lengths, observed, post_target, per_frame, nll, 0, -1, False, True, dz)
+
+
 def choosable_launches() -> list[tuple[Workload, Launch]]:
     """Every config the launchers can choose: the SPEC shapes with the cost model's chunk length, the
-    dense kernel's autotune list, and the caps of every block size for every chunk length candidate."""
+    dense kernel's autotune list, and the caps of every block size for every chunk length candidate (and
+    for the windowed vocabulary and gradient passes of the fused LM head)."""
     from . import grad, slack_ctc
 
     out = []
@@ -184,6 +220,8 @@ def choosable_launches() -> list[tuple[Workload, Launch]]:
     for w in cap_workloads():
         chunks = (0,) + (slack_ctc.PRESERVE_CHUNKS if w.mode == slack_ctc.PRESERVE else slack_ctc.STANDARD_CHUNKS)
         out += [(w, launch) for launch in record(w, chunk_lens=chunks)]
+        out += [(w, launch) for launch in record(dataclasses.replace(w, linear=True))
+                if launch.name in ("_emissions_kernel", "_band_values_kernel", "_dense_kernel")]
     return out
 
 
