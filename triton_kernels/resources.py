@@ -172,7 +172,8 @@ def record(workload: Workload, *, n_sm: int = H200_SMS, chunk_lens=None, dense_b
 
 def choosable_launches() -> list[tuple[Workload, Launch]]:
     """Every config the launchers can choose: the SPEC shapes with the cost model's chunk length, the
-    dense kernel's autotune list, and the caps of every block size for every chunk length candidate."""
+    dense kernel's autotune list (at G1 and, since any logits dtype is autotuned, at every cap shape),
+    and the caps of every block size for every chunk length candidate."""
     from . import grad, slack_ctc
 
     out = []
@@ -183,7 +184,7 @@ def choosable_launches() -> list[tuple[Workload, Launch]]:
             if launch.name == "_dense_kernel"]
     for w in cap_workloads():
         chunks = (0,) + (slack_ctc.PRESERVE_CHUNKS if w.mode == slack_ctc.PRESERVE else slack_ctc.STANDARD_CHUNKS)
-        out += [(w, launch) for launch in record(w, chunk_lens=chunks)]
+        out += [(w, launch) for launch in record(w, chunk_lens=chunks, dense_blocks=grad.DENSE_AUTOTUNE_CONFIGS)]
     return out
 
 
