@@ -115,7 +115,7 @@ def main(argv=None):
              "counted as the kernels' loops run them (`slack_ctc.row_depth`: the transfer kernel's steps, the "
              "boundary kernel's tiles over all chunks, the longest sweep program's tiles), and the cost model's "
              "estimate [est., constants not yet fitted on a GPU]. A step over a band of 2^k + r states, "
-             "r <= 16, is tiles of 2^k whose last one takes the r extra states (`slack_ctc.tile_plan`), so "
+             "r <= 8, is tiles of 2^k whose last one takes the r extra states (`slack_ctc.tile_plan`), so "
              "no dependent step (sweep, boundary) has a nearly empty extra tile: the tiling table gives the "
              "states of the last tile. The transfer kernel's tiles are separate programs that run side by "
              "side (its last program's fill is shown; it adds no depth).", ""]

@@ -170,24 +170,27 @@ def test_chunked_scan_agrees_with_one_chunk(mode):
 
 def test_tile_plans_leave_no_nearly_empty_tile():
     """``tile_plan`` (host arithmetic, no kernel): for every band of S <= 9,000 states and every cap, the
-    fewest tiles any power-of-two BLOCK <= cap allows, at the smallest such BLOCK, covering the band; a
-    band of 2^k + r states (r <= TAIL) takes the tiles of 2^k, its last tile holding BLOCK + r states."""
+    fewest tiles any power-of-two BLOCK <= cap allows, at the smallest such BLOCK, covering the band, with
+    the tail only where it saves a tile; a band of 2^k + r states (r <= TAIL) takes the tiles of 2^k, its
+    last tile holding BLOCK + r states."""
     tail = lattice_module.TAIL
     for cap in (256, 512, 1024, 2048, 4096):
         blocks = [2 ** j for j in range(cap.bit_length())]
         for S in range(1, 9001):
-            block = lattice_module.tile_plan(S, cap, tail)
-            n = lattice_module.n_tiles(S, block, tail)
+            block, used = lattice_module.tile_plan(S, cap, tail)
+            n = lattice_module.n_tiles(S, block, used)
+            assert used in (0, tail) and (used == 0 or lattice_module.n_tiles(S, block, 0) > n), (cap, S, used)
             assert block in blocks and (n - 1) * block < S <= n * block + tail, (cap, S, block, n)
             assert n == min(lattice_module.n_tiles(S, b, tail) for b in blocks), (cap, S, block)
-            assert block == 1 or lattice_module.n_tiles(S, block // 2, tail) > n, (cap, S, block)
+            assert block <= 4 * tail or lattice_module.n_tiles(S, block // 2, tail) > n, (cap, S, block)
+            assert block >= min(4 * tail, 1 << (S - 1).bit_length(), cap), (cap, S, block)
             if n == 1 and S > tail:
                 assert S > block // 2, (cap, S, block)  # one tile: more than half of it used
         for k in range(5, 13):  # 2^k > TAIL
             for r in (1, 2, 3, tail):
                 S = 2 ** k + r
-                block = lattice_module.tile_plan(S, cap, tail)
-                n = lattice_module.n_tiles(S, block, tail)
+                block, used = lattice_module.tile_plan(S, cap, tail)
+                n = lattice_module.n_tiles(S, block, used)
                 if 2 ** k >= block:
                     assert n == 2 ** k // block and S - (n - 1) * block == block + r, (cap, S, block, n)
 

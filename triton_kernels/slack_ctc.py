@@ -53,11 +53,12 @@ offsets), spread over the whole GPU: B * NC * S/TILE_I programs (G1: ~8,000). Wh
 wide that this extra work exceeds the latency it saves, or T is short, a single chunk (NC = 1,
 phases A and B skipped) runs alpha and beta as two concurrent programs per row.
 Tiles. A step over a band of n states runs ``_n_tiles`` dependent tiles of BLOCK states, and the
-last tile also takes up to TAIL = 16 states past its end (a [TAIL] or [TAIL, BLOCK_D] tile in the
-same loop iteration), so a band of 2^k + r states, r <= 16, costs the tiles of 2^k: no tile holds
-one state. That is the common case: preserve tables have S = W + 1 states, standard S = 2W + 1, and
-W is often a power of two (G2: S = 2,049 is one sweep tile of 2,048 + 16 instead of 4,096 lanes, and
-2 boundary tiles of 1,024 + 16 per chunk instead of 3, the third holding one state). ``tile_plan``
+last tile also takes up to TAIL = 8 states past its end (a [TAIL] or [TAIL, BLOCK_D] tile in the
+same loop iteration; TAIL is a constexpr, 0 where the plan needs no tail: then the kernels are the
+plain tile loop), so a band of 2^k + r states, r <= 8, costs the tiles of 2^k: no tile holds one
+state. That is the common case: preserve tables have S = W + 1 states, standard S = 2W + 1, and W is
+often a power of two (G2: S = 2,049 is one sweep tile of 2,048 + 8 instead of 4,096 lanes, and
+2 boundary tiles of 1,024 + 8 per chunk instead of 3, the third holding one state). ``tile_plan``
 picks the smallest power-of-two BLOCK with the fewest tiles under each kernel's cap (sweep: 4,096
 states preserve, 2,048 standard; boundary: [BLOCK_X, BLOCK_D] within 16,384 lanes; posterior sums:
 1,024). The tiles of one step are independent (they read frame t-1, write frame t), so where the
@@ -201,15 +202,21 @@ def _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x, mask, table_row, c_lo, c
 def _alpha_step(prev_row, lo_p, hi_p, cur_row, lo_t, hi_t, table_row, c_lo, c_hi, e_k, targets_row, U_b,
                 MODE: tl.constexpr, BLOCK_S: tl.constexpr, TAIL: tl.constexpr):
     """alpha_t over its band from alpha_{t-1} (stored), in tiles of BLOCK_S states, the last with a tail."""
-    n_tiles = _n_tiles(lo_t, hi_t, BLOCK_S, TAIL)
     offs = tl.arange(0, BLOCK_S)
-    x_tail = lo_t + n_tiles * BLOCK_S + tl.arange(0, TAIL)
-    for k in range(0, n_tiles):
-        x = lo_t + k * BLOCK_S + offs
-        _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x, x <= hi_t, table_row, c_lo, c_hi, e_k, targets_row,
-                    U_b, MODE)
-        _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x_tail, (x_tail <= hi_t) & (k == n_tiles - 1), table_row,
-                    c_lo, c_hi, e_k, targets_row, U_b, MODE)
+    if TAIL == 0:
+        for x0 in range(lo_t, hi_t + 1, BLOCK_S):
+            x = x0 + offs
+            _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x, x <= hi_t, table_row, c_lo, c_hi, e_k, targets_row,
+                        U_b, MODE)
+    else:
+        n_tiles = _n_tiles(lo_t, hi_t, BLOCK_S, TAIL)
+        x_tail = lo_t + n_tiles * BLOCK_S + tl.arange(0, TAIL)
+        for k in range(0, n_tiles):
+            x = lo_t + k * BLOCK_S + offs
+            _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x, x <= hi_t, table_row, c_lo, c_hi, e_k, targets_row,
+                        U_b, MODE)
+            _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x_tail, (x_tail <= hi_t) & (k == n_tiles - 1),
+                        table_row, c_lo, c_hi, e_k, targets_row, U_b, MODE)
 
 
 @triton.jit
@@ -234,15 +241,21 @@ def _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x, mask, table_row, c_lo, c_
 def _beta_step(next_row, lo_t, hi_t, cur_row, lo_p, hi_p, table_row, c_lo, c_hi, e_k, targets_row, U_b,
                MODE: tl.constexpr, BLOCK_S: tl.constexpr, TAIL: tl.constexpr):
     """beta_{t-1} over its band from beta_t (stored) and frame t's weights, tiled as ``_alpha_step``."""
-    n_tiles = _n_tiles(lo_p, hi_p, BLOCK_S, TAIL)
     offs = tl.arange(0, BLOCK_S)
-    x_tail = lo_p + n_tiles * BLOCK_S + tl.arange(0, TAIL)
-    for k in range(0, n_tiles):
-        x = lo_p + k * BLOCK_S + offs
-        _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x, x <= hi_p, table_row, c_lo, c_hi, e_k, targets_row,
-                   U_b, MODE)
-        _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x_tail, (x_tail <= hi_p) & (k == n_tiles - 1), table_row,
-                   c_lo, c_hi, e_k, targets_row, U_b, MODE)
+    if TAIL == 0:
+        for x0 in range(lo_p, hi_p + 1, BLOCK_S):
+            x = x0 + offs
+            _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x, x <= hi_p, table_row, c_lo, c_hi, e_k, targets_row,
+                       U_b, MODE)
+    else:
+        n_tiles = _n_tiles(lo_p, hi_p, BLOCK_S, TAIL)
+        x_tail = lo_p + n_tiles * BLOCK_S + tl.arange(0, TAIL)
+        for k in range(0, n_tiles):
+            x = lo_p + k * BLOCK_S + offs
+            _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x, x <= hi_p, table_row, c_lo, c_hi, e_k, targets_row,
+                       U_b, MODE)
+            _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x_tail, (x_tail <= hi_p) & (k == n_tiles - 1),
+                       table_row, c_lo, c_hi, e_k, targets_row, U_b, MODE)
 
 
 @triton.jit
@@ -349,7 +362,6 @@ def _boundary_kernel(
     feasible = U_b <= T_b
     n_active = tl.where(feasible, (T_b + chunk_len - 1) // chunk_len, 0)
     offs = tl.arange(0, BLOCK_X)
-    offs_tail = tl.arange(0, TAIL)
     d = tl.arange(0, BLOCK_D)
     d_ok = (d < D)[None, :]
     transfer_b = transfer_ptr + (b * n_chunks) * S * D
@@ -366,14 +378,20 @@ def _boundary_kernel(
             lo_c, hi_c = _state_band(t_c, T_b, U_b, max_shift, S, MODE)
             lo_e, hi_e = _state_band(t_e, T_b, U_b, max_shift, S, MODE)
             transfer_c = transfer_b + c * S * D
-            n_tiles = _n_tiles(lo_e, hi_e, BLOCK_X, TAIL)
-            x_tail = lo_e + n_tiles * BLOCK_X + offs_tail
-            for k in range(0, n_tiles):
-                x = lo_e + k * BLOCK_X + offs
-                _boundary_alpha_tile(x, x <= hi_e, d, d_ok, transfer_c, alpha_b + t_c * S, lo_c, hi_c,
-                                     alpha_b + t_e * S, lo_e, D)
-                _boundary_alpha_tile(x_tail, (x_tail <= hi_e) & (k == n_tiles - 1), d, d_ok, transfer_c,
-                                     alpha_b + t_c * S, lo_c, hi_c, alpha_b + t_e * S, lo_e, D)
+            if TAIL == 0:
+                for x0 in range(lo_e, hi_e + 1, BLOCK_X):
+                    x = x0 + offs
+                    _boundary_alpha_tile(x, x <= hi_e, d, d_ok, transfer_c, alpha_b + t_c * S, lo_c, hi_c,
+                                         alpha_b + t_e * S, lo_e, D)
+            else:
+                n_tiles = _n_tiles(lo_e, hi_e, BLOCK_X, TAIL)
+                x_tail = lo_e + n_tiles * BLOCK_X + tl.arange(0, TAIL)
+                for k in range(0, n_tiles):
+                    x = lo_e + k * BLOCK_X + offs
+                    _boundary_alpha_tile(x, x <= hi_e, d, d_ok, transfer_c, alpha_b + t_c * S, lo_c, hi_c,
+                                         alpha_b + t_e * S, lo_e, D)
+                    _boundary_alpha_tile(x_tail, (x_tail <= hi_e) & (k == n_tiles - 1), d, d_ok, transfer_c,
+                                         alpha_b + t_c * S, lo_c, hi_c, alpha_b + t_e * S, lo_e, D)
             tl.debug_barrier()
     else:
         beta_b = beta_ptr + b * (T + 1) * S
@@ -387,14 +405,20 @@ def _boundary_kernel(
             lo_c, hi_c = _state_band(t_c, T_b, U_b, max_shift, S, MODE)
             lo_e, hi_e = _state_band(t_e, T_b, U_b, max_shift, S, MODE)
             transfer_c = transfer_b + c * S * D
-            n_tiles = _n_tiles(lo_c, hi_c, BLOCK_X, TAIL)
-            x_tail = lo_c + n_tiles * BLOCK_X + offs_tail
-            for k in range(0, n_tiles):
-                x = lo_c + k * BLOCK_X + offs
-                _boundary_beta_tile(x, x <= hi_c, d, d_ok, transfer_c, beta_b + t_c * S, lo_c, beta_b + t_e * S,
-                                    lo_e, hi_e, D)
-                _boundary_beta_tile(x_tail, (x_tail <= hi_c) & (k == n_tiles - 1), d, d_ok, transfer_c,
-                                    beta_b + t_c * S, lo_c, beta_b + t_e * S, lo_e, hi_e, D)
+            if TAIL == 0:
+                for x0 in range(lo_c, hi_c + 1, BLOCK_X):
+                    x = x0 + offs
+                    _boundary_beta_tile(x, x <= hi_c, d, d_ok, transfer_c, beta_b + t_c * S, lo_c,
+                                        beta_b + t_e * S, lo_e, hi_e, D)
+            else:
+                n_tiles = _n_tiles(lo_c, hi_c, BLOCK_X, TAIL)
+                x_tail = lo_c + n_tiles * BLOCK_X + tl.arange(0, TAIL)
+                for k in range(0, n_tiles):
+                    x = lo_c + k * BLOCK_X + offs
+                    _boundary_beta_tile(x, x <= hi_c, d, d_ok, transfer_c, beta_b + t_c * S, lo_c,
+                                        beta_b + t_e * S, lo_e, hi_e, D)
+                    _boundary_beta_tile(x_tail, (x_tail <= hi_c) & (k == n_tiles - 1), d, d_ok, transfer_c,
+                                        beta_b + t_c * S, lo_c, beta_b + t_e * S, lo_e, hi_e, D)
             tl.debug_barrier()
 
 
@@ -540,30 +564,42 @@ def _posterior_kernel(
 
     # the special token: a sum over states, in tiles of BLOCK_S whose last also takes <= TAIL states
     acc = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc_tail = tl.zeros([TAIL], dtype=tl.float32)
-    offs_tail = tl.arange(0, TAIL)
+    acc_tail = tl.zeros([], dtype=tl.float32)
     if MODE == 0:  # stay moves u -> u at frame t: alpha_{t-1}(u) + e_t(k) + beta_t(u)
         x_lo = tl.maximum(lo_p, lo_t)
         x_hi = tl.where(live, tl.minimum(hi_p, hi_t), x_lo - 1)
-        n_tiles = _n_tiles(x_lo, x_hi, BLOCK_S, TAIL)
-        x_tail = x_lo + n_tiles * BLOCK_S + offs_tail
-        for k in range(0, n_tiles):
-            x = x_lo + k * BLOCK_S + offs_s
-            acc += _stay_terms(x, x <= x_hi, alpha_b + (t - 1) * S, lo_p, hi_p, beta_b + t * S, lo_t, hi_t, e_k,
-                               loglik)
-            acc_tail += _stay_terms(x_tail, (x_tail <= x_hi) & (k == n_tiles - 1), alpha_b + (t - 1) * S, lo_p,
-                                    hi_p, beta_b + t * S, lo_t, hi_t, e_k, loglik)
+        if TAIL == 0:
+            for x0 in range(x_lo, x_hi + 1, BLOCK_S):
+                x = x0 + offs_s
+                acc += _stay_terms(x, x <= x_hi, alpha_b + (t - 1) * S, lo_p, hi_p, beta_b + t * S, lo_t, hi_t, e_k,
+                                   loglik)
+        else:
+            n_tiles = _n_tiles(x_lo, x_hi, BLOCK_S, TAIL)
+            x_tail = x_lo + n_tiles * BLOCK_S + tl.arange(0, TAIL)
+            for k in range(0, n_tiles):
+                x = x_lo + k * BLOCK_S + offs_s
+                acc += _stay_terms(x, x <= x_hi, alpha_b + (t - 1) * S, lo_p, hi_p, beta_b + t * S, lo_t, hi_t, e_k,
+                                   loglik)
+                acc_tail += tl.sum(_stay_terms(x_tail, (x_tail <= x_hi) & (k == n_tiles - 1), alpha_b + (t - 1) * S,
+                                               lo_p, hi_p, beta_b + t * S, lo_t, hi_t, e_k, loglik), axis=0)
     else:  # blank states (even s) at frame t: alpha_t(s) + beta_t(s)
         x_first = lo_t + (lo_t % 2)
         n_blank = tl.where(live & (hi_t >= x_first), (hi_t - x_first) // 2 + 1, 0)
-        n_tiles = _n_tiles(0, n_blank - 1, BLOCK_S, TAIL)
-        j_tail = n_tiles * BLOCK_S + offs_tail
-        for k in range(0, n_tiles):
-            j = k * BLOCK_S + offs_s
-            acc += _blank_terms(x_first + 2 * j, j < n_blank, alpha_b + t * S, beta_b + t * S, lo_t, hi_t, loglik)
-            acc_tail += _blank_terms(x_first + 2 * j_tail, (j_tail < n_blank) & (k == n_tiles - 1), alpha_b + t * S,
-                                     beta_b + t * S, lo_t, hi_t, loglik)
-    acc_sum = tl.sum(acc, axis=0) + tl.sum(acc_tail, axis=0)
+        if TAIL == 0:
+            for k0 in range(0, n_blank, BLOCK_S):
+                j = k0 + offs_s
+                acc += _blank_terms(x_first + 2 * j, j < n_blank, alpha_b + t * S, beta_b + t * S, lo_t, hi_t,
+                                    loglik)
+        else:
+            n_tiles = _n_tiles(0, n_blank - 1, BLOCK_S, TAIL)
+            j_tail = n_tiles * BLOCK_S + tl.arange(0, TAIL)
+            for k in range(0, n_tiles):
+                j = k * BLOCK_S + offs_s
+                acc += _blank_terms(x_first + 2 * j, j < n_blank, alpha_b + t * S, beta_b + t * S, lo_t, hi_t,
+                                    loglik)
+                acc_tail += tl.sum(_blank_terms(x_first + 2 * j_tail, (j_tail < n_blank) & (k == n_tiles - 1),
+                                                alpha_b + t * S, beta_b + t * S, lo_t, hi_t, loglik), axis=0)
+    acc_sum = tl.sum(acc, axis=0) + acc_tail
     post_special = tl.where(live, acc_sum, tl.where(nan_row, NAN, 0.0))
 
     # the target columns, in the table's layout
@@ -602,7 +638,7 @@ PRESERVE_CHUNKS = (15, 31, 63)  # transfer widths D = L + 1 = 16, 32, 64
 STANDARD_CHUNKS = (7, 15, 31)   # D = 2L + 1 = 15, 31, 63
 
 
-TAIL, SMALL_TAIL = 16, 2  # states the last tile of a sweep or boundary step takes past its BLOCK (``_n_tiles``)
+TAIL, SMALL_TAIL = 8, 2  # states the last tile of a sweep or boundary step takes past its BLOCK (``_n_tiles``)
 # caps: sweep tile states (preserve, standard: its unchunked sweep spills at 4,096 + tail), boundary
 # [BLOCK_X, BLOCK_D] lanes
 SWEEP_STATES, BOUNDARY_LANES = (4096, 2048), 16384
@@ -619,35 +655,37 @@ def n_tiles(states: int, block: int, tail: int) -> int:
     return max(1, -(-max(states - tail, 0) // block))
 
 
-def tile_plan(S: int, cap: int, tail: int) -> int:
-    """BLOCK of a lattice step over bands of up to S states: the fewest tiles any power of two <= cap
-    gives (the last tile taking up to ``tail`` more states), at the smallest such BLOCK. A band of
-    2^k + r states, r <= tail, is one tile of 2^k (G1: 257 states in 256 + tail, not 512 or 256 + 256;
-    G2 standard: 2,049 in 2,048 + tail for the sweep, 2 x 1,024 + tail for the boundary kernel)."""
+def tile_plan(S: int, cap: int, tail: int) -> tuple[int, int]:
+    """(BLOCK, TAIL) of a lattice step over bands of up to S states: the fewest tiles any power of two
+    <= cap gives when the last tile may take up to ``tail`` more states, at the smallest such BLOCK (not
+    under 4 x ``tail`` unless the band is); TAIL = ``tail`` where that saves a tile, else 0 (no tail code
+    is compiled). A band of 2^k + r states, r <= tail, is the tiles of 2^k (G1: 257 states in 256 + 8,
+    not 512 or 256 + 256; G2 standard: 2,049 in 2,048 + 8 for the sweep, 2 x 1,024 + 8 for the boundary
+    kernel)."""
     block = max(1, min(triton.next_power_of_2(S), cap))
     fewest = n_tiles(S, block, tail)
-    while block > 1 and n_tiles(S, block // 2, tail) == fewest:
+    while block > 4 * tail and n_tiles(S, block // 2, tail) == fewest:  # a tail well under its tile
         block //= 2
-    return block
+    return block, (tail if n_tiles(S, block, 0) > fewest else 0)
 
 
-def _sweep_block(S: int, mode: int, *, small: bool = False) -> int:
+def _sweep_plan(S: int, mode: int, *, small: bool = False) -> tuple[int, int]:
     return tile_plan(S, 4 if small else SWEEP_STATES[mode], SMALL_TAIL if small else TAIL)
 
 
-def _boundary_block_x(S: int, block_d: int, *, small: bool = False) -> int:
-    """States per tile of the boundary kernel: the [BLOCK_X, BLOCK_D] tile within 16,384 lanes (no spill at
+def _boundary_plan(S: int, block_d: int, *, small: bool = False) -> tuple[int, int]:
+    """(BLOCK_X, TAIL) of the boundary kernel: the [BLOCK_X, BLOCK_D] tile within 16,384 lanes (no spill at
     any chunk length, see benchmarks/results/static_triton.md), planned by ``tile_plan``."""
     return tile_plan(S, max(1, (4 if small else BOUNDARY_LANES) // block_d), SMALL_TAIL if small else TAIL)
 
 
 def _step_tiles(S: int, mode: int, chunk_len: int) -> tuple[int, int]:
     """(sweep tiles per step, boundary tiles per chunk) at the GPU's blocks for a band of S states."""
-    sweep = n_tiles(S, _sweep_block(S, mode), TAIL)
+    sweep = n_tiles(S, *_sweep_plan(S, mode))
     if chunk_len == 0:
         return sweep, 0
     block_d = triton.next_power_of_2(_transfer_width(mode, chunk_len))
-    return sweep, n_tiles(S, _boundary_block_x(S, block_d), TAIL)
+    return sweep, n_tiles(S, *_boundary_plan(S, block_d))
 
 
 def _estimate_us(B: int, T: int, S: int, mode: int, chunk_len: int, n_sm: int) -> float:
@@ -700,20 +738,20 @@ def row_depth(T_b: int, U_b: int, S: int, mode: int, chunk_len: int, max_shift: 
     from the row's band at every frame as the kernels count them (``_n_tiles``; GPU blocks): per kernel
     the dependent tile steps of its longest program, and ``total``, the critical path (the report's
     sequential depth). ``widest``: the widest band of any frame."""
-    def tiles(t, block):
+    def tiles(t, plan):
         lo, hi = state_band(t, T_b, U_b, max_shift, S, mode)
-        return n_tiles(hi - lo + 1, block, TAIL)
+        return n_tiles(hi - lo + 1, *plan)
 
     widest = max((lambda lo_hi: lo_hi[1] - lo_hi[0] + 1)(state_band(t, T_b, U_b, max_shift, S, mode))
                  for t in range(T_b + 1))
-    block_s = _sweep_block(S, mode)
+    block_s = _sweep_plan(S, mode)
     if U_b > T_b:
         return dict(transfer=0, boundary=0, sweep=0, total=0, widest=widest)
     if chunk_len == 0:
         alpha = sum(tiles(t, block_s) for t in range(1, T_b + 1))
         beta = sum(tiles(t - 1, block_s) for t in range(2, T_b + 1))
         return dict(transfer=0, boundary=0, sweep=max(alpha, beta), total=max(alpha, beta), widest=widest)
-    block_x = _boundary_block_x(S, triton.next_power_of_2(_transfer_width(mode, chunk_len)))
+    block_x = _boundary_plan(S, triton.next_power_of_2(_transfer_width(mode, chunk_len)))
     starts = range(0, T_b, chunk_len)
     ends = [min(t_c + chunk_len, T_b) for t_c in starts]
     forward = sum(tiles(t_e, block_x) for t_e in ends)
@@ -746,8 +784,8 @@ def _choose_chunk_len(B: int, T: int, S: int, mode: int, device: torch.device) -
 
 
 def _sweep_warps(block: int) -> int:
-    """At most 4 states per thread up to 16 warps: a sweep step is latency-bound (G2 standard: 2,048 + 16
-    states at 16 warps, 110 registers; at 8 warps 212, half the resident warps)."""
+    """At most 4 states per thread up to 16 warps: a sweep step is latency-bound (G2 standard: 2,048 + 8
+    states at 16 warps, 110 registers; at 8 warps ~210, half the resident warps)."""
     return max(4, min(16, block // 128))
 
 
@@ -755,14 +793,15 @@ def lattice_configs(T: int, W: int, mode: int, chunk_len: int, *, small: bool = 
     """Meta (constexprs and num_warps) of every lattice kernel for a table of width W: one place for
     the launcher, the tests and benchmarks/static_triton.py. Chunked kernels only when chunk_len > 0."""
     S = W + 1 if mode == PRESERVE else 2 * W + 1
-    block_s = _sweep_block(S, mode, small=small)
+    block_s, tail_s = _sweep_plan(S, mode, small=small)
     tail = SMALL_TAIL if small else TAIL
+    block_p, tail_p = tile_plan(W + 1, 4 if small else 1024, tail)  # posterior sums: <= W + 1 states
     configs = {
-        "_sweep_kernel": dict(MODE=mode, CHUNKED=chunk_len > 0, BLOCK_S=block_s, TAIL=tail,
+        "_sweep_kernel": dict(MODE=mode, CHUNKED=chunk_len > 0, BLOCK_S=block_s, TAIL=tail_s,
                               num_warps=_sweep_warps(block_s)),
         "_loss_kernel": dict(MODE=mode, BLOCK_T=min(triton.next_power_of_2(max(T, 1)), 4 if small else 1024),
                              num_warps=4),
-        "_posterior_kernel": dict(MODE=mode, BLOCK_S=tile_plan(W + 1, 4 if small else 1024, tail), TAIL=tail,
+        "_posterior_kernel": dict(MODE=mode, BLOCK_S=block_p, TAIL=tail_p,
                                   BLOCK_W=min(triton.next_power_of_2(max(W, 1)), 4 if small else 1024), num_warps=4),
     }
     if chunk_len > 0:
@@ -771,8 +810,9 @@ def lattice_configs(T: int, W: int, mode: int, chunk_len: int, *, small: bool = 
         configs["_transfer_kernel"] = dict(
             MODE=mode, D=D, TILE_I=max(1, min(triton.next_power_of_2(S), (32 if small else 1024) // block_d)),
             BLOCK_D=block_d, num_warps=4)
-        configs["_boundary_kernel"] = dict(MODE=mode, D=D, BLOCK_X=_boundary_block_x(S, block_d, small=small),
-                                           BLOCK_D=block_d, TAIL=tail, num_warps=8)
+        block_x, tail_x = _boundary_plan(S, block_d, small=small)
+        configs["_boundary_kernel"] = dict(MODE=mode, D=D, BLOCK_X=block_x, BLOCK_D=block_d, TAIL=tail_x,
+                                           num_warps=8)
     return configs
 
 
