@@ -144,7 +144,8 @@ def main(argv=None):
     lines += ["## Every other config the launchers can choose", "",
               "The gradient's dense-kernel autotune list at G1 and at each cap shape, and the block-size caps "
               "(V = 262,144, W = 4,096, observed tokens) for each logits dtype, each mode and every chunk-length "
-              "candidate. "
+              "candidate, then one row per lattice-kernel config that `slack_ctc.lattice_configs` can give "
+              "(`lattice W=...`: the first table width that gives it). "
               "`tests/test_triton_resources.py` fails CI on a spill in any row of this report.", ""]
     spec_names = {w.name for w in resources.spec_workloads()}
     seen, rows = set(), []
