@@ -4,7 +4,8 @@ For each SPEC §6 shape (G1-G4, plus G1 unvalidated without a band bound), every
 launch there is compiled for sm_90 exactly as the launcher would launch it (constexprs, num_warps,
 Triton's argument specialisation; see ``mdlm_ctc.triton_kernels.resources``), and its registers,
 spills, shared memory, blocks per SM and resident warps per SM (H200 limits) are tabulated, with the
-lattice plan's sequential depth (dependent barrier-separated tile steps on the critical path). A
+lattice plan's tiling (tile, tiles per step, states in the last tile) and sequential depth (dependent
+barrier-separated tile steps on the critical path, for a full-length row and the cost model's bound). A
 second table lists every other config a launcher can choose (the dense kernel's autotune list and the
 block-size caps per dtype and chunk length). Writes ``benchmarks/results/static_triton.md``.
 
@@ -65,8 +66,33 @@ def _plan(workload):
     S = W + 1 if workload.mode == slack_ctc.PRESERVE else 2 * W + 1
     L = slack_ctc.choose_chunk_len(workload.B, workload.T, S, workload.mode, resources.H200_SMS)
     depth = slack_ctc.sequential_depth(workload.T, S, workload.mode, L)
+    row = slack_ctc.row_depth(workload.T, workload.U, S, workload.mode, L)
     est = slack_ctc._estimate_us(workload.B, workload.T, S, workload.mode, L, resources.H200_SMS)
-    return W, S, L, depth, est
+    return W, S, L, depth, row, est
+
+
+def _tile_rows(workload, S, L, row):
+    """The lattice plan's tiling: per kernel with dependent tile steps, its tile, the tiles of a step over a
+    band of S states (the last one holding the rest and up to TAIL more), and the dependent tile steps."""
+    configs = slack_ctc.lattice_configs(workload.T, workload.width(), workload.mode, L)
+    kernels = [("_sweep_kernel", "BLOCK_S", "step")] + ([("_boundary_kernel", "BLOCK_X", "chunk")] if L else [])
+    rows = []
+    for name, key, per in kernels:
+        block, tail = configs[name][key], configs[name]["TAIL"]
+        n = slack_ctc.n_tiles(S, block, tail)
+        last = S - (n - 1) * block
+        rows.append((f"`{name}`", f"{block} + {tail}", f"{n} per {per}", f"{last} of {block + tail}",
+                     str(row["sweep" if name == "_sweep_kernel" else "boundary"])))
+    if L:  # one tile per program; its programs run side by side, so their count is not depth
+        tile_i = configs["_transfer_kernel"]["TILE_I"]
+        programs = -(-S // tile_i)
+        rows.append(("`_transfer_kernel`", f"{tile_i} x {configs['_transfer_kernel']['BLOCK_D']} per program",
+                     f"1 per step (2 barriers); {programs} programs per chunk, in parallel",
+                     f"{S - (programs - 1) * tile_i} of {tile_i} ({S / (programs * tile_i):.0%} of all lanes used)",
+                     str(row["transfer"])))
+    header = ("kernel", "tile (states + tail)", "tiles, band of S states", "states in the last tile / its lanes",
+              "dependent tile steps, full-length row")
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def main(argv=None):
@@ -84,11 +110,16 @@ def main(argv=None):
              "Limits used: 65,536 registers per SM (allocated per warp in units of 256), 228 KB shared memory "
              "per SM (+1 KB reserved per block), 64 warps and 32 blocks per SM, 132 SMs. \"warps/SM\" is "
              "resident warps per SM (S2 asks >= 32 for the bandwidth-bound vocabulary passes: "
-             "`_emissions_kernel`, `_dense_kernel`; the fused LM head, G4, has no Triton kernel of its own: it runs "
-             "these kernels over its windows of frames and vocabulary). "
-             "Lattice depth: dependent, barrier-separated tile steps on the critical path of the chosen plan "
-             "(sweep tiles per step, boundary tiles per chunk), and the cost model's estimate [est., "
-             "constants not yet fitted on a GPU].", ""]
+             "`_emissions_kernel`, `_dense_kernel`; the fused LM head, G4, has no Triton kernel of its own: "
+             "it runs these kernels over its windows of frames and vocabulary). "
+             "Lattice depth: dependent, barrier-separated tile steps on the critical path of the chosen plan, "
+             "counted as the kernels' loops run them (`slack_ctc.row_depth`: the transfer kernel's steps, the "
+             "boundary kernel's tiles over all chunks, the longest sweep program's tiles), and the cost model's "
+             "estimate [est., constants not yet fitted on a GPU]. A step over a band of 2^k + r states, "
+             "r <= 8, is tiles of 2^k whose last one takes the r extra states (`slack_ctc.tile_plan`), so "
+             "no dependent step (sweep, boundary) has a nearly empty extra tile: the tiling table gives the "
+             "states of the last tile. The transfer kernel's tiles are separate programs that run side by "
+             "side (its last program's fill is shown; it adds no depth).", ""]
     spills = []
     for workload in resources.spec_workloads():
         shape = (f"N={workload.B * workload.T:,} frames" if workload.linear else
@@ -97,9 +128,12 @@ def main(argv=None):
                   ""]
         plan = _plan(workload)
         if plan is not None:
-            W, S, L, depth, est = plan
+            W, S, L, depth, row, est = plan
             lines += [f"Table width W = {W}, states S = {S}; chunk length {L or 'none (one chunk)'}; "
-                      f"lattice depth {depth} tile steps; estimated lattice time {est:.0f} us.", ""]
+                      f"lattice depth {row['total']} dependent tile steps for a full-length row (widest band "
+                      f"{row['widest']} states), {depth} for a row whose band fills the table at every frame "
+                      f"(the cost model's bound); estimated lattice time {est:.0f} us.", ""]
+            lines += _tile_rows(workload, S, L, row) + [""]
         rows = []
         for launch in resources.record(workload):
             row, r = _row(launch)
@@ -109,8 +143,10 @@ def main(argv=None):
         lines += _table(rows) + [""]
 
     lines += ["## Every other config the launchers can choose", "",
-              "The gradient's dense-kernel autotune list at G1, and the block-size caps (V = 262,144, W = 4,096, "
-              "observed tokens) for each logits dtype, each mode and every chunk-length candidate. "
+              "The gradient's dense-kernel autotune list at G1 and at each cap shape, and the block-size caps "
+              "(V = 262,144, W = 4,096, observed tokens) for each logits dtype, each mode and every chunk-length "
+              "candidate, then one row per lattice-kernel config that `slack_ctc.lattice_configs` can give "
+              "(`lattice W=...`: the first table width that gives it). "
               "`tests/test_triton_resources.py` fails CI on a spill in any row of this report.", ""]
     spec_names = {w.name for w in resources.spec_workloads()}
     seen, rows = set(), []

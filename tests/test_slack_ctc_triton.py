@@ -168,6 +168,52 @@ def test_chunked_scan_agrees_with_one_chunk(mode):
         assert_close_report(s, s0, atol=1e-6, rtol=1e-4, what=f"special posteriors, chunk_len={chunk_len}")
 
 
+def test_tile_plans_leave_no_nearly_empty_tile():
+    """``tile_plan`` (host arithmetic, no kernel): for every band of S <= 9,000 states and every cap, the
+    fewest tiles any power-of-two BLOCK <= cap allows, at the smallest such BLOCK, covering the band, with
+    the tail only where it saves a tile; a band of 2^k + r states (r <= TAIL) takes the tiles of 2^k, its
+    last tile holding BLOCK + r states."""
+    tail = lattice_module.TAIL
+    for cap in (256, 512, 1024, 2048, 4096):
+        blocks = [2 ** j for j in range(cap.bit_length())]
+        for S in range(1, 9001):
+            block, used = lattice_module.tile_plan(S, cap, tail)
+            n = lattice_module.n_tiles(S, block, used)
+            assert used in (0, tail) and (used == 0 or lattice_module.n_tiles(S, block, 0) > n), (cap, S, used)
+            assert block in blocks and (n - 1) * block < S <= n * block + tail, (cap, S, block, n)
+            assert n == min(lattice_module.n_tiles(S, b, tail) for b in blocks), (cap, S, block)
+            assert block <= 4 * tail or lattice_module.n_tiles(S, block // 2, tail) > n, (cap, S, block)
+            assert block >= min(4 * tail, 1 << (S - 1).bit_length(), cap), (cap, S, block)
+            if n == 1 and S > tail:
+                assert S > block // 2, (cap, S, block)  # one tile: more than half of it used
+        for k in range(5, 13):  # 2^k > TAIL
+            for r in (1, 2, 3, tail):
+                S = 2 ** k + r
+                block, used = lattice_module.tile_plan(S, cap, tail)
+                n = lattice_module.n_tiles(S, block, used)
+                if 2 ** k >= block:
+                    assert n == 2 ** k // block and S - (n - 1) * block == block + r, (cap, S, block, n)
+
+
+@pytest.mark.parametrize("mode", [PRESERVE, STANDARD])
+def test_row_depth_is_within_the_cost_models_bound(mode):
+    """``row_depth`` (the report's sequential depth) counts a row's own bands; ``sequential_depth`` prices
+    a band of S states at every frame, so it bounds every row of the table. Widest preserve band:
+    min(U, T - U) + 1 states."""
+    for T, U in ((2048, 1792), (2048, 1024), (8192, 7680), (600, 256), (300, 1)):
+        W = max(min(U, T - U + 1), 1)
+        S = W + 1 if mode == PRESERVE else 2 * W + 1
+        chunks = lattice_module.PRESERVE_CHUNKS if mode == PRESERVE else lattice_module.STANDARD_CHUNKS
+        for chunk_len in (0,) + chunks:
+            for T_b, U_b in ((T, U), (T - 37, U // 2), (T, 0)):
+                row = lattice_module.row_depth(T_b, U_b, S, mode, chunk_len)
+                assert 0 < row["total"] <= lattice_module.sequential_depth(T, S, mode, chunk_len), (T_b, U_b, row)
+                assert row["widest"] <= S
+                if mode == PRESERVE:  # (a row too wide for the table is clipped to S states, as in the kernels)
+                    assert row["widest"] == min(U_b, T_b - U_b, S - 1) + 1
+        assert lattice_module.row_depth(U - 1, U, S, mode, 7)["total"] == 0  # infeasible: nothing runs
+
+
 # ---------------------------------------------------------------------------------------------
 # stage 3: the gradient pass
 # ---------------------------------------------------------------------------------------------

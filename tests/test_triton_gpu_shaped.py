@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 import mdlm_ctc  # noqa: E402
+from mdlm_ctc import backends  # noqa: E402
 from mdlm_ctc.reference import (  # noqa: E402
     PRESERVE, STANDARD, column_band_width, emissions_reference, gradient_reference, lattice_band_reference,
     slack_ctc_reference)
@@ -95,6 +96,50 @@ def test_lattice_at_gpu_block_sizes_with_many_chunks(mode, chunk_len):
     # fp32 log space over 140 frames: a posterior's exponent carries ~ulp(|loglik|) of cancellation error
     assert_close_report(got_table, table, atol=5e-4, rtol=0, what="target posteriors")
     assert_close_report(got_special, special, atol=5e-4, rtol=0, what="special posteriors")
+
+
+# (mode, T, U, T_b, U_b, chunk_len): bands of 2^k + 1 states, a tile of 2^k and the tail. Several tiles
+# before the tail (S = 513 at D = 63) take minutes here; the small-block tests of test_slack_ctc_triton.py
+# run that path (BLOCK_X = 1, tail 2).
+TAIL_CASES = [
+    (PRESERVE, 270, 128, [270, 200, 100], [128, 60, 128], 15),  # S = 129: sweep and boundary tiles of 128
+    (STANDARD, 150, 64, [150, 120, 50], [64, 30, 64], 7),       # S = 129
+]
+
+
+@pytest.mark.parametrize("mode,T,U,T_b,U_b,chunk_len", TAIL_CASES)
+def test_bands_of_two_to_the_k_plus_one_states(mode, T, U, T_b, U_b, chunk_len):
+    """Frames whose band is one state wider than a power of two, at the GPU's blocks: the last tile of every
+    sweep and boundary step takes the extra state (no nearly empty tile). Ragged rows and an infeasible
+    one (U_b > T_b); oracles: the float64 reference lattice and the cpu backend's fp32 lattice."""
+    B, V = len(T_b), 16
+    logits, targets, T_b, U_b = make_case(B, T, U, V, T_b=T_b, U_b=U_b, dtype=torch.float32, seed=25)
+    if mode == STANDARD:
+        targets = (torch.arange(U, device=DEVICE)[None, :].expand(B, U) % 12 + 4).contiguous()
+        targets[:, 30:34] = 7  # repeats: no skip between them
+    W = max(int(column_band_width(T_b, U_b).max()), 1)
+    S = W + 1 if mode == PRESERVE else 2 * W + 1
+    configs = lattice_module.lattice_configs(T, W, mode, chunk_len)
+    for kernel, key in (("_sweep_kernel", "BLOCK_S"), ("_boundary_kernel", "BLOCK_X")):
+        block, tail = configs[kernel][key], configs[kernel]["TAIL"]
+        assert (S - 1) % block == 0 and lattice_module.n_tiles(S, block, tail) == (S - 1) // block, (kernel, block)
+    assert lattice_module.row_depth(T, U, S, mode, chunk_len)["widest"] == S  # the full row reaches 2^k + 1
+    _, table, special = emissions_reference(logits, targets, T_b, U_b, None, SLACK, -1, W, True)
+    got_table, got_special = table.clone(), special.clone()
+    nll = lattice_module.lattice_band(got_table, got_special, targets, T_b, U_b, mode, -1, True, chunk_len=chunk_len)
+    assert torch.isinf(nll[-1]) == (B > 1)
+    exact_table, exact_special = table.double(), special.double()
+    exact = lattice_band_reference(exact_table, exact_special, targets, T_b, U_b, mode, -1, True)
+    assert_close_report(nll, exact, atol=1e-3, rtol=1e-5, what="nll vs float64 reference")
+    assert_close_report(got_table, exact_table, atol=5e-4, rtol=0, what="target posteriors vs float64 reference")
+    assert_close_report(got_special, exact_special, atol=5e-4, rtol=0, what="special posteriors vs float64 reference")
+    assert backends.extension_loaded(), "the cpu backend (mdlm_ctc._C) is the fp32 oracle"
+    cpu_table, cpu_special = table.cpu().clone(), special.cpu().clone()
+    cpu_nll = backends.stages("cpu")[1](cpu_table, cpu_special, targets.cpu(), T_b.cpu(), U_b.cpu(), mode, -1, True)
+    assert_close_report(nll, cpu_nll, atol=1e-3, rtol=1e-5, what="nll vs cpu backend (fp32)")
+    # two fp32 lattices, each within 5e-4 of float64
+    assert_close_report(got_table, cpu_table, atol=1e-3, rtol=0, what="target posteriors vs cpu backend")
+    assert_close_report(got_special, cpu_special, atol=1e-3, rtol=0, what="special posteriors vs cpu backend")
 
 
 def test_offsets_past_2_to_the_31():

@@ -205,10 +205,41 @@ def _record_linear(w: Workload, meta: dict) -> None:
                          lengths, lengths, observed, post_target, per_frame, nll, 0, -1, False, True, dz)
 
 
+def lattice_launches(T: int = 8192) -> list[tuple[Workload, Launch]]:
+    """One launch of every lattice-kernel config ``slack_ctc.lattice_configs`` can give (table widths
+    1..4,096, both modes, every chunk-length candidate and one chunk): its block sizes follow the band
+    (``tile_plan``), and ptxas' register counts are not monotonic in them, so none is left out."""
+    from . import slack_ctc
+
+    meta = dict(device="meta")
+    seen, out = set(), []
+    for mode in (slack_ctc.PRESERVE, slack_ctc.STANDARD):
+        chunks = (0,) + (slack_ctc.PRESERVE_CHUNKS if mode == slack_ctc.PRESERVE else slack_ctc.STANDARD_CHUNKS)
+        for W in range(1, 4097):
+            for chunk_len in chunks:
+                configs = slack_ctc.lattice_configs(T, W, mode, chunk_len)
+                new = {name for name, c in configs.items() if (name, tuple(sorted(c.items()))) not in seen}
+                if not new:
+                    continue
+                seen.update((name, tuple(sorted(configs[name].items()))) for name in new)
+                launches: list[Launch] = []
+                with _recording(launches):
+                    table = torch.empty((2, T, W), dtype=torch.float32, **meta)
+                    special = torch.empty((2, T), dtype=torch.float32, **meta)
+                    targets = torch.empty((2, W), dtype=torch.int64, **meta)
+                    lengths = torch.empty((2,), dtype=torch.int64, **meta)
+                    slack_ctc.lattice_band(table, special, targets, lengths, lengths, mode, -1, True,
+                                           chunk_len=chunk_len)
+                workload = Workload(f"lattice W={W}{' standard' if mode else ''}", 2, T, W, 0, mode, W=W)
+                out += [(workload, launch) for launch in launches if launch.name in new]
+    return out
+
+
 def choosable_launches() -> list[tuple[Workload, Launch]]:
     """Every config the launchers can choose: the SPEC shapes with the cost model's chunk length, the
-    dense kernel's autotune list, and the caps of every block size for every chunk length candidate (and
-    for the windowed vocabulary and gradient passes of the fused LM head)."""
+    dense kernel's autotune list (at G1 and, since any logits dtype is autotuned, at every cap shape),
+    the caps of every block size for every chunk length candidate (and for the windowed vocabulary and
+    gradient passes of the fused LM head), and every lattice-kernel config."""
     from . import grad, slack_ctc
 
     out = []
@@ -219,10 +250,10 @@ def choosable_launches() -> list[tuple[Workload, Launch]]:
             if launch.name == "_dense_kernel"]
     for w in cap_workloads():
         chunks = (0,) + (slack_ctc.PRESERVE_CHUNKS if w.mode == slack_ctc.PRESERVE else slack_ctc.STANDARD_CHUNKS)
-        out += [(w, launch) for launch in record(w, chunk_lens=chunks)]
+        out += [(w, launch) for launch in record(w, chunk_lens=chunks, dense_blocks=grad.DENSE_AUTOTUNE_CONFIGS)]
         out += [(w, launch) for launch in record(dataclasses.replace(w, linear=True))
                 if launch.name in ("_emissions_kernel", "_band_values_kernel", "_dense_kernel")]
-    return out
+    return out + lattice_launches()
 
 
 # ---------------------------------------------------------------------------------------------

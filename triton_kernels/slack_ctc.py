@@ -52,13 +52,25 @@ of 2048) at the price of D times the SFU work of one pass in phase A (every inpu
 offsets), spread over the whole GPU: B * NC * S/TILE_I programs (G1: ~8,000). When the band is so
 wide that this extra work exceeds the latency it saves, or T is short, a single chunk (NC = 1,
 phases A and B skipped) runs alpha and beta as two concurrent programs per row.
-`choose_chunk_len` makes that call with the cost model below [est.], which prices every dependent
-step as the kernels run it: a sweep step is ceil(S / BLOCK_S) tiles, and the boundary kernel (grid
-(B, 2)) runs ceil(S / BLOCK_X) dependent tiles per chunk, each waiting on its global loads, so its
-depth is n_chunks x tiles. BLOCK_X holds the whole band when the [BLOCK_X, BLOCK_D] tile fits 16,384
-lanes (G1: S = 258, one tile of 512 instead of 256 plus a tile of one state).
-benchmarks/results/static_triton.md lists the plan, its sequential depth and the estimate per SPEC
-§6 shape. MDLM_CTC_LATTICE_CHUNK=<L> (0 = one chunk) overrides it.
+Tiles. A step over a band of n states runs ``_n_tiles`` dependent tiles of BLOCK states, and the
+last tile also takes up to TAIL = 8 states past its end (a [TAIL] or [TAIL, BLOCK_D] tile in the
+same loop iteration; TAIL is a constexpr, 0 where the plan needs no tail: then the kernels are the
+plain tile loop), so a band of 2^k + r states, r <= 8, costs the tiles of 2^k: no tile holds one
+state. That is the common case: preserve tables have S = W + 1 states, standard S = 2W + 1, and W is
+often a power of two (G2: S = 2,049 is one sweep tile of 2,048 + 8 instead of 4,096 lanes, and
+2 boundary tiles of 1,024 + 8 per chunk instead of 3, the third holding one state). ``tile_plan``
+picks the smallest power-of-two BLOCK with the fewest tiles under each kernel's cap (sweep: 4,096
+states preserve, 2,048 standard; boundary: [BLOCK_X, BLOCK_D] within 16,384 lanes; posterior sums:
+1,024). The tiles of one step are independent (they read frame t-1, write frame t), so where the
+extra states go does not change any result.
+
+`choose_chunk_len` makes the chunking call with the cost model below [est.], which prices every
+dependent step as the kernels run it, for a row whose band fills the table at every frame: a sweep
+step is ``n_tiles`` tiles of BLOCK_S, and the boundary kernel (grid (B, 2)) runs ``n_tiles`` dependent
+tiles of BLOCK_X per chunk, each waiting on its global loads, so its depth is n_chunks x tiles.
+``row_depth`` counts the same tiles from a row's own band at every frame. benchmarks/results/
+static_triton.md lists the plan, its tiles, its sequential depth and the estimate per SPEC §6 shape.
+MDLM_CTC_LATTICE_CHUNK=<L> (0 = one chunk) overrides it.
 
 Rejected alternative: splitting one row's band across CTAs that exchange edge states every step
 through global flags. It needs spin-waits on other CTAs (forward progress only with co-residency or
@@ -163,45 +175,87 @@ def _store_final_beta(beta_row, lo, hi, U_b, feasible, MODE: tl.constexpr):
 
 
 @triton.jit
+def _n_tiles(lo, hi, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    """Tiles of BLOCK states over the band [lo, hi] when the last tile also takes up to TAIL states past
+    its end (a band of 2^k + 1 states is one tile of 2^k and a tail, not two tiles): 0 for an empty band."""
+    extra = tl.maximum(hi - lo + 1 - TAIL, 0)
+    return tl.where(hi >= lo, tl.maximum((extra + BLOCK - 1) // BLOCK, 1), 0)
+
+
+@triton.jit
+def _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b,
+                MODE: tl.constexpr):
+    """alpha_t at states x (stored where mask) from alpha_{t-1} (stored)."""
+    a0 = _load_band(prev_row, x, lo_p, hi_p, mask)
+    a1 = _load_band(prev_row, x - 1, lo_p, hi_p, mask)
+    if MODE == 0:
+        w_advance = _target_emission(table_row, x, c_lo, c_hi, mask & (x >= 1))
+        new = logaddexp(a0 + e_k, a1 + w_advance)
+    else:
+        a2 = _load_band(prev_row, x - 2, lo_p, hi_p, mask)
+        em, skip = _standard_weights(x, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
+        new = logaddexp3(a0, a1, tl.where(skip, a2, NEG_INF)) + em
+    tl.store(cur_row + (x - lo_t), new, mask=mask)
+
+
+@triton.jit
 def _alpha_step(prev_row, lo_p, hi_p, cur_row, lo_t, hi_t, table_row, c_lo, c_hi, e_k, targets_row, U_b,
-                MODE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """alpha_t over its band from alpha_{t-1} (stored), in tiles of BLOCK_S states."""
+                MODE: tl.constexpr, BLOCK_S: tl.constexpr, TAIL: tl.constexpr):
+    """alpha_t over its band from alpha_{t-1} (stored), in tiles of BLOCK_S states, the last with a tail."""
     offs = tl.arange(0, BLOCK_S)
-    for x0 in range(lo_t, hi_t + 1, BLOCK_S):
-        x = x0 + offs
-        mask = x <= hi_t
-        a0 = _load_band(prev_row, x, lo_p, hi_p, mask)
-        a1 = _load_band(prev_row, x - 1, lo_p, hi_p, mask)
-        if MODE == 0:
-            w_advance = _target_emission(table_row, x, c_lo, c_hi, mask & (x >= 1))
-            new = logaddexp(a0 + e_k, a1 + w_advance)
-        else:
-            a2 = _load_band(prev_row, x - 2, lo_p, hi_p, mask)
-            em, skip = _standard_weights(x, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
-            new = logaddexp3(a0, a1, tl.where(skip, a2, NEG_INF)) + em
-        tl.store(cur_row + (x - lo_t), new, mask=mask)
+    if TAIL == 0:
+        for x0 in range(lo_t, hi_t + 1, BLOCK_S):
+            x = x0 + offs
+            _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x, x <= hi_t, table_row, c_lo, c_hi, e_k, targets_row,
+                        U_b, MODE)
+    else:
+        n_tiles = _n_tiles(lo_t, hi_t, BLOCK_S, TAIL)
+        x_tail = lo_t + n_tiles * BLOCK_S + tl.arange(0, TAIL)
+        for k in range(0, n_tiles):
+            x = lo_t + k * BLOCK_S + offs
+            _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x, x <= hi_t, table_row, c_lo, c_hi, e_k, targets_row,
+                        U_b, MODE)
+            _alpha_tile(prev_row, lo_p, hi_p, cur_row, lo_t, x_tail, (x_tail <= hi_t) & (k == n_tiles - 1),
+                        table_row, c_lo, c_hi, e_k, targets_row, U_b, MODE)
+
+
+@triton.jit
+def _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b,
+               MODE: tl.constexpr):
+    """beta_{t-1} at states x (stored where mask) from beta_t (stored) and frame t's weights."""
+    n0 = _load_band(next_row, x, lo_t, hi_t, mask)
+    n1 = _load_band(next_row, x + 1, lo_t, hi_t, mask)
+    if MODE == 0:
+        w_advance = _target_emission(table_row, x + 1, c_lo, c_hi, mask)
+        new = logaddexp(n0 + e_k, n1 + w_advance)
+    else:
+        n2 = _load_band(next_row, x + 2, lo_t, hi_t, mask)
+        em0, skip0 = _standard_weights(x, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
+        em1, skip1 = _standard_weights(x + 1, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
+        em2, skip2 = _standard_weights(x + 2, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
+        new = logaddexp3(n0 + em0, n1 + em1, tl.where(skip2, n2 + em2, NEG_INF))
+    tl.store(cur_row + (x - lo_p), new, mask=mask)
 
 
 @triton.jit
 def _beta_step(next_row, lo_t, hi_t, cur_row, lo_p, hi_p, table_row, c_lo, c_hi, e_k, targets_row, U_b,
-               MODE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """beta_{t-1} over its band from beta_t (stored) and frame t's weights."""
+               MODE: tl.constexpr, BLOCK_S: tl.constexpr, TAIL: tl.constexpr):
+    """beta_{t-1} over its band from beta_t (stored) and frame t's weights, tiled as ``_alpha_step``."""
     offs = tl.arange(0, BLOCK_S)
-    for x0 in range(lo_p, hi_p + 1, BLOCK_S):
-        x = x0 + offs
-        mask = x <= hi_p
-        n0 = _load_band(next_row, x, lo_t, hi_t, mask)
-        n1 = _load_band(next_row, x + 1, lo_t, hi_t, mask)
-        if MODE == 0:
-            w_advance = _target_emission(table_row, x + 1, c_lo, c_hi, mask)
-            new = logaddexp(n0 + e_k, n1 + w_advance)
-        else:
-            n2 = _load_band(next_row, x + 2, lo_t, hi_t, mask)
-            em0, skip0 = _standard_weights(x, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
-            em1, skip1 = _standard_weights(x + 1, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
-            em2, skip2 = _standard_weights(x + 2, mask, table_row, c_lo, c_hi, e_k, targets_row, U_b)
-            new = logaddexp3(n0 + em0, n1 + em1, tl.where(skip2, n2 + em2, NEG_INF))
-        tl.store(cur_row + (x - lo_p), new, mask=mask)
+    if TAIL == 0:
+        for x0 in range(lo_p, hi_p + 1, BLOCK_S):
+            x = x0 + offs
+            _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x, x <= hi_p, table_row, c_lo, c_hi, e_k, targets_row,
+                       U_b, MODE)
+    else:
+        n_tiles = _n_tiles(lo_p, hi_p, BLOCK_S, TAIL)
+        x_tail = lo_p + n_tiles * BLOCK_S + tl.arange(0, TAIL)
+        for k in range(0, n_tiles):
+            x = lo_p + k * BLOCK_S + offs
+            _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x, x <= hi_p, table_row, c_lo, c_hi, e_k, targets_row,
+                       U_b, MODE)
+            _beta_tile(next_row, lo_t, hi_t, cur_row, lo_p, x_tail, (x_tail <= hi_p) & (k == n_tiles - 1),
+                       table_row, c_lo, c_hi, e_k, targets_row, U_b, MODE)
 
 
 @triton.jit
@@ -274,13 +328,33 @@ def _transfer_kernel(
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _boundary_alpha_tile(x, mask, d, d_ok, transfer_c, alpha_c, lo_c, hi_c, alpha_e, lo_e, D: tl.constexpr):
+    """alpha_{t_e}(x) = logsumexp_d transfer_c[x - d][d] + alpha_{t_c}(x - d) at states x (stored where mask)."""
+    i = x[:, None] - d[None, :] - lo_c
+    ok = mask[:, None] & d_ok & (i >= 0) & (i <= hi_c - lo_c)
+    weight = tl.load(transfer_c + i * D + d[None, :], mask=ok, other=NEG_INF)
+    start = tl.load(alpha_c + i, mask=ok, other=NEG_INF)
+    tl.store(alpha_e + (x - lo_e), logsumexp_axis1(weight + start), mask=mask)
+
+
+@triton.jit
+def _boundary_beta_tile(x, mask, d, d_ok, transfer_c, beta_c, lo_c, beta_e, lo_e, hi_e, D: tl.constexpr):
+    """beta_{t_c}(x) = logsumexp_d transfer_c[x][d] + beta_{t_e}(x + d) at states x (stored where mask)."""
+    y = x[:, None] + d[None, :]
+    ok = mask[:, None] & d_ok & (y >= lo_e) & (y <= hi_e)
+    weight = tl.load(transfer_c + (x - lo_c)[:, None] * D + d[None, :], mask=ok, other=NEG_INF)
+    end = tl.load(beta_e + (y - lo_e), mask=ok, other=NEG_INF)
+    tl.store(beta_c + (x - lo_c), logsumexp_axis1(weight + end), mask=mask)
+
+
+@triton.jit
 def _boundary_kernel(
     # pointers
     input_lengths_ptr, target_lengths_ptr, transfer_ptr, alpha_ptr, beta_ptr,
     # sizes
     T, U_max, S, n_chunks, chunk_len, max_shift,
     # meta
-    MODE: tl.constexpr, D: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr,
+    MODE: tl.constexpr, D: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     direction = tl.program_id(1)
@@ -291,6 +365,8 @@ def _boundary_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = (d < D)[None, :]
     transfer_b = transfer_ptr + (b * n_chunks) * S * D
+    # Each chunk is n_tiles dependent tiles of BLOCK_X states; the last also takes the band's last
+    # <= TAIL states (a band of 2^k + 1 states costs the tiles of 2^k, see _n_tiles).
     if direction == 0:
         alpha_b = alpha_ptr + b * (T + 1) * S
         lo_0, hi_0 = _state_band(0, T_b, U_b, max_shift, S, MODE)
@@ -302,33 +378,47 @@ def _boundary_kernel(
             lo_c, hi_c = _state_band(t_c, T_b, U_b, max_shift, S, MODE)
             lo_e, hi_e = _state_band(t_e, T_b, U_b, max_shift, S, MODE)
             transfer_c = transfer_b + c * S * D
-            for x0 in range(lo_e, hi_e + 1, BLOCK_X):
-                x = x0 + offs  # alpha_{t_e}(x) = logsumexp_d transfer_c[x - d][d] + alpha_{t_c}(x - d)
-                i = x[:, None] - d[None, :] - lo_c
-                ok = (x <= hi_e)[:, None] & d_ok & (i >= 0) & (i <= hi_c - lo_c)
-                weight = tl.load(transfer_c + i * D + d[None, :], mask=ok, other=NEG_INF)
-                start = tl.load(alpha_b + t_c * S + i, mask=ok, other=NEG_INF)
-                tl.store(alpha_b + t_e * S + (x - lo_e), logsumexp_axis1(weight + start), mask=x <= hi_e)
+            if TAIL == 0:
+                for x0 in range(lo_e, hi_e + 1, BLOCK_X):
+                    x = x0 + offs
+                    _boundary_alpha_tile(x, x <= hi_e, d, d_ok, transfer_c, alpha_b + t_c * S, lo_c, hi_c,
+                                         alpha_b + t_e * S, lo_e, D)
+            else:
+                n_tiles = _n_tiles(lo_e, hi_e, BLOCK_X, TAIL)
+                x_tail = lo_e + n_tiles * BLOCK_X + tl.arange(0, TAIL)
+                for k in range(0, n_tiles):
+                    x = lo_e + k * BLOCK_X + offs
+                    _boundary_alpha_tile(x, x <= hi_e, d, d_ok, transfer_c, alpha_b + t_c * S, lo_c, hi_c,
+                                         alpha_b + t_e * S, lo_e, D)
+                    _boundary_alpha_tile(x_tail, (x_tail <= hi_e) & (k == n_tiles - 1), d, d_ok, transfer_c,
+                                         alpha_b + t_c * S, lo_c, hi_c, alpha_b + t_e * S, lo_e, D)
             tl.debug_barrier()
     else:
         beta_b = beta_ptr + b * (T + 1) * S
         lo_T, hi_T = _state_band(T_b, T_b, U_b, max_shift, S, MODE)
         _store_final_beta(beta_b + T_b * S, lo_T, hi_T, U_b, feasible, MODE)
         tl.debug_barrier()
-        for k in range(0, n_active - 1):  # chunks n_active-1 .. 1 (beta_0 is never needed)
-            c = n_active - 1 - k
+        for j in range(0, n_active - 1):  # chunks n_active-1 .. 1 (beta_0 is never needed)
+            c = n_active - 1 - j
             t_c = c * chunk_len
             t_e = tl.minimum(t_c + chunk_len, T_b)
             lo_c, hi_c = _state_band(t_c, T_b, U_b, max_shift, S, MODE)
             lo_e, hi_e = _state_band(t_e, T_b, U_b, max_shift, S, MODE)
             transfer_c = transfer_b + c * S * D
-            for x0 in range(lo_c, hi_c + 1, BLOCK_X):
-                x = x0 + offs  # beta_{t_c}(x) = logsumexp_d transfer_c[x][d] + beta_{t_e}(x + d)
-                y = x[:, None] + d[None, :]
-                ok = (x <= hi_c)[:, None] & d_ok & (y >= lo_e) & (y <= hi_e)
-                weight = tl.load(transfer_c + (x - lo_c)[:, None] * D + d[None, :], mask=ok, other=NEG_INF)
-                end = tl.load(beta_b + t_e * S + (y - lo_e), mask=ok, other=NEG_INF)
-                tl.store(beta_b + t_c * S + (x - lo_c), logsumexp_axis1(weight + end), mask=x <= hi_c)
+            if TAIL == 0:
+                for x0 in range(lo_c, hi_c + 1, BLOCK_X):
+                    x = x0 + offs
+                    _boundary_beta_tile(x, x <= hi_c, d, d_ok, transfer_c, beta_b + t_c * S, lo_c,
+                                        beta_b + t_e * S, lo_e, hi_e, D)
+            else:
+                n_tiles = _n_tiles(lo_c, hi_c, BLOCK_X, TAIL)
+                x_tail = lo_c + n_tiles * BLOCK_X + tl.arange(0, TAIL)
+                for k in range(0, n_tiles):
+                    x = lo_c + k * BLOCK_X + offs
+                    _boundary_beta_tile(x, x <= hi_c, d, d_ok, transfer_c, beta_b + t_c * S, lo_c,
+                                        beta_b + t_e * S, lo_e, hi_e, D)
+                    _boundary_beta_tile(x_tail, (x_tail <= hi_c) & (k == n_tiles - 1), d, d_ok, transfer_c,
+                                        beta_b + t_c * S, lo_c, beta_b + t_e * S, lo_e, hi_e, D)
             tl.debug_barrier()
 
 
@@ -345,7 +435,7 @@ def _sweep_kernel(
     # strides
     stride_targets_b,
     # meta
-    MODE: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_S: tl.constexpr,
+    MODE: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_S: tl.constexpr, TAIL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
@@ -376,7 +466,7 @@ def _sweep_kernel(
             c_lo, c_hi = _column_band(t, T_b, U_b, max_shift, W)
             e_k = tl.load(special_b + (t - 1))
             _alpha_step(alpha_b + (t - 1) * S, lo_p, hi_p, alpha_b + t * S, lo_t, hi_t, table_b + (t - 1) * W,
-                        c_lo, c_hi, e_k, targets_row, U_b, MODE, BLOCK_S)
+                        c_lo, c_hi, e_k, targets_row, U_b, MODE, BLOCK_S, TAIL)
             tl.debug_barrier()
     else:
         beta_b = beta_ptr + b * (T + 1) * S
@@ -391,7 +481,7 @@ def _sweep_kernel(
             c_lo, c_hi = _column_band(t, T_b, U_b, max_shift, W)
             e_k = tl.load(special_b + (t - 1))
             _beta_step(beta_b + t * S, lo_t, hi_t, beta_b + (t - 1) * S, lo_p, hi_p, table_b + (t - 1) * W,
-                       c_lo, c_hi, e_k, targets_row, U_b, MODE, BLOCK_S)
+                       c_lo, c_hi, e_k, targets_row, U_b, MODE, BLOCK_S, TAIL)
             tl.debug_barrier()
 
 
@@ -432,13 +522,29 @@ def _loss_kernel(
 
 
 @triton.jit
+def _stay_terms(x, mask, alpha_prev, lo_p, hi_p, beta_cur, lo_t, hi_t, e_k, loglik):
+    """Preserve: exp(alpha_{t-1}(x) + e_t(k) + beta_t(x) - loglik) at states x, 0 where not mask."""
+    a = _load_band(alpha_prev, x, lo_p, hi_p, mask)
+    n = _load_band(beta_cur, x, lo_t, hi_t, mask)
+    return tl.exp(a + e_k + n - loglik)
+
+
+@triton.jit
+def _blank_terms(x, mask, alpha_cur, beta_cur, lo_t, hi_t, loglik):
+    """Standard: exp(alpha_t(x) + beta_t(x) - loglik) at (blank) states x, 0 where not mask."""
+    a = _load_band(alpha_cur, x, lo_t, hi_t, mask)
+    n = _load_band(beta_cur, x, lo_t, hi_t, mask)
+    return tl.exp(a + n - loglik)
+
+
+@triton.jit
 def _posterior_kernel(
     # pointers
     table_ptr, special_ptr, input_lengths_ptr, target_lengths_ptr, alpha_ptr, beta_ptr, nll_ptr,
     # sizes
     T, W, U_max, S, max_shift,
     # meta
-    MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, TAIL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -456,27 +562,45 @@ def _posterior_kernel(
     lo_t, hi_t = _state_band(t, T_b, U_b, max_shift, S, MODE)
     offs_s = tl.arange(0, BLOCK_S)
 
-    # the special token: a sum over states
+    # the special token: a sum over states, in tiles of BLOCK_S whose last also takes <= TAIL states
     acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc_tail = tl.zeros([], dtype=tl.float32)
     if MODE == 0:  # stay moves u -> u at frame t: alpha_{t-1}(u) + e_t(k) + beta_t(u)
         x_lo = tl.maximum(lo_p, lo_t)
         x_hi = tl.where(live, tl.minimum(hi_p, hi_t), x_lo - 1)
-        for x0 in range(x_lo, x_hi + 1, BLOCK_S):
-            x = x0 + offs_s
-            mask = x <= x_hi
-            a = _load_band(alpha_b + (t - 1) * S, x, lo_p, hi_p, mask)
-            n = _load_band(beta_b + t * S, x, lo_t, hi_t, mask)
-            acc += tl.exp(a + e_k + n - loglik)
+        if TAIL == 0:
+            for x0 in range(x_lo, x_hi + 1, BLOCK_S):
+                x = x0 + offs_s
+                acc += _stay_terms(x, x <= x_hi, alpha_b + (t - 1) * S, lo_p, hi_p, beta_b + t * S, lo_t, hi_t, e_k,
+                                   loglik)
+        else:
+            n_tiles = _n_tiles(x_lo, x_hi, BLOCK_S, TAIL)
+            x_tail = x_lo + n_tiles * BLOCK_S + tl.arange(0, TAIL)
+            for k in range(0, n_tiles):
+                x = x_lo + k * BLOCK_S + offs_s
+                acc += _stay_terms(x, x <= x_hi, alpha_b + (t - 1) * S, lo_p, hi_p, beta_b + t * S, lo_t, hi_t, e_k,
+                                   loglik)
+                acc_tail += tl.sum(_stay_terms(x_tail, (x_tail <= x_hi) & (k == n_tiles - 1), alpha_b + (t - 1) * S,
+                                               lo_p, hi_p, beta_b + t * S, lo_t, hi_t, e_k, loglik), axis=0)
     else:  # blank states (even s) at frame t: alpha_t(s) + beta_t(s)
         x_first = lo_t + (lo_t % 2)
         n_blank = tl.where(live & (hi_t >= x_first), (hi_t - x_first) // 2 + 1, 0)
-        for k0 in range(0, n_blank, BLOCK_S):
-            x = x_first + 2 * (k0 + offs_s)
-            mask = k0 + offs_s < n_blank
-            a = _load_band(alpha_b + t * S, x, lo_t, hi_t, mask)
-            n = _load_band(beta_b + t * S, x, lo_t, hi_t, mask)
-            acc += tl.exp(a + n - loglik)
-    post_special = tl.where(live, tl.sum(acc, axis=0), tl.where(nan_row, NAN, 0.0))
+        if TAIL == 0:
+            for k0 in range(0, n_blank, BLOCK_S):
+                j = k0 + offs_s
+                acc += _blank_terms(x_first + 2 * j, j < n_blank, alpha_b + t * S, beta_b + t * S, lo_t, hi_t,
+                                    loglik)
+        else:
+            n_tiles = _n_tiles(0, n_blank - 1, BLOCK_S, TAIL)
+            j_tail = n_tiles * BLOCK_S + tl.arange(0, TAIL)
+            for k in range(0, n_tiles):
+                j = k * BLOCK_S + offs_s
+                acc += _blank_terms(x_first + 2 * j, j < n_blank, alpha_b + t * S, beta_b + t * S, lo_t, hi_t,
+                                    loglik)
+                acc_tail += tl.sum(_blank_terms(x_first + 2 * j_tail, (j_tail < n_blank) & (k == n_tiles - 1),
+                                                alpha_b + t * S, beta_b + t * S, lo_t, hi_t, loglik), axis=0)
+    acc_sum = tl.sum(acc, axis=0) + acc_tail
+    post_special = tl.where(live, acc_sum, tl.where(nan_row, NAN, 0.0))
 
     # the target columns, in the table's layout
     c_lo, c_hi = _column_band(t, T_b, U_b, max_shift, W)
@@ -514,45 +638,129 @@ PRESERVE_CHUNKS = (15, 31, 63)  # transfer widths D = L + 1 = 16, 32, 64
 STANDARD_CHUNKS = (7, 15, 31)   # D = 2L + 1 = 15, 31, 63
 
 
+TAIL, SMALL_TAIL = 8, 2  # states the last tile of a sweep or boundary step takes past its BLOCK (``_n_tiles``)
+# caps: sweep tile states (preserve, standard: its unchunked sweep spills at 4,096 + tail), boundary
+# [BLOCK_X, BLOCK_D] lanes
+SWEEP_STATES, BOUNDARY_LANES = (4096, 2048), 16384
+
+
 def _transfer_width(mode: int, chunk_len: int) -> int:
     return chunk_len + 1 if mode == PRESERVE else 2 * chunk_len + 1
 
 
-def _boundary_block_x(S: int, block_d: int, *, small: bool = False) -> int:
-    """States per tile of the boundary kernel: the whole band in one tile when the [BLOCK_X, BLOCK_D]
-    tile stays within 16,384 lanes (no spill at any chunk length, see benchmarks/results/static_triton.md;
-    G1: S = 258 -> one tile of 512, not 256 + a tile of one state; G3: 514 states in one tile of 1,024)."""
-    return max(1, min(triton.next_power_of_2(S), (4 if small else 16384) // block_d))
+def n_tiles(states: int, block: int, tail: int) -> int:
+    """Host mirror of ``_n_tiles``: dependent tiles one lattice step runs over a band of ``states``."""
+    if states <= 0:
+        return 0
+    return max(1, -(-max(states - tail, 0) // block))
+
+
+def tile_plan(S: int, cap: int, tail: int) -> tuple[int, int]:
+    """(BLOCK, TAIL) of a lattice step over bands of up to S states: the fewest tiles any power of two
+    <= cap gives when the last tile may take up to ``tail`` more states, at the smallest such BLOCK (not
+    under 4 x ``tail`` unless the band is); TAIL = ``tail`` where that saves a tile, else 0 (no tail code
+    is compiled). A band of 2^k + r states, r <= tail, is the tiles of 2^k (G1: 257 states in 256 + 8,
+    not 512 or 256 + 256; G2 standard: 2,049 in 2,048 + 8 for the sweep, 2 x 1,024 + 8 for the boundary
+    kernel)."""
+    block = max(1, min(triton.next_power_of_2(S), cap))
+    fewest = n_tiles(S, block, tail)
+    while block > 4 * tail and n_tiles(S, block // 2, tail) == fewest:  # a tail well under its tile
+        block //= 2
+    return block, (tail if n_tiles(S, block, 0) > fewest else 0)
+
+
+def _sweep_plan(S: int, mode: int, *, small: bool = False) -> tuple[int, int]:
+    return tile_plan(S, 4 if small else SWEEP_STATES[mode], SMALL_TAIL if small else TAIL)
+
+
+def _boundary_plan(S: int, block_d: int, *, small: bool = False) -> tuple[int, int]:
+    """(BLOCK_X, TAIL) of the boundary kernel: the [BLOCK_X, BLOCK_D] tile within 16,384 lanes (no spill at
+    any chunk length, see benchmarks/results/static_triton.md), planned by ``tile_plan``."""
+    return tile_plan(S, max(1, (4 if small else BOUNDARY_LANES) // block_d), SMALL_TAIL if small else TAIL)
+
+
+def _step_tiles(S: int, mode: int, chunk_len: int) -> tuple[int, int]:
+    """(sweep tiles per step, boundary tiles per chunk) at the GPU's blocks for a band of S states."""
+    sweep = n_tiles(S, *_sweep_plan(S, mode))
+    if chunk_len == 0:
+        return sweep, 0
+    block_d = triton.next_power_of_2(_transfer_width(mode, chunk_len))
+    return sweep, n_tiles(S, *_boundary_plan(S, block_d))
 
 
 def _estimate_us(B: int, T: int, S: int, mode: int, chunk_len: int, n_sm: int) -> float:
     """Estimated lattice time (alpha + beta; the posterior pass is the same either way).
 
-    Every dependent step is priced as the kernels run it: the sweep steps tile by tile over BLOCK_S
-    states, and the boundary kernel (grid (B, 2)) runs ceil(S / BLOCK_X) dependent tiles per chunk,
-    each waiting on its global loads, so its sequential depth is n_chunks * tiles, not n_chunks."""
+    Every dependent step is priced as the kernels run it, for a row whose band fills the table (S
+    states) at every frame: a sweep step is ``n_tiles`` tiles of BLOCK_S, and the boundary kernel
+    (grid (B, 2)) runs ``n_tiles`` dependent tiles of BLOCK_X per chunk, each waiting on its global
+    loads, so its depth is n_chunks x tiles, not n_chunks."""
     sfu = 2 if mode == PRESERVE else 3  # SFU ops per state and step
     rate = SFU_OPS_PER_US_PER_SM
-    sweep_tiles = -(-S // min(triton.next_power_of_2(S), 4096))
+    sweep_tiles, boundary_tiles = _step_tiles(S, mode, chunk_len)
     if chunk_len == 0:
         return T * (sweep_tiles * STEP_US + S * sfu / rate)
     D = _transfer_width(mode, chunk_len)
     n_chunks = -(-T // chunk_len)
     transfer = max(B * T * S * D * sfu / (rate * n_sm), chunk_len * 2 * STEP_US)
-    boundary_tiles = -(-S // _boundary_block_x(S, triton.next_power_of_2(D)))
     boundary = n_chunks * (boundary_tiles * STEP_US + S * D / rate)
     sweep = max(chunk_len * (sweep_tiles * STEP_US + S * sfu / rate), B * T * S * sfu / (rate * n_sm))
     return transfer + boundary + sweep + 2 * LAUNCH_US
 
 
 def sequential_depth(T: int, S: int, mode: int, chunk_len: int) -> int:
-    """Dependent, barrier-separated tile steps on the lattice's critical path (the static report's column)."""
-    sweep_tiles = -(-S // min(triton.next_power_of_2(S), 4096))
+    """Dependent, barrier-separated tile steps on the lattice's critical path, for a row of T frames whose
+    band fills the table (S states) at every frame: the bound the cost model prices. One chunk: T alpha
+    steps (beta runs T - 1 beside it). Chunked: the transfer kernel's L steps of two barriers, the
+    boundary kernel's n_chunks chunks of ``n_tiles`` tiles, the sweep's L - 1 interior steps."""
+    sweep_tiles, boundary_tiles = _step_tiles(S, mode, chunk_len)
     if chunk_len == 0:
         return T * sweep_tiles
     n_chunks = -(-T // chunk_len)
-    boundary_tiles = -(-S // _boundary_block_x(S, triton.next_power_of_2(_transfer_width(mode, chunk_len))))
-    return 2 * chunk_len + n_chunks * boundary_tiles + chunk_len * sweep_tiles
+    return 2 * chunk_len + n_chunks * boundary_tiles + (chunk_len - 1) * sweep_tiles
+
+
+def state_band(t: int, T_b: int, U_b: int, max_shift: int, S: int, mode: int) -> tuple[int, int]:
+    """Host mirror of ``_state_band`` (inclusive [lo, hi] of frame t's states)."""
+    if mode == PRESERVE:
+        lo = max(U_b - (T_b - t), 0)
+        if max_shift >= 0:
+            lo = max(lo, min(t - max_shift, U_b))
+        hi = min(t, U_b)
+    else:
+        lo = max(2 * (U_b - T_b + t) - 1, 0)
+        hi = min(2 * U_b, max(2 * t - 1, 0))
+    return lo, min(hi, lo + S - 1)
+
+
+def row_depth(T_b: int, U_b: int, S: int, mode: int, chunk_len: int, max_shift: int = -1) -> dict:
+    """The tiles each lattice kernel's loops run one after another for one row (lengths T_b, U_b), counted
+    from the row's band at every frame as the kernels count them (``_n_tiles``; GPU blocks): per kernel
+    the dependent tile steps of its longest program, and ``total``, the critical path (the report's
+    sequential depth). ``widest``: the widest band of any frame."""
+    def tiles(t, plan):
+        lo, hi = state_band(t, T_b, U_b, max_shift, S, mode)
+        return n_tiles(hi - lo + 1, *plan)
+
+    widest = max((lambda lo_hi: lo_hi[1] - lo_hi[0] + 1)(state_band(t, T_b, U_b, max_shift, S, mode))
+                 for t in range(T_b + 1))
+    block_s = _sweep_plan(S, mode)
+    if U_b > T_b:
+        return dict(transfer=0, boundary=0, sweep=0, total=0, widest=widest)
+    if chunk_len == 0:
+        alpha = sum(tiles(t, block_s) for t in range(1, T_b + 1))
+        beta = sum(tiles(t - 1, block_s) for t in range(2, T_b + 1))
+        return dict(transfer=0, boundary=0, sweep=max(alpha, beta), total=max(alpha, beta), widest=widest)
+    block_x = _boundary_plan(S, triton.next_power_of_2(_transfer_width(mode, chunk_len)))
+    starts = range(0, T_b, chunk_len)
+    ends = [min(t_c + chunk_len, T_b) for t_c in starts]
+    forward = sum(tiles(t_e, block_x) for t_e in ends)
+    backward = sum(tiles(t_c, block_x) for t_c in starts if t_c > 0)
+    sweep = max(max(sum(tiles(t, block_s) for t in range(t_c + 1, t_e)),
+                    sum(tiles(t - 1, block_s) for t in range(t_c + 2, t_e + 1))) for t_c, t_e in zip(starts, ends))
+    transfer = 2 * max(t_e - t_c for t_c, t_e in zip(starts, ends))
+    boundary = max(forward, backward)
+    return dict(transfer=transfer, boundary=boundary, sweep=sweep, total=transfer + boundary + sweep, widest=widest)
 
 
 def choose_chunk_len(B: int, T: int, S: int, mode: int, n_sm: int) -> int:
@@ -576,19 +784,24 @@ def _choose_chunk_len(B: int, T: int, S: int, mode: int, device: torch.device) -
 
 
 def _sweep_warps(block: int) -> int:
-    return max(4, min(16, block // 256))
+    """At most 4 states per thread up to 16 warps: a sweep step is latency-bound (G2 standard: 2,048 + 8
+    states at 16 warps, 110 registers; at 8 warps ~210, half the resident warps)."""
+    return max(4, min(16, block // 128))
 
 
 def lattice_configs(T: int, W: int, mode: int, chunk_len: int, *, small: bool = False) -> dict:
     """Meta (constexprs and num_warps) of every lattice kernel for a table of width W: one place for
     the launcher, the tests and benchmarks/static_triton.py. Chunked kernels only when chunk_len > 0."""
     S = W + 1 if mode == PRESERVE else 2 * W + 1
-    block_s = min(triton.next_power_of_2(S), 4 if small else 4096)
+    block_s, tail_s = _sweep_plan(S, mode, small=small)
+    tail = SMALL_TAIL if small else TAIL
+    block_p, tail_p = tile_plan(W + 1, 4 if small else 1024, tail)  # posterior sums: <= W + 1 states
     configs = {
-        "_sweep_kernel": dict(MODE=mode, CHUNKED=chunk_len > 0, BLOCK_S=block_s, num_warps=_sweep_warps(block_s)),
+        "_sweep_kernel": dict(MODE=mode, CHUNKED=chunk_len > 0, BLOCK_S=block_s, TAIL=tail_s,
+                              num_warps=_sweep_warps(block_s)),
         "_loss_kernel": dict(MODE=mode, BLOCK_T=min(triton.next_power_of_2(max(T, 1)), 4 if small else 1024),
                              num_warps=4),
-        "_posterior_kernel": dict(MODE=mode, BLOCK_S=min(block_s, 1024),
+        "_posterior_kernel": dict(MODE=mode, BLOCK_S=block_p, TAIL=tail_p,
                                   BLOCK_W=min(triton.next_power_of_2(max(W, 1)), 4 if small else 1024), num_warps=4),
     }
     if chunk_len > 0:
@@ -597,8 +810,9 @@ def lattice_configs(T: int, W: int, mode: int, chunk_len: int, *, small: bool = 
         configs["_transfer_kernel"] = dict(
             MODE=mode, D=D, TILE_I=max(1, min(triton.next_power_of_2(S), (32 if small else 1024) // block_d)),
             BLOCK_D=block_d, num_warps=4)
-        configs["_boundary_kernel"] = dict(MODE=mode, D=D, BLOCK_X=_boundary_block_x(S, block_d, small=small),
-                                           BLOCK_D=block_d, num_warps=8)
+        block_x, tail_x = _boundary_plan(S, block_d, small=small)
+        configs["_boundary_kernel"] = dict(MODE=mode, D=D, BLOCK_X=block_x, BLOCK_D=block_d, TAIL=tail_x,
+                                           num_warps=8)
     return configs
 
 
