@@ -54,8 +54,8 @@ earlier version of this module (rows in ``benchmarks/results/linear_slack_ctc.js
 speed of this version, one process per configuration at N=4096, D=256, V=32,000 (``bench_linear_slack_ctc.py
 --isolated``, a 2-core AMD EPYC VM), are in ``benchmarks/results/linear_slack_ctc_cpu_memory.md``: the
 CPU allocator's peak (pooled buffers included) is one chunk of logits + the returned gradients + the
-band tables (1.02x in fp32, 1.11x in bf16: the fp32 dH accumulator). bf16 CPU time: 1.60 s with the
-chunk holding every frame (kept logits, 3 GEMMs) and 2.06 s at chunk 1024 (4 GEMMs), against 1.82 s for
+band tables (1.02x in fp32, 1.11x in bf16: the fp32 dH accumulator). bf16 CPU time: 1.47 s with the
+chunk holding every frame (kept logits, 3 GEMMs) and 1.93 s at chunk 1024 (4 GEMMs), against 1.75 s for
 materialising the bf16 logits; GEMMs are about 80% of the time at this D, so the recompute GEMM is
 what chunks shorter than a row cost. GPU figures (G4) are unmeasured.
 
