@@ -70,6 +70,22 @@ def _lane_logsumexp_step(lane_max, lane_sum, x):
 
 
 @triton.jit
+def frame_of(row, frame_offset, T, base_ptr, stride_b, stride_t, WINDOW: tl.constexpr):
+    """``(b, t, pointer to the row)`` of output row ``row``. With WINDOW, row r of a window's [n, ...]
+    tensor: the flat frame frame_offset + r of the rows given ("Windows" above); otherwise frame
+    (row // T, row % T) of a [B, T, ...] tensor."""
+    if WINDOW:
+        b = (row + frame_offset) // T
+        t = row + frame_offset - b * T
+        ptr = base_ptr + row * stride_t
+    else:
+        b = row // T
+        t = row - b * T
+        ptr = base_ptr + b * stride_b + t * stride_t
+    return b, t, ptr
+
+
+@triton.jit
 def _emissions_kernel(
     # pointers
     logits_ptr, targets_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
@@ -83,14 +99,7 @@ def _emissions_kernel(
     BLOCK_W: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # the output row
-    if WINDOW:  # row r of a window's [n, V] logits: the flat frame frame_offset + r of the rows given
-        b = (row + frame_offset) // T
-        t = row + frame_offset - b * T
-        x_row = logits_ptr + row * stride_logits_t
-    else:
-        b = row // T
-        t = row - b * T
-        x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
+    b, t, x_row = frame_of(row, frame_offset, T, logits_ptr, stride_logits_b, stride_logits_t, WINDOW)
     T_b = tl.minimum(tl.maximum(tl.load(input_lengths_ptr + b).to(tl.int64), 0), T)
     U_b = tl.minimum(tl.maximum(tl.load(target_lengths_ptr + b).to(tl.int64), 0), U_max)
     active = t < T_b

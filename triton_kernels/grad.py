@@ -54,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .emissions import autotune_enabled, check_window, device_guard, small_blocks, vocab_block, window_rows
+from .emissions import (autotune_enabled, check_window, device_guard, frame_of, small_blocks, vocab_block,
+                        window_rows)
 from .logspace import LOG2E, NAN, NEG_INF, POS_INF
 
 
@@ -117,14 +118,7 @@ def _band_values_kernel(
     JUMPS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # the output row
-    if WINDOW:  # emissions.py, "Windows"
-        b = (row + frame_offset) // T
-        t = row + frame_offset - b * T
-        x_row = logits_ptr + row * stride_logits_t
-    else:
-        b = row // T
-        t = row - b * T
-        x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
+    b, t, x_row = frame_of(row, frame_offset, T, logits_ptr, stride_logits_b, stride_logits_t, WINDOW)
     active, live, infeasible, c_lo, c_hi, width = _row_state(
         b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
         stride_observed_b, stride_observed_t, W, HAS_OBSERVED)
@@ -194,17 +188,11 @@ def _dense_kernel(
     WINDOW: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # the output row
-    if WINDOW:  # emissions.py, "Windows"; the vocabulary window's columns [vocab_offset, vocab_offset + V_window)
-        b = (row + frame_offset) // T
-        t = row + frame_offset - b * T
-        x_row = logits_ptr + row * stride_logits_t
-        out_row = out_ptr + row * stride_out_t
+    b, t, x_row = frame_of(row, frame_offset, T, logits_ptr, stride_logits_b, stride_logits_t, WINDOW)
+    _, _, out_row = frame_of(row, frame_offset, T, out_ptr, stride_out_b, stride_out_t, WINDOW)
+    if WINDOW:  # the vocabulary window's columns [vocab_offset, vocab_offset + V_window)
         n_columns = V_window
     else:
-        b = row // T
-        t = row - b * T
-        x_row = logits_ptr + b * stride_logits_b + t * stride_logits_t
-        out_row = out_ptr + b * stride_out_b + t * stride_out_t
         n_columns = V
     active, live, infeasible, c_lo, c_hi, width = _row_state(
         b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
