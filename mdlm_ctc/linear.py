@@ -343,7 +343,8 @@ def linear_lattice_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(nll [B], lse [B, T], post_target [B, T, W], post_special [B, T], logits)`` from hidden states
     and the LM head; the posteriors are empty (width 0) unless ``need_grad``; ``logits`` is ``[N, V]``
-    with ``keep_logits`` if ``N <= chunk_size``, else ``[0, V]``. ``zero_infinity`` is only read by the backward."""
+    with ``keep_logits`` if ``N <= chunk_size``, else ``[0, V]``. ``zero_infinity`` is only read by the
+    backward."""
     return _forward(hidden, weight, bias, targets, input_lengths, target_lengths, observed, special_id, mode,
                     max_shift, band_width, need_grad, chunk_size, keep_logits, backend)
 
@@ -390,7 +391,7 @@ def _setup_context(ctx, inputs, output):
                           post_special, nll)
     ctx.mark_non_differentiable(lse, post_target, post_special, kept)
     # Not a saved tensor: the backward overwrites it with dz and drops it (a second backward, with
-    # retain_graph, recomputes), so it lives no longer than the recompute buffer would.
+    # retain_graph, recomputes), so it is freed when the backward ends, as the recompute buffer is.
     ctx.kept = kept if kept.numel() > 0 else None
     ctx.set_materialize_grads(False)
     ctx.options = (special_id, mode, max_shift, need_grad, zero_infinity, chunk_size, backend)
