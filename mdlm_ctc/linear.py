@@ -243,7 +243,7 @@ def _forward(hidden, weight, bias, targets, input_lengths, target_lengths, obser
         _logits_into(logits, h[start:stop], weight, bias)
         lse[start:stop], table[start:stop], special[start:stop] = emissions_window(
             logits, start, T, targets, input_lengths, target_lengths, observed, special_id, shift, W, True)
-    kept = buffer.view(N, V) if keep_logits and N <= chunk_size else hidden.new_empty((0, V))
+    kept = buffer.view(N, V) if _kept_rows(N, chunk_size, keep_logits) else hidden.new_empty((0, V))
     del buffer
     _, lattice_band, _ = backends.stages(backend)
     table, special = table.view(B, T, W), special.view(B, T)
@@ -251,6 +251,11 @@ def _forward(hidden, weight, bias, targets, input_lengths, target_lengths, obser
     if not need_grad:
         table, special = table.new_empty((B, T, 0)), special.new_empty((B, 0))
     return nll, lse.view(B, T), table, special, kept
+
+
+def _kept_rows(N: int, chunk_size: int, keep_logits: bool) -> int:
+    """Rows of the logits the forward keeps for the backward: all N when asked and one chunk holds them."""
+    return N if keep_logits and N <= chunk_size else 0
 
 
 def _tiling(N: int, V: int, chunk_size: int):
@@ -358,7 +363,7 @@ def _linear_lattice_forward_fake(hidden, weight, bias, targets, input_lengths, t
     width = max(band_width, 1) if need_grad else 0
     return (hidden.new_empty((B,), dtype=acc), hidden.new_empty((B, T), dtype=acc),
             hidden.new_empty((B, T, width), dtype=acc), hidden.new_empty((B, T if need_grad else 0), dtype=acc),
-            hidden.new_empty((B * T if keep_logits and B * T <= chunk_size else 0, weight.shape[0])))
+            hidden.new_empty((_kept_rows(B * T, chunk_size, keep_logits), weight.shape[0])))
 
 
 @torch.library.custom_op("mdlm_ctc::linear_lattice_backward", mutates_args=())
@@ -468,10 +473,10 @@ def linear_slack_ctc_loss(hidden: Tensor, weight: Tensor, targets: Tensor, targe
     name = backends.resolve(backend, hidden.device)
     need_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
-    # one chunk holds every frame: keep its logits for the backward (3 GEMMs, not 4; the backward's one
-    # tile would allocate the same buffer). Not under torch.compile, whose functionalisation would copy
-    # the buffer that the backward overwrites.
-    keep_logits = need_grad and hidden.shape[0] * hidden.shape[1] <= chunk_size and not torch.compiler.is_compiling()
+    # when one chunk holds every frame the forward keeps its logits for the backward (_kept_rows: 3 GEMMs,
+    # not 4; the backward's one tile would allocate the same buffer). Not under torch.compile, whose
+    # functionalisation would copy the buffer that the backward overwrites.
+    keep_logits = need_grad and not torch.compiler.is_compiling()
     nll, *_ = linear_lattice_forward(hidden, weight, bias, args.targets, args.input_lengths, args.target_lengths,
                                      args.observed, args.special_id, args.mode, args.max_shift, args.band_width,
                                      need_grad, zero_infinity, chunk_size, keep_logits, name)
