@@ -91,8 +91,23 @@ from . import _validation, backends
 from .losses import SlackCTCLoss, _reduce
 from .reference import PRESERVE, acc_dtype
 
-DEFAULT_CHUNK_SIZE = 1024
-"""Frames per chunk: one chunk holds ``chunk_size * V`` logits (259 MB in bf16 at V = 126,464)."""
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+"""The default chunk's logits budget: 256 MiB (``default_chunk_size``)."""
+
+_CHUNK_ALIGN = 128  # default chunks are whole multiples of this many frames
+
+
+def default_chunk_size(vocab: int, itemsize: int) -> int:
+    """Frames per chunk when ``chunk_size`` is not given: as many as ``DEFAULT_CHUNK_BYTES`` of logits hold,
+    rounded down to a multiple of 128, at least 128.
+
+    A budget in bytes, not in frames, because memory is what a chunk costs: 1,024 frames of bf16 logits at
+    V = 126,464 (G4, 247 MiB), 4,096 at V = 32,000 (so a batch of 4,096 tokens is one chunk, whose logits
+    the backward reuses: 3 GEMMs, not 4), 2,048 in fp32 at V = 32,000.
+    """
+    frames = DEFAULT_CHUNK_BYTES // (max(int(vocab), 1) * max(int(itemsize), 1))
+    return max(_CHUNK_ALIGN, frames // _CHUNK_ALIGN * _CHUNK_ALIGN)
+
 
 _MIN_VOCAB_TILE = 1024  # narrower vocabulary tiles make the backward GEMMs inefficient
 
@@ -161,6 +176,8 @@ def check_linear_args(hidden, weight, bias, targets, target_lengths, slack_id, i
         _validation.check_same_device(bias, "bias", hidden.device, "hidden")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"`bias` is {bias.dtype} but `hidden` is {hidden.dtype}; pass one dtype")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(V, hidden.element_size())
     chunk_size = _validation.check_int(chunk_size, "chunk_size", low=1)
     logits_stand_in = hidden.new_empty(()).expand(B, T, V)
     args = _validation.check_slack_ctc_args(logits_stand_in, targets, target_lengths, slack_id, input_lengths,
@@ -440,7 +457,7 @@ def linear_slack_ctc_loss(hidden: Tensor, weight: Tensor, targets: Tensor, targe
                           bias: Tensor | None = None, slack_id: int, input_lengths: Tensor | None = None,
                           collapse: str = "preserve", max_shift: int | None = None, observed: Tensor | None = None,
                           reduction: str = "mean", zero_infinity: bool = False, backend: str = "auto",
-                          validate: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                          validate: bool = True, chunk_size: int | None = None,
                           band_bound: int | None = None) -> Tensor:
     """``slack_ctc_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
 
@@ -454,7 +471,9 @@ def linear_slack_ctc_loss(hidden: Tensor, weight: Tensor, targets: Tensor, targe
         bias: optional ``[V]`` bias of the LM head.
         chunk_size: frames (tokens) per chunk; at most ``chunk_size * V`` logits exist at any time
             (one buffer, reused by every chunk and tile; the backend's stages read and overwrite it in
-            place). Default 1024: 259 MB of bf16 logits at V = 126,464. Smaller saves memory, larger
+            place). Default (``None``): as many frames as 256 MiB of logits hold (``default_chunk_size``:
+            1,024 in bf16 at V = 126,464). When one chunk holds every frame the backward reuses the
+            forward's logits (3 GEMMs); below that it recomputes them (4). Smaller saves memory, larger
             amortises the per-chunk overhead.
 
     Gradients reach ``hidden``, ``weight`` and ``bias`` (exact: the same maths as the materialised loss,
@@ -490,7 +509,7 @@ class LinearSlackCTCLoss(SlackCTCLoss):
 
     def __init__(self, slack_id: int, collapse: str = "preserve", max_shift: int | None = None,
                  reduction: str = "mean", zero_infinity: bool = False, backend: str = "auto",
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, band_bound: int | None = None):
+                 chunk_size: int | None = None, band_bound: int | None = None):
         super().__init__(slack_id, collapse, max_shift, reduction, zero_infinity, backend, band_bound)
         self.chunk_size = chunk_size
 

@@ -372,6 +372,40 @@ def test_opcheck(chunk_size, keep_logits):
                            True, True, True, True, chunk_size, args[-1]))
 
 
+def test_default_chunk_size_is_a_byte_budget():
+    """256 MiB of logits, whole multiples of 128 frames, at least 128."""
+    assert linear.default_chunk_size(126464, 2) == 1024  # G4: 247 MiB of bf16 logits
+    assert linear.default_chunk_size(32000, 2) == 4096
+    assert linear.default_chunk_size(32000, 4) == 2048
+    assert linear.default_chunk_size(10**7, 4) == 128
+    for vocab in (1, 300, 50257, 126464, 151936):
+        for itemsize in (2, 4, 8):
+            chunk = linear.default_chunk_size(vocab, itemsize)
+            assert chunk % 128 == 0 and chunk >= 128
+            assert chunk * vocab * itemsize <= linear.DEFAULT_CHUNK_BYTES or chunk == 128
+
+
+def test_default_chunk_keeps_a_batch_that_fits(monkeypatch):
+    """Without ``chunk_size`` a batch whose logits fit the default budget is one chunk: the backward reuses the
+    forward's logits (no recompute GEMM), bitwise as an explicit chunk of every frame."""
+    hidden, weight, bias, targets = make_case(seed=7, dtype=torch.float32)
+    kwargs = ragged_kwargs(False, targets)
+    seen = []
+    backward = linear._backward
+    monkeypatch.setattr(linear, "_backward", lambda *a, **k: seen.append(k.get("kept")) or backward(*a, **k))
+
+    def grads(**chunk):
+        inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        linear_slack_ctc_loss(inputs[0], inputs[1], targets, bias=inputs[2], slack_id=SLACK, **chunk,
+                              **kwargs).backward()
+        return [x.grad for x in inputs]
+
+    default = grads()
+    assert seen and seen[-1] is not None  # the kept logits reached the backward
+    for a, b in zip(default, grads(chunk_size=hidden.shape[0] * hidden.shape[1])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_kept_logits_equal_recomputed(dtype):
     """One chunk holding every frame keeps the forward's logits for the backward (no recompute GEMM);

@@ -185,7 +185,7 @@ def _record_linear(w: Workload, meta: dict) -> None:
     from . import emissions, grad, slack_ctc
 
     B, T, U, V, W = w.B, w.T, w.U, w.V, w.width()
-    N, chunk = B * T, linear.DEFAULT_CHUNK_SIZE
+    N, chunk = B * T, linear.default_chunk_size(V, w.dtype.itemsize)
     targets = torch.empty((B, U), dtype=torch.int64, **meta)
     lengths = torch.empty((B,), dtype=torch.int64, **meta)
     observed = torch.empty((B, T), dtype=torch.int64, **meta) if w.observed else None

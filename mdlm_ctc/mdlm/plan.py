@@ -21,8 +21,9 @@ process:
   kept, plus one layer's full activations while it is recomputed. Both figures are always printed.
 * **logits or the fused head**: materialised logits ``tokens * V`` in the compute dtype, their fp32
   log-softmax and fp32 gradient (``tokens * V * (a + 8)``); the fused LM head
-  (``linear_slack_ctc_loss``) instead holds one chunk of 1,024 frames of logits and its gradient
-  (``2 * 1024 * V * a``) plus the fp32 accumulator ``4 * min(tokens, V) * h``.
+  (``linear_slack_ctc_loss``) instead holds one chunk of logits at its default size
+  (``linear.default_chunk_size``: 256 MiB of logits, 1,024 frames in bf16 at V = 126,464) and its gradient
+  (``2 * chunk * V * a``) plus the fp32 accumulator ``4 * min(tokens, V) * h``.
 
 A job whose chosen setting exceeds ``gpu_memory_gb`` is refused (by ``plan`` and at the start of
 ``train`` on GPU) with a message naming a setting that would fit. The figures are estimates: they are
@@ -37,9 +38,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..linear import default_chunk_size
+
 GIB = 1024 ** 3
 HEADROOM = 0.9          # a plan "fits" when its total is at most 90% of the GPU's memory
-FUSED_CHUNK = 1024      # mdlm_ctc.linear.DEFAULT_CHUNK_SIZE
 
 # linear layers of a decoder layer: name -> (in, out) as functions of (h, kv, I); Llama and LLaDA names
 _LINEARS = {
@@ -192,7 +194,8 @@ def _activations(job: Job) -> tuple[float, float]:
 def _head(job: Job) -> float:
     s, a = job.shape, 2 if job.gpu else 4
     if job.fused_head:
-        return float(2 * min(FUSED_CHUNK, job.tokens) * s.vocab * a + 4 * min(job.tokens, s.vocab) * s.hidden)
+        chunk = min(default_chunk_size(s.vocab, a), job.tokens)  # the fused loss's default chunk
+        return float(2 * chunk * s.vocab * a + 4 * min(job.tokens, s.vocab) * s.hidden)
     return float(job.tokens * s.vocab * (a + 8))
 
 
