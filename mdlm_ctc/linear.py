@@ -50,14 +50,19 @@ Trade per forward + backward: time, 4 LM-head GEMMs (2*N*V*D FLOPs each) vs 3; m
 logits + fp32 dH [N, D] vs one sequence of logits + fp32 dW [V, D]; recompute, the logits once vs none.
 
 Measurements. The design comparison above was measured on this project's 2-core CPU at D=512 with an
-earlier version of this module (rows in ``benchmarks/results/linear_slack_ctc.jsonl``). The memory and
-speed of this version, one process per configuration at N=4096, D=256, V=32,000 (``bench_linear_slack_ctc.py
---isolated``, a 2-core AMD EPYC VM), are in ``benchmarks/results/linear_slack_ctc_cpu_memory.md``: the
-CPU allocator's peak (pooled buffers included) is one chunk of logits + the returned gradients + the
-band tables (1.02x in fp32, 1.11x in bf16: the fp32 dH accumulator). bf16 CPU time: 1.47 s with the
-chunk holding every frame (kept logits, 3 GEMMs) and 1.93 s at chunk 1024 (4 GEMMs), against 1.75 s for
-materialising the bf16 logits; GEMMs are about 80% of the time at this D, so the recompute GEMM is
-what chunks shorter than a row cost. GPU figures (G4) are unmeasured.
+earlier version of this module (rows in ``benchmarks/results/linear_slack_ctc.jsonl``). This version, at
+N=4096, D=256, V=32,000 on a 2-core AMD EPYC VM: memory one process per configuration
+(``bench_linear_slack_ctc.py --isolated``, ``benchmarks/results/linear_slack_ctc_cpu_memory.md``): the CPU
+allocator's peak (pooled buffers included) is one chunk of logits + the returned gradients + the band
+tables (1.02x in fp32, 1.11x in bf16: the fp32 dH accumulator). bf16 time side by side
+(``--workloads cpu-bf16``, ``linear_slack_ctc_latest.md``): 0.84x materialised's CPU seconds at the default
+chunk (4,096 frames: one chunk, kept logits, 3 GEMMs) and 1.06x at chunk 1024 (4 GEMMs); GEMMs are about
+80% of the time at this D, so the recompute GEMM is what chunks shorter than the batch cost (in fp32 too,
+whose default chunk here is 2,048 frames). GPU figures (G4) are unmeasured.
+
+Default chunk. ``default_chunk_size``: a byte budget (256 MiB of logits), since memory is what a chunk
+costs; it keeps G4's 1,024 frames and lets a batch whose logits fit be one chunk, so the backward reuses
+the forward's logits.
 
 Paths. Every stage comes from the backend: ``backends.window_stages(backend)`` (emissions and gradient
 over a window; the C++ kernels on CPU, the torch ops for ``reference``, and for ``triton`` and ``cuda``

@@ -76,3 +76,10 @@ def test_vocabulary_passes_keep_32_warps_resident(launch_resources):
     assert not low, "bandwidth-bound passes under 32 resident warps per SM:\n" + "\n".join(
         f"  {row['workload']}: {row['kernel']} [{row['config']}] {row['regs']} regs -> {row['resident_warps']} warps "
         f"({row['limiter']})" for row in low)
+
+
+def test_recorded_fused_head_chunk_is_g4_default():
+    from mdlm_ctc import linear
+    from mdlm_ctc.triton_kernels import resources
+
+    assert resources.LINEAR_CHUNK == linear.default_chunk_size(126464, 2)  # bf16

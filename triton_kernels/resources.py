@@ -177,15 +177,21 @@ def record(workload: Workload, *, n_sm: int = H200_SMS, chunk_lens=None, dense_b
     return launches
 
 
+LINEAR_CHUNK = 1024
+"""Frames per chunk of the recorded fused-head launches: G4's default (``linear.default_chunk_size`` at
+V = 126,464, bf16), kept for the cap shapes too (where the default would be 256-512 frames), so that
+their backward tiles stay at the widest vocabulary window and its largest blocks."""
+
+
 def _record_linear(w: Workload, meta: dict) -> None:
-    """The fused LM head's launches (``mdlm_ctc.linear`` at its default chunk size): the vocabulary pass over
-    its second chunk of frames, the lattice, and the gradient pass in place over its second backward tile."""
+    """The fused LM head's launches at chunks of ``LINEAR_CHUNK`` frames: the vocabulary pass over its second
+    chunk of frames, the lattice, and the gradient pass in place over its second backward tile."""
     from mdlm_ctc import linear
 
     from . import emissions, grad, slack_ctc
 
     B, T, U, V, W = w.B, w.T, w.U, w.V, w.width()
-    N, chunk = B * T, linear.default_chunk_size(V, w.dtype.itemsize)
+    N, chunk = B * T, LINEAR_CHUNK
     targets = torch.empty((B, U), dtype=torch.int64, **meta)
     lengths = torch.empty((B,), dtype=torch.int64, **meta)
     observed = torch.empty((B, T), dtype=torch.int64, **meta) if w.observed else None
