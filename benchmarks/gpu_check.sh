@@ -89,7 +89,7 @@ else
   step static_cuda 180 "$PY" benchmarks/static_cuda.py
   step bench_slack_ctc 300 "$PY" benchmarks/bench_slack_ctc.py --suite gpu --repeats 20 --record
   step bench_sweep 120 "$PY" benchmarks/bench_slack_ctc.py --suite sweep --repeats 10 --record
-  [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 300 "$PY" benchmarks/bench_linear_slack_ctc.py --workloads G4 --chunk-size 512 1024 2048 --record
+  [ -f benchmarks/bench_linear_slack_ctc.py ] && step bench_linear 300 "$PY" benchmarks/bench_linear_slack_ctc.py --workloads G4 --chunk-size default 512 2048 --record
 fi
 
 if [ -n "${OUT:-}" ] && [ $SMOKE -eq 0 ]; then
