@@ -55,10 +55,10 @@ N=4096, D=256, V=32,000 on a 2-core AMD EPYC VM: memory one process per configur
 (``bench_linear_slack_ctc.py --isolated``, ``benchmarks/results/linear_slack_ctc_cpu_memory.md``): the CPU
 allocator's peak (pooled buffers included) is one chunk of logits + the returned gradients + the band
 tables (1.02x in fp32, 1.11x in bf16: the fp32 dH accumulator). bf16 time side by side
-(``--workloads cpu-bf16``, ``linear_slack_ctc_latest.md``): 0.84x materialised's CPU seconds at the default
-chunk (4,096 frames: one chunk, kept logits, 3 GEMMs) and 1.06x at chunk 1024 (4 GEMMs); GEMMs are about
-80% of the time at this D, so the recompute GEMM is what chunks shorter than the batch cost (in fp32 too,
-whose default chunk here is 2,048 frames). GPU figures (G4) are unmeasured.
+(``--workloads cpu-bf16``, two runs in ``linear_slack_ctc.jsonl``): 0.84-0.91x materialised's CPU
+seconds at the default chunk (4,096 frames: one chunk, kept logits, 3 GEMMs), 1.06-1.17x at chunk 1024
+(4 GEMMs); GEMMs are about 80% of the time at this D, so the recompute GEMM is what chunks shorter than
+the batch cost (in fp32 too, whose default chunk here is 2,048 frames). GPU figures (G4) are unmeasured.
 
 Default chunk. ``default_chunk_size``: a byte budget (256 MiB of logits), since memory is what a chunk
 costs; it keeps G4's 1,024 frames and lets a batch whose logits fit be one chunk, so the backward reuses
