@@ -457,7 +457,7 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=_chunk_arg, nargs="+", default=[None],
                         help="frames per chunk for ours/rows, or 'default' (linear.default_chunk_size); several "
                              "values give one row each, all timed side by side")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 on a GPU, 3 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 on a GPU, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds")
     parser.add_argument("--record", action="store_true",
