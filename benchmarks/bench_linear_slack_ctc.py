@@ -307,14 +307,19 @@ def judge(rows):
     return rows
 
 
+def _chunk_label(row) -> str:
+    if row["chunk_size"] is None:
+        return ""
+    return f"{row['chunk_size']}" + (" (default)" if row.get("default_chunk") else "")
+
+
 def table(rows):
     head = ("workload", "provider", "chunk", "median ms", "p20-p80 ms", "CPU s", "peak extra MiB",
             "of which grads MiB", "vs materialised", "vs best fused CE", "goal met")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        chunk = "" if r["chunk_size"] is None else str(r["chunk_size"]) + (" (default)" if r["default_chunk"] else "")
         lines.append("| " + " | ".join([
-            r["workload"], r["provider"], chunk,
+            r["workload"], r["provider"], _chunk_label(r),
             f"{r['median_ms']:.1f}", f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
             "" if r["cpu_seconds_median"] is None else f"{r['cpu_seconds_median']:.2f}",
             "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}", f"{r['grad_mib']:.0f}",
@@ -431,8 +436,7 @@ def isolated_table(rows):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(str(x) for x in (
-            r["provider"], r["dtype"], (r["chunk_size"] or "") if not r.get("default_chunk") else
-            f"{r['chunk_size']} (default)", r["validate"], r["band_bound"] or "", r["table_width"],
+            r["provider"], r["dtype"], _chunk_label(r), r["validate"], r["band_bound"] or "", r["table_width"],
             r["peak_rss_mib"], r["alloc_peak_mib"], r["budget_mib"], r["rss_over_budget"], r["alloc_over_budget"],
             r["wall_s_median"], r["cpu_s_median"])) + " |")
     note = ("\nbudget = one chunk of logits in the logits' dtype + the returned gradients (hidden, weight) + "
