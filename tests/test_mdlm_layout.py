@@ -7,6 +7,7 @@ cycle. Bottom: the objective API and the model plumbing; above it the loop and t
 """
 
 import ast
+import functools
 import os
 
 import mdlm_ctc.mdlm as package
@@ -21,6 +22,7 @@ SIBLINGS_APART = {"train", "hf_trainer", "nemo"}  # the loop and each integratio
 KNOWN_CYCLES = {frozenset({"lora", "model"})}  # load_model_dir <-> load_adapted: issue 23 removes it
 
 
+@functools.lru_cache(maxsize=1)
 def _imports() -> dict[str, set[str]]:
     folder = os.path.dirname(package.__file__)
     names = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"}

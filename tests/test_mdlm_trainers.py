@@ -21,26 +21,12 @@ from mdlm_ctc.mdlm.config import Config, ObjectiveConfig  # noqa: E402
 from mdlm_ctc.mdlm.data import Encoded  # noqa: E402
 from mdlm_ctc.mdlm.hf_trainer import (MDLMCollator, MDLMTrainer, MDLMTrainerMixin, add_slack_token,  # noqa: E402
                                       loop_order, mdlm_loss, sft_features)
-from mdlm_ctc.mdlm.tokenizer import train_tokenizer  # noqa: E402
 from mdlm_ctc.mdlm.train import prepare, read_metrics, train_run  # noqa: E402
+from test_mdlm_objectives import TINY, setup  # noqa: E402,F401  (the tiny model, tokenizer and rows)
 
-TINY = {"tiny_hidden_size": 32, "tiny_layers": 2, "tiny_heads": 4, "tiny_kv_heads": 2, "tiny_intermediate_size": 64}
 LOOP = dict(TINY, synthetic_train_size=64, synthetic_eval_size=10, max_length=24, synthetic_max_len=6, batch_size=8,
-            progress=False, threads=1, warmup_steps=0, log_every=1, checkpoint_every=0, lr=3e-3)
+            progress=False, warmup_steps=0, log_every=1, checkpoint_every=0, lr=3e-3)
 STEPS = 16
-
-
-@pytest.fixture(scope="module")
-def small():
-    cfg = Config.from_dict(dict(TINY, max_length=16))
-    tok = train_tokenizer(["copy : a b c d", "reverse : d c b a", "1 0 0 0"], 100)
-    hf = M.build_embedded_model(cfg, len(tok), 16, seed=0)
-    special = M.resolve_special_ids(hf, tok, cfg)
-    rows = [Encoded(tok("copy : a b")["input_ids"], tok("a b")["input_ids"]),
-            Encoded(tok("reverse : a b c")["input_ids"], tok("c b a")["input_ids"]),
-            Encoded(tok("copy : a")["input_ids"], tok("a")["input_ids"]),
-            Encoded(tok("copy : d c")["input_ids"], [])]
-    return cfg, tok, hf, special, rows
 
 
 def _objective(**options):
@@ -61,9 +47,9 @@ CASES = [("ce", {}), ("ctc", {}), ("ce+ctc", {"ctc_weight": 0.3}),
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("objective,options", CASES)
-def test_api_equals_the_loop_bit_for_bit(small, objective, options, fused):
+def test_api_equals_the_loop_bit_for_bit(setup, objective, options, fused):
     """make_batch -> corrupt -> model -> objective_loss == objectives.compute_loss (the loop): loss and gradients."""
-    _, _, hf, special, rows = small
+    _, _, hf, special, rows = setup
     spec = _objective(objective=objective, **options)
     net = M.DiffusionLM(hf)
     head = O.resolve_fused_lm_head("on", hf) if fused else None
@@ -88,8 +74,8 @@ def test_api_equals_the_loop_bit_for_bit(small, objective, options, fused):
     assert stats["mask_rate"] > 0 and ("ctc" in stats) == (objective != "ce")
 
 
-def test_make_batch_checks_its_arguments(small):
-    _, _, _, special, rows = small
+def test_make_batch_checks_its_arguments(setup):
+    _, _, _, special, rows = setup
     ids = O.collate(rows, 16, special.eos_id, [1, 2, 3, 4]).input_ids
     prompts = torch.tensor([len(r.prompt_ids) for r in rows])
     with pytest.raises(ValueError, match="`prompt_lengths` is required"):
@@ -106,8 +92,8 @@ def test_make_batch_checks_its_arguments(small):
         O.make_batch(ids.float(), prompts, eos_id=special.eos_id, noise_seeds=[1, 2, 3, 4])
 
 
-def test_corrupt_and_objective_loss_check_their_arguments(small):
-    _, _, hf, special, rows = small
+def test_corrupt_and_objective_loss_check_their_arguments(setup):
+    _, _, hf, special, rows = setup
     batch = O.collate(rows, 16, special.eos_id, [1, 2, 3, 4])
     with pytest.raises(ValueError, match="`slack_budget` must be >= 0"):
         O.corrupt(batch, _objective(slack_budget=-1), special)
@@ -141,10 +127,11 @@ def _spy_band_widths(monkeypatch):
     return widths
 
 
-@pytest.mark.parametrize("options,bound", [({"slack_budget": 2}, 3), ({"slack_budget": 1, "slack_insertion": "random"}, 2),
+@pytest.mark.parametrize("options,bound", [({"slack_budget": 2}, 3),
+                                           ({"slack_budget": 1, "slack_insertion": "random"}, 2),
                                            ({"ctc_canvas": "slack", "ctc_max_shift": 1}, 2)])
-def test_band_bound_keeps_tables_band_sized_without_the_sync(small, monkeypatch, options, bound):
-    _, _, hf, special, rows = small
+def test_band_bound_keeps_tables_band_sized_without_the_sync(setup, monkeypatch, options, bound):
+    _, _, hf, special, rows = setup
     batch = O.collate(rows, 16, special.eos_id, [1, 2, 3, 4])
     corruption = O.corrupt(batch, _objective(**options), special)
     exact = mdlm_ctc.reference.column_band_width(corruption.canvas_lengths, corruption.target_lengths,
@@ -159,9 +146,9 @@ def test_band_bound_keeps_tables_band_sized_without_the_sync(small, monkeypatch,
     assert widths == [bound, bound] and torch.equal(checked, unchecked)
 
 
-def test_the_loops_step_under_compile_keeps_band_sized_tables(small):
+def test_the_loops_step_under_compile_keeps_band_sized_tables(setup):
     """``torch.compile`` of the loop's micro-batch loss: the lattice op in the graph gets the band bound."""
-    _, _, hf, special, rows = small
+    _, _, hf, special, rows = setup
     net = M.DiffusionLM(hf)
     spec = _objective(slack_budget=2)
     batch = O.collate(rows[:2], 16, special.eos_id, [5, 6])
@@ -231,8 +218,9 @@ def test_trainer_trains_and_its_first_step_is_the_loops(prepared, tmp_path, obje
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses
 
 
-def test_mixin_normalises_over_accumulated_micro_batches(prepared, tmp_path):
-    """MDLMTrainerMixin on a dllm-like Trainer subclass, 2 x 4 rows accumulated == the loop's 8-row step."""
+def test_mixin_accumulates_like_the_loop_and_resumes_exactly(prepared, tmp_path):
+    """MDLMTrainerMixin on a dllm-like Trainer subclass: 2 x 4 accumulated rows == the loop's 8-row step, and a
+    run resumed from its step-2 checkpoint repeats steps 3 and 4 (the noise count restarts at the step)."""
 
     class DllmLikeTrainer(Trainer):  # dllm's MDLMTrainer overrides compute_loss with its own masking
         def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
@@ -242,23 +230,30 @@ def test_mixin_normalises_over_accumulated_micro_batches(prepared, tmp_path):
         pass
 
     cfg, prep = prepared
-    model, _, special = M.load_model_dir(prep.init_source, cfg, torch.device("cpu"))
-    rows = loop_order(prep.train_rows, batch_size=8, seed=cfg.run.seed, steps=2)  # Encoded rows as they are
-    collator = MDLMCollator(special, _objective(objective="ce+ctc"), max_length=cfg.data.max_length,
-                            seed=cfg.run.seed)
-    trainer = SlackCTCTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=4,
-                                                      gradient_accumulation_steps=2, max_steps=2),
-                              train_dataset=rows, data_collator=collator)
-    trainer.train()
-    assert isinstance(MDLMTrainer(model=model, args=_args(tmp_path), data_collator=collator), Trainer)
+    rows = loop_order(prep.train_rows, batch_size=8, seed=cfg.run.seed, steps=4)  # Encoded rows as they are
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
+                 save_strategy="steps", save_steps=2)
+
+    def trainer():
+        model, _, special = M.load_model_dir(prep.init_source, cfg, torch.device("cpu"))
+        collator = MDLMCollator(special, _objective(objective="ce+ctc"), max_length=cfg.data.max_length,
+                                seed=cfg.run.seed)
+        return SlackCTCTrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+
+    whole = trainer()
+    whole.train()
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert _losses(resumed)[2:] == _losses(whole)[2:] and len(_losses(whole)) == 4
     loop = _loop_first_step(cfg, prep, "ce+ctc", micro_batch_size=4)
-    assert _losses(trainer)[0] == pytest.approx(loop, rel=1e-6)  # float32 vs float64 sum of the two micro losses
+    assert _losses(whole)[0] == pytest.approx(loop, rel=1e-6)  # float32 vs float64 sum of the two micro losses
+    assert isinstance(MDLMTrainer(model=whole.model, args=args), Trainer)
 
 
-def test_mdlm_loss_refuses_accumulation_and_foreign_labels(small):
+def test_mdlm_loss_refuses_accumulation_and_foreign_labels(setup):
     from accelerate.state import GradientState
 
-    _, _, hf, special, rows = small
+    _, _, hf, special, rows = setup
     batch = MDLMCollator(special, max_length=16)(rows)
     outputs = hf(input_ids=batch["input_ids"])
     state = GradientState()
@@ -273,8 +268,8 @@ def test_mdlm_loss_refuses_accumulation_and_foreign_labels(small):
         mdlm_loss(outputs, batch["input_ids"])
 
 
-def test_collator_reads_every_row_form_alike(small):
-    _, tok, _, special, rows = small
+def test_collator_reads_every_row_form_alike(setup):
+    _, tok, _, special, rows = setup
     collator = MDLMCollator(special, _objective(slack_insertion="random"), max_length=16)
     eos = special.eos_id
     forms = [rows, sft_features(rows),
@@ -292,8 +287,8 @@ def test_collator_reads_every_row_form_alike(small):
     assert outs[0]["labels"].rows == 4 and outs[0]["labels"].tokens == sum(16 - len(r.prompt_ids) for r in rows)
 
 
-def test_collator_rejects_bad_rows_and_options(small):
-    _, _, _, special, rows = small
+def test_collator_rejects_bad_rows_and_options(setup):
+    _, _, _, special, rows = setup
     collator = MDLMCollator(special, max_length=16)
     ids = rows[0].prompt_ids + rows[0].answer_ids
     with pytest.raises(ValueError, match="feature 0 has no prompt length: give `labels`"):
@@ -318,7 +313,7 @@ def test_collator_rejects_bad_rows_and_options(small):
         MDLMCollator(special, pad_to="left")
 
 
-def test_add_slack_token_is_the_loops(small):
+def test_add_slack_token_is_the_loops(setup):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -329,7 +324,7 @@ def test_add_slack_token_is_the_loops(small):
             special_tokens=["<pad>", "<eos>", "<mask>", "<unk>"]))
         return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", **special_tokens)
 
-    cfg, *_ = small
+    cfg, *_ = setup
     models_ = [M.build_embedded_model(cfg, 7, 16, seed=0) for _ in range(2)]
     toks = [tokenizer(pad_token="<pad>", eos_token="<eos>", mask_token="<mask>") for _ in range(2)]
     ours = add_slack_token(models_[0], toks[0])
@@ -340,6 +335,10 @@ def test_add_slack_token_is_the_loops(small):
         add_slack_token(M.build_embedded_model(cfg, 7, 16, seed=0), tokenizer(eos_token="<eos>"))
     with pytest.raises(ValueError, match="has no EOS token; pass eos_token= or eos_id="):
         add_slack_token(M.build_embedded_model(cfg, 7, 16, seed=0), tokenizer(mask_token="<mask>"))
+    with pytest.raises(ValueError, match=r"`slack_id` must be a token id >= 0 or None; got -1"):
+        add_slack_token(models_[0], toks[0], slack_id=-1)
+    with pytest.raises(ValueError, match=r"`slack_id` 99 is outside the embedding matrix"):
+        add_slack_token(models_[0], toks[0], slack_id=99)
     with pytest.raises(ValueError, match=r"the slack id 0 is the tokenizer's pad token"):
         add_slack_token(M.build_embedded_model(cfg, 7, 16, seed=0),
                         tokenizer(pad_token="<pad>", eos_token="<eos>", mask_token="<mask>"), slack_id=0)

@@ -28,11 +28,13 @@ micro-batches too (``get_batch_samples``), so any ``gradient_accumulation_steps`
 micro-batches per step) uses the seed ``data.noise_seed(seed, k, m * B + j)`` (``B`` rows per
 micro-batch; on process ``r`` the position is offset by ``r * 2**24``): the loop's seed of that row. So
 with one process, ``train_sampling_strategy="sequential"`` and the rows in the loop's order
-(:func:`loop_order`), step ``k`` of the Trainer sees the rows, the noise and hence the loss of step ``k``
-of ``mdlm-ctc train`` (``A = 1`` with ``compute_loss_func``; any ``A`` with :class:`MDLMTrainerMixin`,
-which tells the collator ``A``). With dataloader workers each worker numbers its own batches (give
-``dataloader_persistent_workers=True`` so epochs continue the count); :class:`MDLMTrainerMixin` restarts
-the count at the resumed step when a run resumes.
+(:func:`loop_order`), step ``k`` of the Trainer sees the rows, the noise and hence the loss of step
+``k`` of ``mdlm-ctc train`` (``A = 1`` with ``compute_loss_func``; any ``A`` with
+:class:`MDLMTrainerMixin`, which tells the collator ``A``). The count runs across dataloader workers
+(they take batches in turn); keep workers persistent (``dataloader_persistent_workers=True``), or every
+epoch restarts it. :class:`MDLMTrainerMixin` restarts the count at the resumed step when a run resumes.
+Evaluation batches go through the same collator and advance the count too (the noise stays distinct; a
+run with evaluations draws other noise after them).
 
 Loop option -> here: ``objective.*`` (every ``objective`` option: the :class:`ObjectiveConfig` fields),
 ``max_length``/``pad_to``/``canvas_extra`` and ``seed`` -> :class:`MDLMCollator` arguments of the same
@@ -63,7 +65,7 @@ IGNORE = -100
 _RANK_STRIDE = 1 << 24  # rows per batch are far fewer: positions of different processes never meet
 
 __all__ = ["MDLMCollator", "mdlm_loss", "MDLMTrainerMixin", "MDLMTrainer", "StepDenominators", "add_slack_token",
-           "loop_order", "sft_features"]
+           "loop_order", "sft_features", "ObjectiveConfig"]
 
 
 # ------------------------------------------------------------------------------ tokenizer and embeddings
@@ -77,6 +79,13 @@ def add_slack_token(model, tokenizer, *, slack_token: str = "<slack>", slack_id:
     ``slack_id`` a reserved row is reused as it is (LLaDA: e.g. 126084). The keyword arguments are the
     loop's options of the same names (``--slack-token``, ``--mask-id``, ...).
     """
+    for name, value in (("slack_id", slack_id), ("mask_id", mask_id), ("eos_id", eos_id)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"`{name}` must be a token id >= 0 or None; got {value!r}")
+    for name, value in (("slack_token", slack_token), ("mask_token", mask_token), ("eos_token", eos_token)):
+        if value is not None and (not isinstance(value, str) or not value) or name == "slack_token" and value is None:
+            raise ValueError(f"`{name}` must be a non-empty token string{'' if name == 'slack_token' else ' or None'}; "
+                             f"got {value!r}")
     if mask_id is None and mask_token is None and getattr(tokenizer, "mask_token_id", None) is None \
             and getattr(getattr(model, "config", None), "mask_token_id", None) is None \
             and "<|mdm_mask|>" not in tokenizer.get_vocab() \

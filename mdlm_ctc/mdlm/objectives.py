@@ -349,10 +349,14 @@ class Corruption:
     tokens: int                        # ... and canvas positions: its own normalisers
 
     def to(self, device, non_blocking: bool = False) -> "Corruption":
-        def move(t):
-            return None if t is None else t.to(device, non_blocking=non_blocking)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)
+    def pin_memory(self) -> "Corruption":
+        """Page-locked host copies (what a DataLoader with ``pin_memory=True`` asks of a batch)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> "Corruption":
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
 
     @property
@@ -407,10 +411,11 @@ def corrupt(batch: Batch, spec: ObjectiveConfig, special: SpecialIds, *, noise: 
         widths = column_band_width(L - prompts, target_lengths.cpu(), spec.ctc_max_shift)
         band_bound = max(int(widths.max()), 1) if len(widths) else 1
     noisy = torch.where(masked, torch.full_like(clean, special.mask_id), clean)
+    canvas = L - prompts
     return Corruption(noisy_ids=noisy, clean_ids=clean, masked=masked, p=p, prompt_lengths=batch.prompt_lengths,
                       canvas_lengths=batch.canvas_lengths, targets=targets, target_lengths=target_lengths, spec=spec,
-                      special=special, band_bound=band_bound, canvas_width=int((L - prompts).max()) if len(prompts) else 0,
-                      shared_prompt_length=shared, rows=len(prompts), tokens=int((L - prompts).sum()))
+                      special=special, band_bound=band_bound, canvas_width=int(canvas.max()) if len(canvas) else 0,
+                      shared_prompt_length=shared, rows=len(canvas), tokens=int(canvas.sum()))
 
 
 def objective_loss(output: torch.Tensor, corruption: Corruption, *, head: LMHead | None = None,
