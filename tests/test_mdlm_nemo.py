@@ -118,6 +118,13 @@ def test_strategy_refuses_what_the_canvas_cannot_do():
     noisy, masked, p = strategy.apply_corruption(ids, torch.tensor([[0, 0, 1, 1, 1, 1]]), 2, eps=1e-3,
                                                  generator=torch.Generator().manual_seed(0))
     assert not masked[0, :2].any() and (noisy[0, :2] == ids[0, :2]).all() and p.shape == (1, 6)
+    assert strategy.prepare_batch({"attention_mask": 1}, noisy, masked, ids) == {"input_ids": noisy}
+    loss_fn = strategy.create_loss_fn({"slack_token_id": 3})
+    with pytest.raises(ValueError, match="returned causal_logits"):
+        loss_fn(torch.zeros(1, 6, 12), causal_logits=torch.zeros(1, 6, 12))
+    with pytest.raises(ValueError, match=r"`noise_mask` has shape \(2, 6\)"):
+        loss_fn(torch.zeros(1, 6, 12), noise_mask=torch.zeros(2, 6, dtype=torch.bool))
+    assert torch.isfinite(loss_fn(torch.zeros(1, 6, 12), noise_mask=masked).total_loss)
     recipe.distributed_config.cp_size = 2
     with pytest.raises(ValueError, match="distributed.cp_size: 1"):
         strategy.setup_extra(recipe)

@@ -133,6 +133,9 @@ class SlackCTCLossModule(torch.nn.Module):
         corruption = self.strategy.current
         if corruption is None:
             raise RuntimeError("the slack_ctc loss ran before the strategy prepared its batch (prepare_batch)")
+        if causal_logits is not None:
+            raise ValueError("the model returned causal_logits (a hybrid diffusion + AR model): slack_ctc has no AR "
+                             "term and would drop it; use that model's own dllm.mode")
         if noise_mask is not None and tuple(noise_mask.shape) != tuple(corruption.masked.shape):
             raise ValueError(f"`noise_mask` has shape {tuple(noise_mask.shape)} but the strategy's batch has "
                              f"{tuple(corruption.masked.shape)}")
