@@ -10,6 +10,7 @@ The table goes to ``<run>/ablation/ablation.md`` and ``ablation.json``, and into
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -17,9 +18,14 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+from .checkpoint import base_identity
+from .compare import (_file_label, _jsonable, build_base, evaluate_folder, finetune_config, run_folder_lock,
+                      train_once)
 from .config import Config, copy_config
 from .data import load_datasets, load_validation
 from .evaluate import compare_seeded
+from .report import ablation_markdown
+from .train import prepare
 
 @dataclass(frozen=True)
 class Variant:
@@ -107,15 +113,6 @@ def choose(stats: dict, names: list[str]) -> str:
     return max(ctc, key=exact)
 
 
-def base_identity(folder: str) -> dict:
-    """What identifies a base model: the SHA-256 of its weights and the thread count that built it here."""
-    import torch
-
-    from .compare import source_identity
-
-    return {"sha256": source_identity(folder), "threads": torch.get_num_threads()}
-
-
 def _commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -127,19 +124,11 @@ def _commit() -> str:
 
 def run_ablation(cfg: Config, log=print) -> dict:
     """Fine-tune and evaluate every variant on the validation split; write ``<run>/ablation/``."""
-    from .compare import run_folder_lock
-
     with run_folder_lock(cfg.run_dir()):
         return _run_ablation(cfg, log)
 
 
 def _run_ablation(cfg: Config, log=print) -> dict:
-    import dataclasses
-
-    from .compare import _file_label, _jsonable, build_base, evaluate_folder, finetune_config, train_once
-    from .report import ablation_markdown
-    from .train import prepare
-
     t0 = time.time()
     commit = _commit()  # the code that runs, not whatever is checked out when it ends
     names = variant_names(cfg)

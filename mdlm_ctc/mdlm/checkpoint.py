@@ -132,6 +132,17 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def source_identity(source: str) -> str:
+    """The initial weights a run starts from: the SHA-256 of a folder's ``model.safetensors``, else the name."""
+    path = os.path.join(source, "model.safetensors")
+    return sha256_of(path) if os.path.isfile(path) else source
+
+
+def base_identity(folder: str) -> dict:
+    """What identifies a base model: the SHA-256 of its weights and the thread count that built it here."""
+    return {"sha256": source_identity(folder), "threads": torch.get_num_threads()}
+
+
 def _fsync_file(path: str) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())

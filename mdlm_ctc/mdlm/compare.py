@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from .checkpoint import sha256_of
+from .checkpoint import source_identity
 from .config import Config, copy_config, save_config
 from .evaluate import compare_results, compare_seeded, evaluate_model
 from .model import DiffusionLM, load_model_dir, resolve_device
@@ -129,12 +129,6 @@ def same_settings(recorded: dict, current: dict) -> bool:
         if any(key not in now or now[key] != value for key, value in values.items()):
             return False
     return True
-
-
-def source_identity(source: str) -> str:
-    """The initial weights a run starts from: the SHA-256 of a folder's ``model.safetensors``, else the name."""
-    path = os.path.join(source, "model.safetensors")
-    return sha256_of(path) if os.path.isfile(path) else source
 
 
 def train_once(cfg: Config, prepared, run_dir: str, objective: str, log=print) -> dict:

@@ -473,18 +473,7 @@ def validate(cfg: Config) -> None:
     for path_name in ("train_file", "eval_file", "val_file"):
         path = getattr(d, path_name)
         _need(path is None or os.path.isfile(path), path_name, path, "an existing file")
-    objs = cfg.compare_objective_list()
-    _need(len(objs) >= 1 and all(x in OBJECTIVES for x in objs) and len(set(objs)) == len(objs),
-          "compare_objectives", o.compare_objectives, f"distinct comma-separated objectives among {OBJECTIVES}")
-    _need(0.0 <= o.ctc_weight <= 1.0, "ctc_weight", o.ctc_weight, "in [0, 1]")
-    _need(0.0 <= o.mask_eps < 1.0, "mask_eps", o.mask_eps, "in [0, 1)")
-    if o.slack_insertion == "probe":
-        _need(0.0 <= o.slack_rate <= 1.0, "slack_rate", o.slack_rate, "in [0, 1] (probe: a probability per row)")
-    else:
-        _need(0.0 <= o.slack_rate < 1.0, "slack_rate", o.slack_rate, "in [0, 1)")
-    _need(o.ctc_max_shift is None or o.ctc_max_shift >= 0, "ctc_max_shift", o.ctc_max_shift, ">= 0 or None")
-    _need(o.slack_budget >= 0, "slack_budget", o.slack_budget, ">= 0")
-    _need(o.slack_budget_ratio >= 0, "slack_budget_ratio", o.slack_budget_ratio, ">= 0")
+    validate_objective(o)
     _need(t.steps >= 1, "steps", t.steps, ">= 1")
     _need(t.batch_size >= 1, "batch_size", t.batch_size, ">= 1")
     _need(t.micro_batch_size >= 0, "micro_batch_size", t.micro_batch_size, ">= 0")
@@ -529,6 +518,38 @@ def validate(cfg: Config) -> None:
     _need(c.base_warmup_steps >= 0, "base_warmup_steps", c.base_warmup_steps, ">= 0")
     cfg.finetune_seed_list()
     _need(d.synthetic_val_size >= 1, "synthetic_val_size", d.synthetic_val_size, ">= 1")
+
+
+def validate_objective(o: ObjectiveConfig) -> ObjectiveConfig:
+    """Check the ``objective`` section alone (also what the trainer integrations call on an
+    ``ObjectiveConfig`` built in Python): types, choices and ranges; returns it unchanged."""
+    if not isinstance(o, ObjectiveConfig):
+        raise TypeError(f"`objective` must be an ObjectiveConfig; got {type(o).__name__}")
+    for f in fields(o):
+        value = getattr(o, f.name)
+        tp, optional = _base_type(_FIELD_TYPES["objective"][f.name])
+        if isinstance(value, bool):
+            ok = tp is bool
+        else:
+            ok = value is None and optional or isinstance(value, tp) or tp is float and isinstance(value, int)
+        if not ok:
+            raise TypeError(f"`{f.name}` must be {tp.__name__}{' or None' if optional else ''}; got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ValueError(f"`{f.name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    objs = [s.strip() for s in o.compare_objectives.split(",") if s.strip()]
+    _need(len(objs) >= 1 and all(x in OBJECTIVES for x in objs) and len(set(objs)) == len(objs),
+          "compare_objectives", o.compare_objectives, f"distinct comma-separated objectives among {OBJECTIVES}")
+    _need(0.0 <= o.ctc_weight <= 1.0, "ctc_weight", o.ctc_weight, "in [0, 1]")
+    _need(0.0 <= o.mask_eps < 1.0, "mask_eps", o.mask_eps, "in [0, 1)")
+    if o.slack_insertion == "probe":
+        _need(0.0 <= o.slack_rate <= 1.0, "slack_rate", o.slack_rate, "in [0, 1] (probe: a probability per row)")
+    else:
+        _need(0.0 <= o.slack_rate < 1.0, "slack_rate", o.slack_rate, "in [0, 1)")
+    _need(o.ctc_max_shift is None or o.ctc_max_shift >= 0, "ctc_max_shift", o.ctc_max_shift, ">= 0 or None")
+    _need(o.slack_budget >= 0, "slack_budget", o.slack_budget, ">= 0")
+    _need(o.slack_budget_ratio >= 0, "slack_budget_ratio", o.slack_budget_ratio, ">= 0")
+    return o
 
 
 # ------------------------------------------------------------------------------ command-line flags

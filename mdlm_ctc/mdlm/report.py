@@ -12,6 +12,8 @@ import os
 import platform
 import time
 
+from .checkpoint import base_identity
+
 
 def _ci(stat: dict, digits: int = 3, pct: bool = False) -> str:
     f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.{digits}f}")
@@ -352,8 +354,6 @@ def write_report(root: str, cfg, *, results: dict, stats: dict, train_summaries:
 
     L.append("## How the CTC settings were chosen\n")
     if ablation:
-        from .ablation import base_identity
-
         own = base_identity(os.path.join(root, "base", "final")) if base_summary is not None else None
         L.append(ablation_markdown(ablation, own) + "\n")
     else:
@@ -412,7 +412,7 @@ def write_report(root: str, cfg, *, results: dict, stats: dict, train_summaries:
 
 def ablation_markdown(ablation: dict, base: dict | None = None) -> str:
     """The ablation table (validation split) and the rule that picked the default; ``base`` is the identity
-    of the comparison's own base (``ablation.base_identity``), to say whether the ablation used it."""
+    of the comparison's own base (``checkpoint.base_identity``), to say whether the ablation used it."""
     fractions = ablation["fractions"]
     rows = [["variant", "settings", "seeds"] + [f"exact@{f:g}" for f in fractions] + ["drop@0.05", "win vs ce@0"]]
     for name, v in ablation["variants"].items():

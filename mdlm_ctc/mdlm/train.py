@@ -324,11 +324,12 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             for k in range(accumulation):
                 positions = mine[k * micro:(k + 1) * micro]
                 batch = collate([global_rows[j] for j in positions], length, special.eos_id,
-                                [data_mod.noise_seed(cfg.run.seed, step, j) for j in positions]).to(device)
+                                [data_mod.noise_seed(cfg.run.seed, step, j) for j in positions])
                 with dist_mod.gradient_sync(model, mode, enabled=k == accumulation - 1):
                     with autocast_context(cfg.model.precision, device):
                         loss, stats = compute_loss(model, batch, objective=objective, special=special,
-                                                   obj_cfg=cfg.objective, denoms=denoms, head=head, align_model=net)
+                                                   obj_cfg=cfg.objective, denoms=denoms, head=head, align_model=net,
+                                                   device=device)
                     (loss * dist_info.world).backward()
                 step_stats[0] += float(loss.detach())
                 for i, key in enumerate(keys[1:], 1):
