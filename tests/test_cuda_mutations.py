@@ -28,8 +28,6 @@ from mdlm_ctc.reference import PRESERVE, STANDARD
 from test_slack_ctc_cuda import assert_same_outputs, make_case, run_reference
 
 KERNEL = "lattice_cuda.cuh"
-# the mutants are built with these instantiations only (a few seconds each)
-DEFINES = ("MDLM_EMU_VT=2", "MDLM_EMU_STAGES=2", "MDLM_EMU_FLOAT_ONLY")
 
 # (name, mode, B, T, U, launch): bands of 81 slots over two warps (ragged rows leave warps idle) or two
 # CTAs of a cluster, with an infeasible, a NaN and a dead row
@@ -53,7 +51,7 @@ class Mutation:
 
 STEP_WAIT = "    dev.template wait_prior<STAGES - 2>();  // this thread's copies for step n have landed\n"
 STEP_BARRIER = "    step_barrier();  // everyone's have; step n - 1's edges are visible; stage (n - 1) % STAGES is free\n"
-RING_ZERO = "  for (int i = tid; i < STAGES * stride; i += threads) dev.st(reinterpret_cast<acc_t*>(stages) + i, acc_t(0));\n"
+RING_ZERO = "  for (int i = tid; i < STAGES * stride; i += threads) dev.st(MDLM_SHARED_CAST(acc_t, stages) + i, acc_t(0));\n"
 NAN_SCAN = ("  // A NaN emission anywhere in the row makes the row NaN (the vocabulary pass marks it in `special`).\n"
             "  bool nan = false;\n  for (int i = tid; i < T_b; i += threads) nan |= special[i] != special[i];\n"
             "  nan = dev.syncthreads_or(nan);\n")
@@ -73,14 +71,15 @@ MUTATIONS = [
              "dev.bar_sync(kStepBarrier, imax(kWarpSize, active - kWarpSize));", WARPS),
     Mutation("nan-scan-barrier-deleted", "  nan = dev.syncthreads_or(nan);\n", "", WARPS),
     # edge cells (the data the step barrier orders)
-    Mutation("edges-written-into-the-buffer-being-read", "write_edges(n & 1, v);", "write_edges((n - 1) & 1, v);"),
-    Mutation("initial-edges-not-written", "  write_edges(0, r);\n", ""),
-    Mutation("row-end-edges-not-set", "      if (tid == 0 && (!CLUSTER || rank == 0)) dev.st(edge(parity, a, 1, 0), NEG);\n", ""),
+    Mutation("edges-written-into-the-buffer-being-read", "write_edges(n & 1, v, true);",
+             "write_edges((n - 1) & 1, v, true);"),
+    Mutation("initial-edges-not-written", "  write_edges(0, r, false);", "  //"),
+    Mutation("row-end-edges-not-set", "      if (tid == 0 && (!CLUSTER || rank == 0 || parity == 0)) dev.st(edge(parity, a, 1, 0), NEG);\n", ""),
     Mutation("last-warp-edge-not-set",
-             "      if (tid == active - 1 && (!CLUSTER || rank == csize - 1)) dev.st(edge(parity, a, 0, warps + 1), NEG);\n",
+             "      if (tid == active - 1 && (!CLUSTER || rank == csize - 1 || parity == 0)) dev.st(edge(parity, a, 0, warps + 1), NEG);\n",
              ""),
     # DSMEM pushes of the edge cells across a cluster boundary
-    Mutation("cluster-edge-push-deleted", "      if (CLUSTER && push) dev.st_remote(push_edge + at, x);\n", "", CLUSTER),
+    Mutation("cluster-edge-push-deleted", "      if (CLUSTER && remote && push) dev.st_remote(push_edge + at, x);\n", "", CLUSTER),
     Mutation("cluster-edge-pushed-into-the-buffer-being-read", "dev.st_remote(push_edge + at, x);",
              "dev.st_remote(push_edge + (edge_parity - parity * edge_parity) + a * edge_arr, x);", CLUSTER),
     Mutation("cluster-edge-pushed-onto-the-neighbours-own-cell",
@@ -141,14 +140,15 @@ def builds(tmp_path_factory, request):
         csrc = root / name
         shutil.copytree(cuda_emulator.CSRC, csrc)
         (csrc / KERNEL).write_text(jobs[name])
-        return cuda_emulator.build(csrc / "emulator.so", csrc=str(csrc), defines=DEFINES)
+        return cuda_emulator.library_path(str(csrc), units=cuda_emulator.SMALL, jobs=1)
 
+    cuda_emulator.library_path(units=cuda_emulator.SMALL)  # the runtime, built once before the mutants
     results = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         futures = {name: pool.submit(build, name) for name in jobs}
         for name, future in futures.items():
             try:
-                results[name] = future.result()
+                results[name] = cuda_emulator.load(future.result())
             except Exception as error:  # a mutant that does not compile is reported by its test
                 results[name] = error
     return results
