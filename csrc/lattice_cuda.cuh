@@ -349,25 +349,25 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t, Ptr>& p, typename No
       push_edge = edge_in(dev.map_remote(edges, rank + 1), 0, 0, 1, 0);
     }
   }
-  auto write_edges = [&](int parity, const acc_t (&v)[2][VT], bool remote) {
+  auto write_edges = [&](int parity, const acc_t (&v)[2][VT]) {
 #pragma unroll
     for (int a = 0; a < A; ++a) {
       const acc_t x = lane == 0 ? v[a][0] : v[a][VT - 1];
       const int at = parity * edge_parity + a * edge_arr;
       if (end_lane) dev.st(own_edge + at, x);
-      if (CLUSTER && remote && push) dev.st_remote(push_edge + at, x);
+      if (CLUSTER && push) dev.st_remote(push_edge + at, x);
     }
   };
   // The cells no thread of this CTA writes, read from step 1 on (ordered by its barrier): the row's ends
-  // (-inf at every frame) and, at a CTA boundary inside a cluster, the neighbour's cell of frame 0.
-  // The neighbour pushes its cells of frames 1, 2, ... after the cluster barrier of step 1, 2, ..., but
-  // never its frame-0 cell: distributed shared memory may be accessed only once every CTA of the cluster
-  // is known to have started (CUDA C++ Programming Guide, "Distributed Shared Memory": "Accessing data in
-  // distributed shared memory requires all the thread blocks to exist", which cluster.sync() guarantees),
-  // and before step 1's barrier nothing guarantees it. That cell is -inf anyway (at frame 0 only slot 0,
-  // the first thread's of rank 0, is live, and a pushed cell is slot s0 >= 32 or s0 + span - 1 >= 31),
-  // so each CTA writes it itself; this costs no barrier (the other fix, an early
-  // barrier.cluster.arrive.relaxed and a wait before the push, costs one cluster barrier per launch).
+  // (-inf at every frame) and, at a CTA boundary inside a cluster, the neighbour's cell of frame 0 (parity
+  // 0). The neighbour pushes its cells of frames 1, 2, ... after the cluster barrier of step 1, 2, ...,
+  // but never its frame-0 cell: distributed shared memory may be accessed only once every CTA of
+  // the cluster is known to have started (CUDA C++ Programming Guide, "Distributed Shared Memory":
+  // "Accessing data in distributed shared memory requires all the thread blocks to exist", which a
+  // cluster barrier guarantees), and before step 1's barrier nothing does. That cell is -inf anyway (at
+  // frame 0 only slot 0, the first thread's of rank 0, is live, and a pushed cell is slot s0 >= 32 or
+  // s0 + span - 1 >= 31), so every CTA writes it itself. This costs no barrier (the other fix, an early
+  // barrier.cluster.arrive.relaxed and a wait before the push, costs a cluster barrier per launch).
 #pragma unroll
   for (int parity = 0; parity < 2; ++parity)
 #pragma unroll
@@ -399,7 +399,16 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t, Ptr>& p, typename No
     }
   }
   store_row(r);
-  write_edges(0, r, false);  // no DSMEM store before the first cluster barrier (see above)
+  // frame 0's cells; in a cluster the own ones only: no DSMEM store before the first cluster barrier (see
+  // above). (The same stores as write_edges(0, r) without a cluster, which is what that path calls: nvcc's
+  // code for the kernels without clusters stays byte for byte what it was.)
+  if (CLUSTER) {
+    if (end_lane)
+#pragma unroll
+      for (int a = 0; a < A; ++a) dev.st(own_edge + a * edge_arr, lane == 0 ? r[a][0] : r[a][VT - 1]);
+  } else {
+    write_edges(0, r);
+  }
 #pragma unroll
   for (int n = 1; n < STAGES; ++n) {
     if (n <= T_b) stage_step(n);
@@ -493,7 +502,7 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t, Ptr>& p, typename No
       }
       store_row(v);
     }
-    write_edges(n & 1, v, true);
+    write_edges(n & 1, v);
 #pragma unroll
     for (int a = 0; a < A; ++a)
 #pragma unroll
