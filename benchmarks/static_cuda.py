@@ -537,8 +537,8 @@ def render_bounds(rows):
 LEVERS = """What this says about SPEC G2 (B=8, T=2048, U=1024; fp32): the recurrence is bound by instruction issue per
 step x 2048 steps: its band of 1025 slots takes 9 warps at VT = 4 (the ninth holds one slot), so one
 sub-partition issues for 3 warps, ~3 x 212 (preserve) / 3 x 319 (standard) cycles a step, ~0.66 / ~0.99 ms,
-plus ~0.1 ms of posterior traffic: ~0.75 / ~1.1 ms, above the 0.5 ms goal (the latency floor, 2048 x ~200 cycles
-~ 0.2 ms, is not what binds). Measured levers (static counts, this toolkit), none adopted without a GPU to time
+plus 0.08 / 0.14 ms of posterior traffic: ~0.74 / ~1.13 ms, above the 0.5 ms goal (the latency floor,
+2048 x ~200 cycles ~ 0.2 ms, is not what binds). Measured levers (static counts, this toolkit), none adopted without a GPU to time
 them:
 * idle warps: in a triangular band (T = 2U) the warps above the band's top hold -inf, about half of them at any
   step; skipping their cells (a warp-uniform branch, a -inf edge refresh) takes an idle warp to ~121 (preserve) /

@@ -179,6 +179,32 @@ struct PosteriorParams {
   int64_t B, T, W, U_max, store_stride, max_shift;
 };
 
+// The posterior pass's parameters: what the recurrence wrote (band rows, nll, status) and the table it
+// overwrites (the launcher and the emulator both launch it from these).
+template <typename acc_t, template <typename> class Ptr>
+MDLM_HD PosteriorParams<acc_t, Ptr> posterior_params(const RecurrenceParams<acc_t, Ptr>& rp,
+                                                     typename NonDeduced<Ptr<acc_t>>::type table,
+                                                     typename NonDeduced<Ptr<acc_t>>::type special, int64_t B) {
+  PosteriorParams<acc_t, Ptr> pp{};
+  pp.table = table;
+  pp.special = special;
+  pp.input_lengths = rp.input_lengths;
+  pp.target_lengths = rp.target_lengths;
+  pp.nll = rp.nll;
+  pp.status = rp.status;
+  for (int a = 0; a < 2; ++a) {
+    pp.alpha[a] = rp.store[0][a];
+    pp.beta[a] = rp.store[1][a];
+  }
+  pp.B = B;
+  pp.T = rp.T;
+  pp.W = rp.W;
+  pp.U_max = rp.U_max;
+  pp.store_stride = rp.store_stride;
+  pp.max_shift = rp.max_shift;
+  return pp;
+}
+
 MDLM_HD int64_t clamp_length(int64_t v, int64_t hi) { return imin<int64_t>(imax<int64_t>(v, 0), hi); }
 
 // skip mask of standard CTC, one element (b, u) of [B, U_max + 2]

@@ -201,24 +201,7 @@ int lattice_band(acc_t* table, acc_t* special, const int64_t* targets, const int
       if (!emu.is_defined(&status[size_t(b)], sizeof(int32_t)) || !emu.is_defined(nll + b, sizeof(acc_t)))
         emu.fail(kNoStatus, ("row " + std::to_string(b) + " got no status or loss").c_str());
   if (emu.code() == kOk && need_grad && T > 0) {
-    PosteriorLaunch<acc_t> pl{};
-    auto& pp = pl.params;
-    pp.table = Ptr<acc_t>(table);
-    pp.special = Ptr<acc_t>(special);
-    pp.input_lengths = rp.input_lengths;
-    pp.target_lengths = rp.target_lengths;
-    pp.nll = rp.nll;
-    pp.status = rp.status;
-    for (int a = 0; a < 2; ++a) {
-      pp.alpha[a] = rp.store[0][a];
-      pp.beta[a] = rp.store[1][a];
-    }
-    pp.B = B;
-    pp.T = T;
-    pp.W = W;
-    pp.U_max = U_max;
-    pp.store_stride = W + 1;
-    pp.max_shift = shift;
+    PosteriorLaunch<acc_t> pl{cl::posterior_params(rp, Ptr<acc_t>(table), Ptr<acc_t>(special), B)};
     emu.writable(nll, false);
     emu.writable(status.data(), false);
     emu.writable(store.data(), false);
