@@ -473,8 +473,9 @@ arrive/wait pairs per kernel, as before; the alternative fix, an early barrier.c
 wait before the first push, would add one cluster barrier per launch); step loop unchanged in fp32 (236 / 341
 instructions per warp-step, preserve / standard), fp64 839 -> 844 / 1686 -> 1667; registers 55 -> 58 / 63 -> 62
 (fp32), 62 -> 64 / 96 -> 97 (fp64), so wide-preserve fp32 holds 4 instead of 5 CTAs per SM and wide-standard
-fp64 2 instead of 3, irrelevant for their 20 CTAs on 132 SMs; whole kernel 2216 -> 2240 / 2536 -> 2632 (fp32), 3384 -> 3512 / 5400 -> 5504 (fp64) static
-SASS instructions, once per thread (the -inf writes); remote stores in the prologue 2 -> 0 per direction.
+fp64 2 instead of 3, irrelevant for their 20 CTAs on 132 SMs; whole kernel 2216 -> 2240 / 2536 -> 2632 (fp32),
+3384 -> 3512 / 5400 -> 5504 (fp64) static SASS instructions, run once per thread (the -inf writes); static
+DSMEM stores (generic ST) 4 -> 2 (preserve) / 8 -> 4 (standard): the prologue's are gone.
 Non-cluster kernels: byte-identical SASS (so are all kernels under the checked-pointer refactor of the emulator)."""
 
 # A model of what bounds a plan's time (SPEC G2: lattice <= 0.5 ms, <= 1 ms as a first step). Not a measurement.
