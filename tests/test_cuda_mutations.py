@@ -43,8 +43,9 @@ KERNEL = "lattice_cuda.cuh"
 DEVICE = "lattice_cuda_kernels.cuh"
 
 # (name, mode, B, T, U, launch, rows): bands of 81 slots over two warps (ragged rows leave warps idle) or two
-# CTAs of a cluster, with a dead (row 0), a NaN (row 1), a normal and an infeasible (last) row; and two
-# full-width rows (whose 128 slots per frame reach past the store's row of 81)
+# CTAs of a cluster, with a dead (row 0), a NaN (row 1), a normal and an infeasible (last) row; two
+# full-width rows (whose 128 slots per frame reach past the store's row of 81); and a band of 161 slots over
+# two CTAs of two warps each
 ODD_ROWS = dict(infeasible_row=True, nan_row=True, dead_row=True)
 CASES = {
     "warps-preserve": (PRESERVE, 4, 160, 80, dict(threads=64, vt=2, stages=2), ODD_ROWS),
@@ -52,6 +53,7 @@ CASES = {
     "cluster-preserve": (PRESERVE, 4, 160, 80, dict(cluster=2, threads=32, vt=2, stages=2), ODD_ROWS),
     "cluster-standard": (STANDARD, 4, 160, 80, dict(cluster=2, threads=32, vt=2, stages=2), ODD_ROWS),
     "full-rows-preserve": (PRESERVE, 2, 160, 80, dict(threads=64, vt=2, stages=2), dict(ragged=False)),
+    "cluster-2warps-preserve": (PRESERVE, 4, 320, 160, dict(cluster=2, threads=64, vt=2, stages=2), ODD_ROWS),
 }
 WARPS = ("warps-preserve", "warps-standard")
 CLUSTER = ("cluster-preserve", "cluster-standard")
@@ -105,7 +107,7 @@ MUTATIONS = [
     Mutation("nan-scan-barrier-deleted", "  nan = dev.syncthreads_or(nan);\n", "", WARPS),
     Mutation("edges-written-into-the-buffer-being-read", "    write_edges(n & 1, v);",
              "    write_edges((n - 1) & 1, v);"),
-    Mutation("initial-edges-not-written", FRAME0_OWN, "", CLUSTER),
+    Mutation("initial-edges-not-written", FRAME0_OWN, "", ("cluster-2warps-preserve",)),
     Mutation("initial-edges-not-written-without-clusters", FRAME0_WARPS, "  }\n", WARPS),
     Mutation("row-end-edges-not-set", LOW_END, ""),
     Mutation("last-warp-edge-not-set", HIGH_END, ""),
