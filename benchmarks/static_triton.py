@@ -123,7 +123,7 @@ def _elements(launch) -> float:
 
 def model_tile(launch) -> float:
     return slack_ctc.sass_per_tile(MODELLED[launch.name], launch.kwargs["MODE"], _elements(launch),
-                                   launch.kwargs.get("TAIL", 0) > 0)
+                                   launch.kwargs.get("TAIL", 0) > 0, launch.kwargs.get("BLOCK_D", 0))
 
 
 def _calibration_rows():

@@ -647,6 +647,8 @@ SASS_TILE = {("transfer", 0): (53, 61, 0), ("transfer", 1): (40, 100, 0),
              ("boundary", 0): (74, 35, 70), ("boundary", 1): (93, 49, 1),
              ("sweep", 0): (6, 78, 63), ("sweep", 1): (-15, 170, 141)}
 SASS_STEP = {("boundary", 0): 169, ("boundary", 1): 209, ("sweep", 0): 131, ("sweep", 1): 199}
+SASS_WIDE_D = {("boundary", 1): 2.0}  # the per-element term from BLOCK_D = 128 (chunk lengths only the sweep or
+# MDLM_CTC_LATTICE_CHUNK reach): the standard boundary tile counted 1,333-1,844 at 16 elements per thread
 SASS_POSTERIOR = (500, 60)
 CLOCK_GHZ = 1.98          # sm_90 boost clock (H100 SXM, H200)
 SCHEDULERS = 4            # warp schedulers per SM, one instruction issued per clock each
@@ -711,10 +713,12 @@ def _step_tiles(S: int, mode: int, chunk_len: int) -> tuple[int, int]:
     return sweep, n_tiles(S, *_boundary_plan(S, block_d))
 
 
-def sass_per_tile(kernel: str, mode: int, elements: float, tail: bool) -> float:
+def sass_per_tile(kernel: str, mode: int, elements: float, tail: bool, block_d: int = 0) -> float:
     """The cost model's SASS instructions one warp issues per tile of ``kernel`` (``transfer``, ``boundary``,
-    ``sweep``) with ``elements`` lanes per thread (fitted, see SASS_TILE)."""
+    ``sweep``) with ``elements`` lanes per thread (fitted, see SASS_TILE; ``block_d``: the boundary tile's)."""
     a, b, c = SASS_TILE[kernel, mode]
+    if block_d >= 128:
+        b *= SASS_WIDE_D.get((kernel, mode), 1.0)
     return a + b * max(elements, 1.0) + (c if tail else 0)
 
 
@@ -756,7 +760,8 @@ def _estimate_us(B: int, T: int, S: int, mode: int, chunk_len: int, n_sm: int, c
     boundary = configs["_boundary_kernel"]
     b_tiles = n_tiles(S, boundary["BLOCK_X"], boundary["TAIL"])
     b_instr = b_tiles * sass_per_tile("boundary", mode, boundary["BLOCK_X"] * boundary["BLOCK_D"] /
-                                      (32 * boundary["num_warps"]), boundary["TAIL"] > 0) + SASS_STEP["boundary", mode]
+                                      (32 * boundary["num_warps"]), boundary["TAIL"] > 0, boundary["BLOCK_D"]) + \
+        SASS_STEP["boundary", mode]
     boundary_us = waves * n_chunks * (_warp_cycles(b_instr, boundary["num_warps"]) / cycles_us + b_tiles * STEP_US)
     sweep_us = max((L - 1) * sweep_step, B * n_chunks * 2 * (L - 1) * sweep["num_warps"] * sweep_instr / issue_rate)
     return transfer_us + boundary_us + sweep_us + 2 * LAUNCH_US
