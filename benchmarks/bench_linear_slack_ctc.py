@@ -245,7 +245,7 @@ def run_workload(name, w, device, provider_names, repeats, warmup, chunk_sizes):
                     step()
                 steps[p, chunk] = step
             except Exception as error:  # one provider's failure must not cost the others' rows
-                failed[p, chunk] = f"{type(error).__name__}: {error}"[:2000]
+                failed[p, chunk] = common.error_text(error)
                 print(f"  {p}: FAILED {failed[p, chunk]}", file=sys.stderr, flush=True)
     grad_mib = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
     peaks = {}
@@ -540,17 +540,13 @@ def main(argv=None):
         try:
             measured = run_workload(name, w, device, run, repeats, args.warmup, args.chunk_size)
         except Exception as error:  # e.g. out of memory making the inputs
-            message = f"{type(error).__name__}: {error}"[:2000]
+            message = common.error_text(error)
             measured = [dict(identity(name, w, p, c), device=device.type, status="error", error=message,
                              goal=w["goal"]) for p, c in todo]
         wanted = {common.row_key({**identity(name, w, p, c), **same}) for p, c in todo}
         judge(measured)
         new = [row for row in measured if common.row_key({**row, **same}) in wanted]
-        failures += sum(1 for row in new if row.get("status") == "error")
-        rows.extend(new)
-        if sink is not None:
-            for row in new:
-                sink.write(row)
+        failures += common.deliver(rows, new, sink)
     if sink is not None:
         print(f"wrote {sink.count} rows to {args.rows_out}", file=sys.stderr)
     common.emit(rows, table(rows), name="linear_slack_ctc", summary_name="linear_slack_ctc_latest",

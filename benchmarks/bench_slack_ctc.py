@@ -178,7 +178,7 @@ def run_workload(name, w, device, provider_names, repeats, warmup, measure_memor
             for _ in range(warmup):  # warm-up (compiles, autotunes)
                 steps[p]()
         except Exception as error:  # one provider's failure must not cost the others' rows
-            failed[p] = f"{type(error).__name__}: {error}"[:2000]
+            failed[p] = common.error_text(error)
             steps.pop(p, None)
             print(f"  {p}: FAILED {failed[p]}", file=sys.stderr, flush=True)
     peaks = {}
@@ -351,7 +351,7 @@ def main(argv=None):
         try:
             measured = run_workload(name, w, device, run, repeats, args.warmup, not args.no_memory)
         except Exception as error:  # e.g. out of memory making the inputs: the next workload still runs
-            message = f"{type(error).__name__}: {error}"[:2000]
+            message = common.error_text(error)
             print(f"  {name}: FAILED {message}", file=sys.stderr, flush=True)
             measured = [dict(identity(name, w, p), status="error", error=message, goal=w["goal"]) for p in todo]
         model = common.device_model(device)
@@ -359,11 +359,7 @@ def main(argv=None):
             row["predicted_ms"] = predicted_ms(row, model) if "median_ms" in row else None
             row["predicted_for"] = model["name"]
         new = judge(earlier + rows + [r for r in measured if r["provider"] in todo])[len(earlier) + len(rows):]
-        failures += sum(1 for row in new if row.get("status") == "error")
-        rows.extend(new)
-        if sink is not None:
-            for row in new:
-                sink.write(row)
+        failures += common.deliver(rows, new, sink)
     if sink is not None:
         print(f"wrote {sink.count} rows to {args.rows_out}", file=sys.stderr)
     common.emit(rows, table(rows), name="slack_ctc", summary_name=f"slack_ctc_{suite}_latest",

@@ -256,6 +256,21 @@ def measured_keys(paths) -> set:
             if row.get("kind") == "bench" and row.get("status", "ok") == "ok"}
 
 
+def error_text(error: BaseException) -> str:
+    """What an error row says about a provider that raised."""
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
+def deliver(rows: list, new: list, sink) -> int:
+    """Add a workload's new rows to ``rows`` and stream them to ``sink`` (a RowSink or None); returns how many
+    of them are errors (a provider that raised)."""
+    rows.extend(new)
+    if sink is not None:
+        for row in new:
+            sink.write(row)
+    return sum(1 for row in new if row.get("status") == "error")
+
+
 class RowSink:
     """Appends each row, stamped (machine, commit, versions, the GPU run's id and step), to a JSONL file the
     moment it is measured: one ``write`` of a whole line on an append-only descriptor, then ``fsync``, so a

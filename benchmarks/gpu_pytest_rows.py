@@ -2,7 +2,8 @@
 ends (``-p gpu_pytest_rows``), so the tests' results survive a step killed at its slice.
 
 Each row: kind "test", the node id, the outcome (passed, failed, skipped, error), seconds, for a failure
-the first lines of its message, and the provenance of every row (commit, tree, GPU, run id).
+the end of its message, and the provenance of every row (commit, tree, GPU, run id). A test file that is
+skipped or fails at collection is one row (its path as the node id).
 """
 
 from __future__ import annotations
@@ -30,19 +31,27 @@ def _gpu_name():
     return _GPU or None
 
 
+def _write(report, outcome):
+    row = dict(kind="test", nodeid=report.nodeid, outcome=outcome, when=getattr(report, "when", "collect"),
+               seconds=round(getattr(report, "duration", 0.0) or 0.0, 3), gpu=_gpu_name(),
+               run_id=os.environ.get("MDLM_CTC_RUN_ID"), step=os.environ.get("MDLM_CTC_STEP"))
+    row.update({key: provenance()[key] for key in ("commit", "dirty", "tree")})
+    if report.failed:
+        row["message"] = str(report.longrepr)[-1500:]
+    elif report.skipped and isinstance(report.longrepr, tuple):
+        row["message"] = str(report.longrepr[2])[:300]
+    append_jsonl(os.environ["MDLM_CTC_TEST_ROWS"], row)
+
+
 def pytest_runtest_logreport(report):
-    path = os.environ.get("MDLM_CTC_TEST_ROWS")
-    if not path:
+    if not os.environ.get("MDLM_CTC_TEST_ROWS"):
         return
     if report.when == "call" or (report.when == "setup" and (report.failed or report.skipped)) or (
             report.when == "teardown" and report.failed):
-        outcome = report.outcome if report.when == "call" else ("error" if report.failed else "skipped")
-        row = dict(kind="test", nodeid=report.nodeid, outcome=outcome, when=report.when,
-                   seconds=round(report.duration, 3), gpu=_gpu_name(), run_id=os.environ.get("MDLM_CTC_RUN_ID"),
-                   step=os.environ.get("MDLM_CTC_STEP"))
-        row.update({key: provenance()[key] for key in ("commit", "dirty", "tree")})
-        if report.failed:
-            row["message"] = str(report.longrepr)[-1500:]
-        elif report.skipped and isinstance(report.longrepr, tuple):
-            row["message"] = str(report.longrepr[2])[:300]
-        append_jsonl(path, row)
+        _write(report, report.outcome if report.when == "call" else ("error" if report.failed else "skipped"))
+
+
+def pytest_collectreport(report):
+    """A test file skipped as a whole (``pytest.importorskip``) or failing to import: one row for the file."""
+    if os.environ.get("MDLM_CTC_TEST_ROWS") and (report.failed or report.skipped) and report.nodeid:
+        _write(report, "error" if report.failed else "skipped")

@@ -149,10 +149,11 @@ def goal_rows(bench, probe):
     for workload in ("G2-standard", "G2-preserve"):
         for backend in OURS:
             row = _find(bench, workload, backend)
+            dry = bool(row and row.get("dry_run"))
             add(workload, backend, "lattice (ms), <= 1 ms first step", None if row is None else row["median_ms"],
-                0.5, compute, None if row is None else row.get("predicted_ms"), bool(row and row.get("dry_run")),
-                note="" if row is None else ("first step met" if row["median_ms"] <= 1.0 * (compute or 1) else
-                                             "first step NOT met"))
+                0.5, compute, None if row is None else row.get("predicted_ms"), dry,
+                note="" if row is None or dry else ("first step met" if row["median_ms"] <= 1.0 * (compute or 1) else
+                                                    "first step NOT met"))
     for backend in OURS:
         long, short = _find(bench, "G3-8192", backend), _find(bench, "G3-2048", backend)
         ratio = long["median_ms"] / (4 * short["median_ms"]) if long and short else None
@@ -197,17 +198,22 @@ def _goal_table(lines):
     return out
 
 
+def _failed(r, detail, shape, blanks):
+    """The table line of a provider that raised: its error where the times would be."""
+    return (f"| {r['workload']} | {r['provider']} | {detail} | {shape} | {r.get('dtype', '')} | failed: "
+            f"{str(r.get('error', ''))[:100]} |" + " |" * blanks)
+
+
 def _slack_table(rows):
     out = ["| workload | provider | timed | B, T, U, V | dtype | median ms | p20-p80 | predicted ms | measured / "
            "predicted | peak extra MiB | vs torch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = f"{r['B']}, {r['T']}, {r['U']}, {r['V']}"
         if "median_ms" not in r:
-            out.append(f"| {r['workload']} | {r['provider']} | {r.get('timed', '')} | {shape} | {r.get('dtype', '')} | "
-                       f"failed: {str(r.get('error', ''))[:100]} |" + " |" * 5)
+            out.append(_failed(r, r.get("timed", ""), shape, blanks=5))
             continue
         pred = r.get("predicted_ms")
-        ratio = f"{r['median_ms'] / pred:.2f}" if pred else ""
+        ratio = f"{r['median_ms'] / pred:.2f}" if pred and not r.get("dry_run") else ""  # a CPU vs an H200: no ratio
         out.append(f"| {r['workload']} | {r['provider']} | {r['timed']} | {shape} | {r['dtype']} | "
                    f"{r['median_ms']:.3f} | {r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {_ms(pred)} | {ratio} | "
                    f"{'' if r.get('peak_extra_mib') is None else round(r['peak_extra_mib'])} | "
@@ -223,8 +229,7 @@ def _linear_table(rows):
                                                                                else "")
         shape = f"{r['N']}, {r['D']}, {r['V']}"
         if "median_ms" not in r:
-            out.append(f"| {r['workload']} | {r['provider']} | {chunk} | {shape} | {r.get('dtype', '')} | failed: "
-                       f"{str(r.get('error', ''))[:100]} |" + " |" * 4)
+            out.append(_failed(r, chunk, shape, blanks=4))
             continue
         best = "" if r.get("vs_best_fused_ce") is None else f"{r['vs_best_fused_ce']:.2f}x ({r.get('best_fused_ce')})"
         out.append(f"| {r['workload']} | {r['provider']} | {chunk} | {shape} | {r['dtype']} | {r['median_ms']:.2f} | "
@@ -263,6 +268,9 @@ def render(rows, *, run_id=None, budget=None, elapsed=None) -> str:
         head.append("versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "triton", "mdlm_ctc",
                                                                       "liger-kernel", "cut-cross-entropy")
                                              if v.get(k)) + (f", backends {v['backends']}" if v.get("backends") else ""))
+    target = next((r["predicted_for"] for r in bench if r.get("predicted_for")), None)
+    if target:
+        head.append(f"predicted times (the cost models, [est.]) are for: {target}")
     if budget is not None and elapsed is not None:
         head.append(f"{elapsed:.0f} s of a {budget:.0f} s budget")
     if other:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import glob
 import json
@@ -72,12 +73,33 @@ LOG_PER_STEP = 2 << 20  # bytes of one step's output kept in the log (head and t
 LOG_TAIL = 256 << 10
 CARRY = os.path.join(ROOT, ".gpu_check")
 WHEELHOUSE = os.path.join(ROOT, "wheelhouse")
-WHEELS = ("liger-kernel==0.8.5", "cut-cross-entropy==25.1.1", "setuptools>=64")
+WHEELS = ("liger-kernel==0.8.5", "cut-cross-entropy==25.1.1", "setuptools>=70.1", "wheel")
 """What gpu_prep.sh downloads (pure-Python wheels, no dependencies: the GPU image has torch and Triton).
-setuptools is installed on the GPU machine only where its own is older than 64 (editable installs)."""
+The build's own requirements (setuptools >= 64 for an editable install, and ``wheel`` below setuptools
+70.1) are installed on the GPU machine only where its own are missing or too old."""
+BUILD_DEPS = ("setuptools", "wheel")
 OPTIONAL = ("numpy", "pytest", "hypothesis", "liger_kernel", "cut_cross_entropy", "triton")
 DONE = "@@gpu_run done "
 NO_TESTS_OK = (0, 5)  # pytest's 5: nothing left to run (every test deselected by a resume)
+
+
+@dataclasses.dataclass
+class Step:
+    """One step of the plan: a process (``argv`` after the Python interpreter) or a task for the worker."""
+    name: str
+    cap: float                      # seconds at most
+    argv: list | None = None
+    env: dict = dataclasses.field(default_factory=dict)
+    ok: tuple = (0,)                # exit codes that mean success
+    task: dict | None = None
+    reason: str | None = None       # skipped, and why
+
+    def describe(self) -> str:
+        what = ("worker: " + " ".join(str(a) for a in [self.task.get("module", self.task["task"])] +
+                                      self.task.get("argv", [])) if self.task is not None else
+                "python " + " ".join(shlex.quote(str(a)) for a in self.argv))
+        env = " ".join(f"{k}={v}" for k, v in self.env.items())
+        return (env + " " if env else "") + what
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,12 +289,14 @@ def probe_main(rows_path, dry_run):
         except Exception as error:
             row["packages"][name] = False
             row.setdefault("import_errors", {})[name] = f"{type(error).__name__}: {error}"[:300]
-    for dist in ("torch", "triton", "setuptools", "numpy", "liger-kernel", "cut-cross-entropy", "pip"):
+    for dist in ("torch", "triton", "setuptools", "wheel", "numpy", "liger-kernel", "cut-cross-entropy", "pip"):
         try:
             row.setdefault("versions", {})[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             row.setdefault("versions", {})[dist] = None
     row["setuptools_ok"] = _version_at_least(row["versions"]["setuptools"], 64)
+    # setuptools < 70.1 builds wheels (PEP 660 editable ones too) with the separate `wheel` package
+    row["wheel_ok"] = row["versions"]["wheel"] is not None or _version_at_least(row["versions"]["setuptools"], 70, 1)
     row["nvcc"] = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
     row["cpu_cores"] = os.cpu_count()
     if not dry_run and _gpu_present():
@@ -315,13 +339,14 @@ def _probe_gpu() -> dict:
     return out
 
 
-def _version_at_least(text, major) -> bool | None:
+def _version_at_least(text, major, minor=0) -> bool | None:
     if not text:
         return None
     try:
-        return int(text.split(".")[0]) >= major
+        parts = [int(p) for p in text.split(".")[:2]] + [0]
     except ValueError:
         return None
+    return (parts[0], parts[1]) >= (major, minor)
 
 
 def _now():
@@ -349,7 +374,6 @@ class Run:
         self.failed = 0
         self.summary = []
         self.probe = {}
-        self.built = None          # None: not built here (dry run), True / False
         self.jit = False
         self.safe_path = False     # run Python with -P (a non-editable install must not be shadowed by the tree)
         self.env = self._base_env()
@@ -388,12 +412,15 @@ class Run:
 
     # -- steps ----------------------------------------------------------------------------------
 
-    def step(self, name, cap, action, *, reason=None):
+    def step(self, step: Step):
         """Run one step within min(cap, what is left); record a step row and re-render the report."""
+        name, reason = step.name, step.reason
         if self.args.steps and name not in self.args.steps:
             return None
-        cap = self.args.caps.get(name, cap)
-        limit = min(cap, self.left())
+        if self.args.list:
+            print(f"{name:16s} {step.cap:5.0f} s  " + (f"(skipped: {reason})" if reason else step.describe()))
+            return "ok"
+        limit = min(self.args.caps.get(name, step.cap), self.left())
         if reason is None and limit < MIN_SLICE:
             reason = f"no budget left ({max(self.left(), 0):.0f} s)"
         before = _count_lines(self.rows)
@@ -404,9 +431,14 @@ class Run:
         self.log.note(f"\n===== [{name}] slice {limit:.0f} s, {_now()} =====")
         print(f"== [{name}] slice {limit:.0f} s", flush=True)
         t0 = time.monotonic()
-        if name in self.args.inject_sleep:
-            action = self._sleeper(action)
-        status, rc = action(name, limit - KILL_GRACE)
+        timeout = limit - KILL_GRACE
+        if name in self.args.inject_sleep:  # (tests) the step overruns its slice
+            step = dataclasses.replace(step, task={"task": "sleep", "sleep": 10**6} if step.task is not None else None,
+                                       argv=["-c", "import time; time.sleep(10**6)"], ok=(0,))
+        if step.task is not None:
+            status, rc = self._worker_task(name, timeout, step.task)
+        else:
+            status, rc = self._process(name, timeout, self.python() + step.argv, step.env, step.ok)
         seconds = time.monotonic() - t0
         self.log.end_step()
         added = _count_lines(self.rows) - before
@@ -423,13 +455,6 @@ class Run:
         self.summary.append(line)
         print("   " + line, flush=True)
         self.render()
-
-    def _sleeper(self, action):
-        def sleeping(name, timeout):
-            if action.__name__ == "worker_action":
-                return self._worker_task(name, timeout, {"task": "sleep", "sleep": 10**6})
-            return self._process(name, timeout, self.python() + ["-c", "import time; time.sleep(10**6)"])
-        return sleeping
 
     def _process(self, name, timeout, argv, env=None, ok=(0,)):
         self.log.note("$ " + " ".join(shlex.quote(a) for a in argv))
@@ -490,14 +515,6 @@ class Run:
             self.worker = None
 
 
-def worker(module, *argv, env=None):
-    """A step action: ``module.main(argv)`` in the worker."""
-    def worker_action(run, name, timeout):
-        full = [a.replace("{rows}", run.rows) for a in argv]
-        return run._worker_task(name, timeout, {"task": "bench", "module": module, "argv": full, "env": env or {}})
-    return worker_action
-
-
 def _count_lines(path):
     try:
         with open(path, "rb") as f:
@@ -507,23 +524,20 @@ def _count_lines(path):
 
 
 def plan(run):
-    """The steps in order, each ``(name, cap seconds, action, reason to skip or None)``; built as the run goes
-    (later steps depend on what the probe and the build found)."""
+    """The steps in order (:class:`Step`), decided as the run goes: what the probe and the build found shapes
+    what follows. Each ``yield`` returns the step's status."""
     dry = run.args.dry_run
-    rows = "{rows}"
-    bench = ["--rows-out", rows, "--resume", rows]
+    bench = ["--rows-out", run.rows, "--resume", run.rows]
     wheels = sorted(glob.glob(os.path.join(WHEELHOUSE, "*.whl")))
-    fused = [w for w in wheels if not os.path.basename(w).startswith("setuptools")]
+    fused = [w for w in wheels if not os.path.basename(w).startswith(BUILD_DEPS)]
 
-    if dry:
-        no_wheels = "dry run: nothing is installed"
-    else:
-        no_wheels = None if fused else "no wheels in wheelhouse/ (benchmarks/gpu_prep.sh downloads them)"
-    yield "wheels", 30, lambda name, t: run._process(name, t, run.python() + [
-        "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check", *fused]), no_wheels
+    def worker(step, cap, module, *argv):
+        return Step(step, cap, task={"task": "bench", "module": module, "argv": list(argv)})
 
-    yield "probe", 30, lambda name, t: run._process(
-        name, t, run.python() + [os.path.join(HERE, "gpu_run.py"), "--probe", run.rows] + (["--dry-run"] if dry else [])), None
+    pip = ["-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check"]
+    yield Step("wheels", 30, pip + fused, reason="dry run: nothing is installed" if dry else None if fused else
+               "no wheels in wheelhouse/ (benchmarks/gpu_prep.sh downloads them)")
+    yield Step("probe", 30, [os.path.join(HERE, "gpu_run.py"), "--probe", run.rows] + (["--dry-run"] if dry else []))
     run.probe = next((r for r in reversed(gpu_report.read_rows(run.rows))
                       if r.get("kind") == "probe" and r.get("run_id") == run.run_id), {})
     packages = run.probe.get("packages", {})
@@ -531,71 +545,66 @@ def plan(run):
         run.env["MDLM_CTC_DEVICE_MODEL"] = json.dumps({"bandwidth_tbs": run.probe["copy_bandwidth_tbs"]})
 
     if not dry:
-        setuptools_wheel = [w for w in wheels if os.path.basename(w).startswith("setuptools")]
-        if run.probe.get("setuptools_ok") is False:
-            yield "setuptools", 30, lambda name, t: run._process(name, t, run.python() + [
-                "-m", "pip", "install", "--no-index", "--no-deps", *setuptools_wheel]), (
-                None if setuptools_wheel else "setuptools < 64 and no setuptools wheel in wheelhouse/")
-        editable = run.probe.get("setuptools_ok") is not False or any(
-            s["step"] == "setuptools" and s["status"] == "ok" for s in _steps(run))
+        # the build's requirements: pip checks none of them with --no-build-isolation
+        need = [dist for dist, ok in (("setuptools", "setuptools_ok"), ("wheel", "wheel_ok"))
+                if run.probe.get(ok) is False]
+        carried = [w for w in wheels if os.path.basename(w).startswith(tuple(need))] if need else []
+        if need:
+            yield Step("build_deps", 30, pip + carried, reason=None if len(carried) == len(need) else
+                       f"{' and '.join(need)} too old or missing, and no wheel for it in wheelhouse/")
+        deps_ok = not need or any(s["step"] == "build_deps" and s["status"] == "ok" for s in _steps(run))
+        editable = run.probe.get("setuptools_ok") is not False or deps_ok
         install = ["-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
                    "--disable-pip-version-check"] + (["-e", "."] if editable else ["."])
         if not editable:
             run.safe_path = True  # the tree's mdlm_ctc/ would shadow the installed package (no _C, no triton_kernels)
-        status = yield "build", 300, lambda name, t: run._process(
-            name, t, run.python() + install, env={"MDLM_CTC_BUILD": "cuda"}), None
-        run.built = status == "ok"
-        if not run.built:  # the package without the CUDA kernels, which are then compiled by ninja at first use
-            yield "install_python", 90, lambda name, t: run._process(
-                name, t, run.python() + install, env={"MDLM_CTC_BUILD": "none"}), None
-            run.env["MDLM_CTC_JIT"] = "1"
-            run.jit = True
-    yield "backends", (240 if run.jit else 60), lambda name, t: run._worker_task(
-        name, t, {"task": "backends", "rows": run.rows}), None
+        status = yield Step("build", 300, install, env={"MDLM_CTC_BUILD": "cuda"})
+        if status != "ok":  # the package without the CUDA kernels (the Triton and torch rows still run)
+            yield Step("install_python", 90, install, env={"MDLM_CTC_BUILD": "none"})
+            if status == "failed" and run.left() > 300:  # a quick failure: try ninja's build at first use
+                run.env["MDLM_CTC_JIT"] = "1"
+                run.jit = True
+    yield Step("backends", 240 if run.jit else 60, task={"task": "backends", "rows": run.rows})
 
     if dry:
         tiny = ["--tiny", "--warmup", "0", "--repeats", "1"]  # one call each: the plumbing, not the times
-        yield "G1", 60, worker("bench_slack_ctc", "--workloads", "G1", "--no-memory", *tiny, *bench), None
-        yield "G2", 60, worker("bench_slack_ctc", "--workloads", "G2-standard", "G2-preserve", "--no-memory", *tiny,
-                               *bench), None
-        yield "G3", 60, worker("bench_slack_ctc", "--workloads", "G3-2048", "G3-8192", "--no-memory", *tiny,
-                               *bench), None
-        yield "G4", 60, worker("bench_linear_slack_ctc", "--workloads", "G4", "--chunk-size", "default", "8", *tiny,
-                               *bench), None
+        yield worker("G1", 60, "bench_slack_ctc", "--workloads", "G1", "--no-memory", *tiny, *bench)
+        yield worker("G2", 60, "bench_slack_ctc", "--workloads", "G2-standard", "G2-preserve", "--no-memory", *tiny,
+                     *bench)
+        yield worker("G3", 60, "bench_slack_ctc", "--workloads", "G3-2048", "G3-8192", "--no-memory", *tiny, *bench)
+        yield worker("G4", 60, "bench_linear_slack_ctc", "--workloads", "G4", "--chunk-size", "default", "8", *tiny,
+                     *bench)
     else:
-        yield "G1", 120, worker("bench_slack_ctc", "--workloads", "G1", "--repeats", "20", *bench), None
-        yield "G2", 90, worker("bench_slack_ctc", "--workloads", "G2-standard", "G2-preserve", "--repeats", "20",
-                               *bench), None
-        yield "G3", 120, worker("bench_slack_ctc", "--workloads", "G3-2048", "G3-8192", "--repeats", "20", *bench), None
-        yield "G4", 120, worker("bench_linear_slack_ctc", "--workloads", "G4", "--chunk-size", "default", "512",
-                                "2048", *bench), None
+        yield worker("G1", 120, "bench_slack_ctc", "--workloads", "G1", "--repeats", "20", *bench)
+        yield worker("G2", 90, "bench_slack_ctc", "--workloads", "G2-standard", "G2-preserve", "--repeats", "20",
+                     *bench)
+        yield worker("G3", 120, "bench_slack_ctc", "--workloads", "G3-2048", "G3-8192", "--repeats", "20", *bench)
+        yield worker("G4", 120, "bench_linear_slack_ctc", "--workloads", "G4", "--chunk-size", "default", "512",
+                     "2048", *bench)
 
     no_pytest = None if packages.get("pytest", True) else "pytest is not importable here"
-    plugin = ["-p", "gpu_pytest_rows", "-p", "no:cacheprovider", "-q", "-rfE"]
+    pytest = ["-m", "pytest", "-p", "gpu_pytest_rows", "-p", "no:cacheprovider", "-q", "-rfE"]
     env = {"MDLM_CTC_TEST_ROWS": run.rows}
     passed = [r["nodeid"] for r in gpu_report.read_rows(run.rows) if r.get("kind") == "test"
               and r.get("outcome") == "passed" and _same_code(r, run)]
     deselect = [a for nodeid in passed for a in ("--deselect", nodeid)]
     if dry:
         files = ["tests/test_mdlm_protocol.py", "tests/test_slack_ctc_triton_gpu.py"]
-        yield "gpu_tests", 40, lambda name, t: run._process(
-            name, t, run.python() + ["-m", "pytest", "-m", "gpu", *plugin, *files, *deselect], env, NO_TESTS_OK), no_pytest
+        yield Step("gpu_tests", 40, pytest + ["-m", "gpu", *files, *deselect], env, NO_TESTS_OK, reason=no_pytest)
     else:
-        yield "gpu_tests", 150, lambda name, t: run._process(
-            name, t, run.python() + ["-m", "pytest", "-m", "gpu", *plugin, "tests", *deselect], env, NO_TESTS_OK), no_pytest
+        yield Step("gpu_tests", 150, pytest + ["-m", "gpu", "tests", *deselect], env, NO_TESTS_OK, reason=no_pytest)
         # the Triton tests written at GPU block sizes, compiled this time (no interpreter), and band_bound
-        yield "gpu_shaped_tests", 90, lambda name, t: run._process(name, t, run.python() + [
-            "-m", "pytest", *plugin, "tests/test_triton_gpu_shaped.py", "tests/test_band_bound.py", *deselect],
-            env, NO_TESTS_OK), no_pytest
+        yield Step("gpu_shaped_tests", 90, pytest + ["tests/test_triton_gpu_shaped.py", "tests/test_band_bound.py",
+                                                     *deselect], env, NO_TESTS_OK, reason=no_pytest)
 
     if dry:
-        yield "sweep", 30, worker("bench_slack_ctc", "--workloads", "sweep-G1-L0", "sweep-G1-L7", "--no-memory", *tiny,
-                                  *bench), None
+        yield worker("sweep", 30, "bench_slack_ctc", "--workloads", "sweep-G1-L0", "sweep-G1-L7", "--no-memory",
+                     *tiny, *bench)
     else:
-        yield "sweep", 240, worker("bench_slack_ctc", "--suite", "sweep", "--repeats", "10", *bench), None
-    static = [os.path.join(HERE, "static_cuda.py"), "--out", os.path.join(run.out, "static_cuda.md")]
-    yield "static_cuda", 120, lambda name, t: run._process(
-        name, t, run.python() + static + (["--shapes", "G1", "--dtypes", "fp32"] if dry else [])), None
+        yield worker("sweep", 240, "bench_slack_ctc", "--suite", "sweep", "--repeats", "10", *bench)
+    yield Step("static_cuda", 120, [os.path.join(HERE, "static_cuda.py"), "--out",
+                                    os.path.join(run.out, "static_cuda.md")]
+               + (["--shapes", "G1", "--dtypes", "fp32"] if dry else []))
 
 
 def _steps(run):
@@ -617,13 +626,13 @@ def drive(args) -> int:
     status = None
     try:
         while True:
-            name, cap, action, reason = steps.send(status) if status is not None else next(steps)
-            status = run.step(name, cap, action if action.__name__ != "worker_action" else
-                              _bind(action, run), reason=reason) or "skipped"
+            status = run.step(steps.send(status) if status is not None else next(steps)) or "skipped"
     except StopIteration:
         pass
     finally:
         run.close()
+    if args.list:
+        return 0
     text = run.render()
     print("\n== gpu_check summary (" + f"{time.monotonic() - run.t0:.0f} s of {args.budget:.0f})")
     for line in run.summary:
@@ -633,12 +642,6 @@ def drive(args) -> int:
     if len(files) > MAX_OUT_FILES:
         print(f"WARNING: {len(files)} files in {run.out} (a lent machine returns {MAX_OUT_FILES})", flush=True)
     return min(run.failed, 100)
-
-
-def _bind(action, run):
-    def worker_action(name, timeout):
-        return action(run, name, timeout)
-    return worker_action
 
 
 def _seed_resume(run, paths):
@@ -727,6 +730,7 @@ def main(argv=None):
     parser.add_argument("--steps", nargs="*", help="run only these steps (the others are left out)")
     parser.add_argument("--cap", type=_cap, action="append", default=[], metavar="STEP=SECONDS",
                         help="another cap for a step")
+    parser.add_argument("--list", action="store_true", help="print the plan (steps, caps, commands) and exit")
     parser.add_argument("--inject-sleep", nargs="*", default=[], metavar="STEP",
                         help="(tests) the step sleeps past its slice instead of running")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -744,6 +748,12 @@ def main(argv=None):
     if args.command == "prep":
         return prep(args)
     args.caps = dict(args.cap)
+    if args.list:  # nothing runs and nothing is written
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as out:
+            args.out, args.resume = out, []
+            return drive(args)
     args.out = os.path.abspath(args.out or os.environ.get("OUT") or os.path.join(ROOT, "gpu_check_out"))
     if args.resume is None:
         default = os.path.join(CARRY, "resume.jsonl")

@@ -116,7 +116,7 @@ def cut_and_missing(tmp_path_factory):
     """G1 sleeps past a 4 s cap; numpy, liger and cut-cross-entropy are not importable."""
     out = tmp_path_factory.mktemp("gpu_cut")
     env = _hiding(tmp_path_factory.mktemp("shim"), ["numpy", "liger_kernel", "cut_cross_entropy"])
-    result, wall, rows = _check(out, "--budget", "45", "--resume", "--steps", "probe", "G1", "G2", "G4", "gpu_tests",
+    result, wall, rows = _check(out, "--budget", "90", "--resume", "--steps", "probe", "G1", "G2", "G4", "gpu_tests",
                                 "--inject-sleep", "G1", "--cap", "G1=4", env=env)
     return out, result, wall, rows
 
@@ -127,7 +127,7 @@ def test_an_overrunning_step_is_cut_and_the_next_rows_land(cut_and_missing):
     assert steps["G1"]["status"] == "timeout" and steps["G1"]["seconds"] <= 4.5, steps["G1"]
     assert steps["G2"]["status"] == "ok" and steps["G2"]["rows_added"] > 0, (steps, result.stdout[-3000:])
     assert not any(r.get("workload") == "G1" for r in rows if r.get("kind") == "bench")
-    assert wall <= 45 + 10
+    assert wall <= 90 + 10
     log = open(os.path.join(out, "gpu_check.log")).read()
     pids = [int(line.split()[2]) for line in log.splitlines() if line.startswith("[worker] pid")]
     assert len(pids) >= 2  # the killed worker, then a fresh one
