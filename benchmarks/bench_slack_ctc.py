@@ -13,7 +13,8 @@ Providers (each a full forward + backward from logits, unless the workload says 
     cross_entropy  F.cross_entropy forward + backward on the same logits: the memory-bound yardstick (GPU)
 
 Each provider runs once per repeat, round-robin, after warm-up; the table shows the median and the
-20th/80th percentiles, the peak extra memory, and the speed-up over torch measured in the same run.
+20th/80th percentiles, the cost models' predicted time (Triton and CUDA rows; see below), the peak extra
+memory, and the speed-up over torch measured in the same run.
 ``--record`` appends every row, stamped with machine, commit and versions, to
 benchmarks/results/slack_ctc.jsonl and writes a Markdown summary next to it.
 
@@ -279,14 +280,16 @@ def judge(rows):
 
 
 def table(rows):
-    head = ("workload", "provider", "timed", "median ms", "p20-p80 ms", "peak extra MiB", "vs torch", "goal met")
+    head = ("workload", "provider", "timed", "median ms", "p20-p80 ms", "predicted ms", "peak extra MiB", "vs torch",
+            "goal met")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "median_ms" not in r:
-            lines.append(f"| {r['workload']} | {r['provider']} | {r['timed']} | failed: {r['error'][:80]} |" + " |" * 4)
+            lines.append(f"| {r['workload']} | {r['provider']} | {r['timed']} | failed: {r['error'][:80]} |" + " |" * 5)
             continue
         lines.append("| " + " | ".join([
             r["workload"], r["provider"], r["timed"], f"{r['median_ms']:.2f}", f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
+            "" if r.get("predicted_ms") is None else f"{r['predicted_ms']:.3f}",
             "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}",
             "" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.1f}x",
             {True: "yes", False: "NO", None: ""}[r["goal_met"]]]) + " |")

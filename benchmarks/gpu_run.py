@@ -34,9 +34,10 @@ run) is absent, and the rows say so.
 
 ``--dry-run``: the same driver on a CPU machine: the installed package (no build), the G workloads at
 tiny shapes under ``TRITON_INTERPRET=1``, the GPU tests of two files (skipped there), two sweep rows and
-the static report of one shape. ``--inject-sleep STEP`` makes a step sleep past its slice (the tests
-use it to show the cut and the rows after it). Exit status: the number of steps that failed or ran out
-of time.
+the static report of one shape. ``--list`` prints the plan (steps, caps, commands) without running it;
+``--steps`` runs a subset, ``--cap STEP=S`` changes a cap, ``--inject-sleep STEP`` makes a step sleep past
+its slice (the tests show the cut and the rows after it). Exit status: the number of steps that failed
+or ran out of time.
 """
 
 from __future__ import annotations
