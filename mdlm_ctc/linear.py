@@ -494,7 +494,7 @@ def linear_slack_ctc_loss(hidden: Tensor, weight: Tensor, targets: Tensor, targe
     args, chunk_size = check_linear_args(hidden, weight, bias, targets, target_lengths, slack_id, input_lengths,
                                          collapse, max_shift, observed, reduction, zero_infinity, backend, validate,
                                          chunk_size, band_bound)
-    name = backends.resolve(backend, hidden.device)
+    name = backends.resolve(backend, hidden.device, (hidden.shape[0], hidden.shape[1], args.band_width, args.mode))
     need_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
     # when one chunk holds every frame the forward keeps its logits for the backward (_kept_rows: 3 GEMMs,

@@ -23,7 +23,7 @@ def _run(args: _validation.LatticeArgs, *, normalize: bool, zero_infinity: bool,
     x = args.logits
     if x.stride(-1) != 1:
         x = x.contiguous()  # kernels read the vocabulary dimension contiguously
-    name = backends.resolve(backend, x.device)
+    name = backends.resolve(backend, x.device, (x.shape[0], x.shape[1], args.band_width, args.mode))
     need_grad = torch.is_grad_enabled() and x.requires_grad
     nll, _, _, _ = _ops.lattice_forward(x, args.targets, args.input_lengths, args.target_lengths, args.observed,
                                         args.special_id, args.mode, args.max_shift, args.band_width, need_grad,

@@ -83,6 +83,19 @@ def spec_workloads() -> list[Workload]:
     ]
 
 
+SWEEP_CHUNKS = (0, 7, 15, 31, 63)
+"""The chunk lengths benchmarks/bench_slack_ctc.py's sweep (``--suite sweep``) times at the lattice shapes of
+:func:`sweep_workloads`, whatever the collapse (0: one chunk): configs the launcher's cost model may never
+pick (standard at L = 63), so the static checks compile them too."""
+
+
+def sweep_workloads() -> list[Workload]:
+    """The lattice shapes of the benchmark's chunk-length sweep (its V is irrelevant: the lattice alone)."""
+    P, S = 0, 1
+    return [Workload("sweep G1", 8, 2048, 1792, 1024, P), Workload("sweep G2", 8, 2048, 1024, 1024, S),
+            Workload("sweep G3", 2, 8192, 7680, 1024, P)]
+
+
 def cap_workloads() -> list[Workload]:
     """Shapes at which every launcher's block sizes reach their caps, per logits dtype and mode (registers
     grow with the block sizes, so these bound every config a launcher can choose below them)."""
@@ -241,11 +254,23 @@ def lattice_launches(T: int = 8192) -> list[tuple[Workload, Launch]]:
     return out
 
 
+LATTICE_KERNELS = ("_transfer_kernel", "_boundary_kernel", "_sweep_kernel", "_loss_kernel", "_posterior_kernel")
+
+
+def benchmark_launches() -> list[tuple[Workload, Launch]]:
+    """The lattice launches of the benchmark's chunk-length sweep (every shape of :func:`sweep_workloads` at
+    every length of SWEEP_CHUNKS); the benchmark's other rows run the launchers' own choices."""
+    out = []
+    for w in sweep_workloads():
+        out += [(w, launch) for launch in record(w, chunk_lens=SWEEP_CHUNKS) if launch.name in LATTICE_KERNELS]
+    return out
+
+
 def choosable_launches() -> list[tuple[Workload, Launch]]:
-    """Every config the launchers can choose: the SPEC shapes with the cost model's chunk length, the
-    dense kernel's autotune list (at G1 and, since any logits dtype is autotuned, at every cap shape),
-    the caps of every block size for every chunk length candidate (and for the windowed vocabulary and
-    gradient passes of the fused LM head), and every lattice-kernel config."""
+    """Every config the launchers or the benchmarks can compile: the SPEC shapes with the cost model's chunk
+    length, the dense kernel's autotune list (at G1 and, since any logits dtype is autotuned, at every cap
+    shape), the caps of every block size for every chunk length candidate (and for the windowed vocabulary
+    and gradient passes of the fused LM head), every lattice-kernel config, and the benchmark's sweep."""
     from . import grad, slack_ctc
 
     out = []
@@ -259,7 +284,7 @@ def choosable_launches() -> list[tuple[Workload, Launch]]:
         out += [(w, launch) for launch in record(w, chunk_lens=chunks, dense_blocks=grad.DENSE_AUTOTUNE_CONFIGS)]
         out += [(w, launch) for launch in record(dataclasses.replace(w, linear=True))
                 if launch.name in ("_emissions_kernel", "_band_values_kernel", "_dense_kernel")]
-    return out + lattice_launches()
+    return out + lattice_launches() + benchmark_launches()
 
 
 # ---------------------------------------------------------------------------------------------
