@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .remote_code import load_remote_model, remote_class_reference
+from .remote_code import load_remote_model, needs_own_code, remote_class_reference
 
 META_FILE = "mdlm_ctc.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,8 +122,16 @@ def _load_dtype(cfg, device):
 
 def auto_config(path: str, cfg):
     """``AutoConfig`` of ``path``; a clear error when it needs its own code and ``--trust-remote-code`` is off."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
+    if not cfg.model.trust_remote_code:
+        try:
+            raw, _ = PretrainedConfig.get_config_dict(path)
+        except OSError:
+            raw = {}  # AutoConfig below says what is wrong with the path
+        if needs_own_code(raw):
+            raise ValueError(f"`model` {path!r} needs its own code (model_type {raw.get('model_type')!r}); pass "
+                             f"--trust-remote-code to allow it")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except ValueError as err:

@@ -52,6 +52,18 @@ def remote_class_reference(config) -> tuple[str, str] | None:
     return None
 
 
+def needs_own_code(raw: dict) -> bool:
+    """A ``config.json`` (as a dict) whose model can only be built by the folder's own code: it has an
+    ``auto_map`` and a ``model_type`` transformers does not ship (LLaDA's ``llada``, Dream's ``Dream``).
+
+    Decided from the file, not from transformers' registries: remote code that registers itself (LLaDA's
+    does) would otherwise make a second load in the same process look like built-in code.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return bool(raw.get("auto_map")) and raw.get("model_type") not in CONFIG_MAPPING_NAMES
+
+
 # ------------------------------------------------------------------------------ the shims
 def _record(cls, shim: str) -> None:
     applied = cls.__dict__.get(_APPLIED)
@@ -153,7 +165,6 @@ def load_remote_model(path: str, config, **kwargs):
     ``config`` is the folder's ``AutoConfig`` (loaded with ``trust_remote_code``); ``kwargs`` go to
     ``from_pretrained``. Raises :class:`RemoteCodeError` when the model still cannot be loaded.
     """
-    import transformers
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     found = remote_class_reference(config)
@@ -166,8 +177,10 @@ def load_remote_model(path: str, config, **kwargs):
         patch_class(cls)
         raw = config.to_dict()
         config_shims = _shim_config(config, raw)
-        model = getattr(transformers, auto_name).from_pretrained(path, config=config, trust_remote_code=True,
-                                                                 **kwargs)
+        # the folder's own class, not whatever an Auto class finds registered: remote code that registers
+        # itself (LLaDA's does) would otherwise make the first folder's class load every later one
+        cls.register_for_auto_class(auto_name)  # save_pretrained then copies the modeling file along
+        model = cls.from_pretrained(path, config=config, **kwargs)
     except Exception as err:  # noqa: BLE001  (whatever the model's code raises under transformers 5)
         raise _error(path, reference, written_for, err) from err
     return model, applied_shims(cls) + config_shims
