@@ -174,9 +174,11 @@ class TrainConfig:
     lora_rank: int = _opt(32, "LoRA rank r")
     lora_alpha: float = _opt(64.0, "LoRA alpha (scaling alpha / r)")
     lora_dropout: float = _opt(0.05, "LoRA dropout")
-    lora_target_modules: str = _opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                                    "comma-separated names of the linear layers that get adapters (LLaDA: "
-                                    "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out), or 'all-linear'")
+    lora_target_modules: str = _opt("all-linear",
+                                    "linear layers that get adapters: 'all-linear' (every one but the LM head), or "
+                                    "comma-separated full module paths or their trailing names (Llama: q_proj,"
+                                    "...,down_proj; LLaDA: q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out); "
+                                    "the LM head is never adapted (its <slack> row trains)")
     gpu_memory_gb: float = _opt(80.0, "memory of one GPU (GiB) the plan checks the job against; 0 = do not check")
     world_size: int = _opt(0, "`plan`: processes (GPUs) to plan for; 0 = $WORLD_SIZE, else 1")
     merge_output: Optional[str] = _opt(None, "`merge`: folder for the merged full model; default: "

@@ -139,8 +139,11 @@ def apply_lora(hf_model, cfg, slack_id: int, log=None):
 
 
 def trainable_state_dict(hf_model) -> dict[str, torch.Tensor]:
-    """The trainable tensors of an adapted model (what a LoRA checkpoint must hold)."""
-    return {name: p.detach() for name, p in hf_model.named_parameters() if p.requires_grad}
+    """The trainable tensors of an adapted model (what a LoRA checkpoint must hold), under the names
+    ``load_state_dict`` takes: those of ``state_dict``, from which an activation-checkpoint wrapper
+    (``--gradient-checkpointing`` on a model without transformers' switch, LLaDA's) strips its prefix."""
+    trainable = {id(p) for p in hf_model.parameters() if p.requires_grad}
+    return {name: t.detach() for name, t in hf_model.state_dict(keep_vars=True).items() if id(t) in trainable}
 
 
 def save_adapter(peft_model, tokenizer, special, path: str, base: str, extra: dict | None = None,
