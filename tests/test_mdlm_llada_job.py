@@ -109,9 +109,11 @@ def test_readmes_llada_job_runs_on_the_standin(job, capsys):
         f"model.transformer.blocks.{i}.{leaf}" for i in range(2)
         for leaf in ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"))
     assert sorted(adapter["trainable_token_indices"]) == ["model.transformer.ff_out", "model.transformer.wte"]
-    # killed after its step-3 checkpoint: the same command with --resume ends with the same adapter, bitwise
     from safetensors.torch import load_file
 
+    tensors = load_file(str(run / "final" / "adapter_model.safetensors"))  # every adapter, none lost on save
+    assert sum("lora_A" in k for k in tensors) == sum("lora_B" in k for k in tensors) == 14 and len(tensors) == 30
+    # killed after its step-3 checkpoint: the same command with --resume ends with the same adapter, bitwise
     finished = load_file(str(run / "final" / "adapter_model.safetensors"))
     shutil.rmtree(run / "final")
     os.remove(run / "done.json")
@@ -129,3 +131,12 @@ def test_readmes_llada_job_runs_on_the_standin(job, capsys):
     _run(merge, root)
     merged = root / "runs" / "llada-lora" / "final-merged"
     assert os.path.exists(merged / "model.safetensors") and os.path.exists(merged / "modeling_llada.py")
+    from mdlm_ctc.mdlm.config import Config
+    from mdlm_ctc.mdlm.model import load_adapted, load_pretrained
+
+    cfg = Config.from_dict({"trust_remote_code": True})
+    adapted, _, special = load_adapted(str(run / "final"), cfg, torch.device("cpu"), merge=False)
+    full = load_pretrained(str(merged), cfg, torch.device("cpu"))
+    x = torch.tensor([[special.slack_id, 5, 6, special.mask_id, 7]])
+    with torch.no_grad():  # the merged model answers as the adapted one
+        torch.testing.assert_close(full(input_ids=x).logits, adapted.eval()(input_ids=x).logits, rtol=1e-5, atol=1e-5)

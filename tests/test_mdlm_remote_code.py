@@ -184,16 +184,18 @@ def test_fused_hidden_states_are_the_head_input(llada):
 
 
 def test_checkpointing_without_a_transformers_switch(llada, tmp_path):
-    """LLaDA's code has no gradient-checkpointing switch: torch's checkpoint_wrapper wraps its layers, and
-    the result equals the run without recomputation (FSDP2 on this stand-in: test_mdlm_llada_job.py)."""
+    """LLaDA's code has no gradient-checkpointing switch: torch's composable checkpoint hooks its layers
+    (names unchanged), and the result equals the run without recomputation (FSDP2 on this stand-in:
+    test_mdlm_llada_job.py)."""
     from safetensors.torch import load_file
 
     from mdlm_ctc.mdlm.distributed import enable_activation_checkpointing
 
     folder, _ = llada
     hf = load_pretrained(str(folder), _trusted(), CPU)
-    keys = set(hf.state_dict())
-    assert enable_activation_checkpointing(hf) == "checkpoint_wrapper" and set(hf.state_dict()) == keys
+    names = [n for n, _ in hf.named_modules()], set(hf.state_dict())
+    assert enable_activation_checkpointing(hf) == "composable checkpoint"
+    assert ([n for n, _ in hf.named_modules()], set(hf.state_dict())) == names
     assert main(_train(folder, tmp_path, "plain", "--fused-lm-head", "on")) == 0
     assert main(_train(folder, tmp_path, "ckpt", "--fused-lm-head", "on", "--gradient-checkpointing")) == 0
     plain = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))

@@ -156,6 +156,13 @@ def save_adapter(peft_model, tokenizer, special, path: str, base: str, extra: di
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.peft_config["default"].base_model_name_or_path = base
     peft_model.save_pretrained(tmp, state_dict=state_dict)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(tmp, "adapter_model.safetensors"), "pt") as f:
+        saved = len(list(f.keys()))
+    trainable = sum(1 for p in peft_model.parameters() if p.requires_grad)
+    if saved != trainable:  # peft finds adapters by module name; never write an adapter that lost some
+        raise RuntimeError(f"peft saved {saved} adapter tensors of the {trainable} trainable ones to {tmp}")
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump({"special_ids": special.to_dict(), "lora_base": base, **(extra or {})}, f, indent=1)
