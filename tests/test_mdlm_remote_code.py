@@ -316,3 +316,37 @@ def test_bad_lora_targets_are_refused_in_one_line(llada, tmp_path, capsys, targe
     hf = load_pretrained(str(folder), _trusted(), CPU)  # the same refusal from the loaded model
     with pytest.raises(ValueError, match=re.escape(message)):
         apply_lora(hf, _trusted(lora=True, lora_target_modules=targets), 116)
+
+
+# ------------------------------------------------------------------------------ Dream's traits
+def test_dreams_code_loads_with_its_rotary_buffer_its_generation_config_and_shifted_outputs(tmp_path, capsys):
+    """Dream's code under transformers 5: RoPE's 'default' initialiser is gone, its own GenerationConfig
+    has a 4.x validate(), and its non-persistent inv_freq would stay uninitialised memory; its head
+    predicts the next position, so the loop shifts its outputs right by one as Dream's sampler does."""
+    from dream_standin import build_dream_standin
+    from transformers import AutoModel
+
+    from mdlm_ctc.mdlm.model import DiffusionLM
+
+    raw = tmp_path / "raw-dream"
+    build_dream_standin(raw)
+    with pytest.raises(KeyError, match="default"):
+        AutoModel.from_pretrained(str(raw), trust_remote_code=True)
+    folder = tmp_path / "tiny-dream"
+    build_dream_standin(folder)
+    hf = load_pretrained(str(folder), _trusted(), CPU).eval()
+    note = capsys.readouterr().out
+    for shim in ("rope 'default'", "DreamGenerationConfig.validate(**kwargs)", "rotary inv_freq"):
+        assert shim in note, note
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8)
+    assert torch.equal(hf.model.rotary_emb.inv_freq, inv_freq) and hf.generation_config.alg == "entropy"
+    reference = type(hf)(hf.config).eval()  # built on the CPU, where its own __init__ computes inv_freq
+    reference.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    net = DiffusionLM(hf)
+    with torch.no_grad():
+        logits = hf(input_ids=ids).logits
+        torch.testing.assert_close(logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+        shifted, hidden = net(ids), net(ids, want="hidden")
+    assert torch.equal(shifted[:, 1:], logits[:, :-1]) and torch.equal(shifted[:, :1], logits[:, :1])
+    torch.testing.assert_close(hf.get_output_embeddings()(hidden), shifted, rtol=0, atol=0)

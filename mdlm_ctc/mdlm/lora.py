@@ -64,11 +64,9 @@ def linear_layers(hf_model) -> dict[str, tuple[int, int]]:
 
 def head_path(hf_model) -> str | None:
     """Full path of the LM head (``get_output_embeddings()``), or ``None`` when it is the input embedding."""
-    head = hf_model.get_output_embeddings()
-    if head is None or head is hf_model.get_input_embeddings() or getattr(head, "weight", None) is \
-            getattr(hf_model.get_input_embeddings(), "weight", 0):
-        return None
-    return module_path(hf_model, head)
+    head, embedding = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
+    tied = head is embedding or (head is not None and getattr(head, "weight", None) is embedding.weight)
+    return None if head is None or tied else module_path(hf_model, head)
 
 
 def resolve_lora_targets(spec: str, layers: dict, head: str | None, owner: str) -> tuple[list[str], list[str]]:

@@ -20,9 +20,9 @@
 * **The answer's terminator** (``--answer-end``, default ``auto``): the token(s) the tokenizer's chat
   template closes an assistant turn with, when that is not EOS (LLaDA-8B-Instruct: ``<|eot_id|>``;
   Qwen/Dream: ``<|im_end|>`` and its newline). The training canvas is then the answer, the terminator
-  and EOS padding, with ``--wrap-chat`` and without (what LLaDA's SFT data holds, and what its chat
-  loop expects the model to write), and the sampler's answer stops at the terminator or EOS,
-  whichever comes first. Templates without one (the embedded model's) leave the canvas answer + EOS.
+  and EOS padding, with ``--wrap-chat`` and without (what SFT on LLaDA's chat format with EOS padding
+  gives, and what its chat loop expects the model to write), and the sampler's answer stops at the
+  terminator or EOS, whichever comes first. Templates without one (the embedded model's) leave the canvas answer + EOS.
 * **`<slack>`** (``--slack-token``). If the vocabulary has it, it is used as is. Otherwise it is added
   to the tokenizer as a special token. Its id is the tokenizer's next id; when that id is beyond the
   embedding matrix the embeddings are resized (``resize_token_embeddings``), and when it falls into a
@@ -140,7 +140,7 @@ def auto_config(path: str, cfg):
         raise
 
 
-_LOG_SHIMS: dict = {}  # model classes whose shims were reported (once per process)
+_SHIMS_REPORTED: set = set()  # model classes whose shims were reported (once per process)
 
 
 def load_pretrained(path: str, cfg, device: torch.device):
@@ -154,9 +154,10 @@ def load_pretrained(path: str, cfg, device: torch.device):
                       f"(set is_causal=False in its config)", stacklevel=2)
     if trust and remote_class_reference(config) is not None:
         model, shims = load_remote_model(path, config, dtype=_load_dtype(cfg, device))
-        if shims and _LOG_SHIMS.setdefault(type(model).__name__, True) and os.environ.get("RANK", "0") == "0":
+        if shims and type(model) not in _SHIMS_REPORTED and os.environ.get("RANK", "0") == "0":
             import transformers
 
+            _SHIMS_REPORTED.add(type(model))
             print(f"note: {path}: its own code loaded under transformers {transformers.__version__} with mdlm-ctc's "
                   f"compatibility shims: {', '.join(shims)} (mdlm_ctc/mdlm/remote_code.py)")
         return model
@@ -437,14 +438,31 @@ def unwrap(model):
     return model
 
 
+def predicts_next_position(config) -> bool:
+    """Dream keeps the head of the autoregressive model it starts from: the output at position ``i``
+    predicts the token at ``i + 1``, and its sampler shifts the logits right by one position."""
+    return str(getattr(config, "model_type", "")).lower() == "dream"
+
+
 class DiffusionLM(torch.nn.Module):
-    """Thin wrapper so that one (DDP-wrappable) forward returns logits or last hidden states."""
+    """Thin wrapper so that one (DDP-wrappable) forward returns logits or last hidden states.
+
+    Position ``i`` of the output always predicts the token at position ``i``: for a model whose head
+    predicts the next position (:func:`predicts_next_position`, Dream) the outputs are shifted right by
+    one as its own sampler does (position 0 keeps its own output), for logits and hidden states alike
+    (the head is applied per position, so the fused head sees the same alignment).
+    """
 
     def __init__(self, hf_model):
         super().__init__()
         self.hf = hf_model
+        self.shift = predicts_next_position(getattr(hf_model, "config", None))
 
     def forward(self, input_ids: torch.Tensor, want: str = "logits") -> torch.Tensor:
+        out = self._forward(input_ids, want)
+        return torch.cat([out[:, :1], out[:, :-1]], dim=1) if self.shift else out
+
+    def _forward(self, input_ids: torch.Tensor, want: str) -> torch.Tensor:
         if want == "hidden":
             from transformers import PreTrainedModel
 

@@ -4,6 +4,9 @@ Nothing is loaded but ``config.json`` (or, for the embedded model, the ``tiny_*`
 setting (``ddp``, ``fsdp``, ``lora``, ``lora+fsdp``) at the job's world size the plan estimates, per
 process:
 
+* **LoRA's trainable parameters**: the job's ``lora_target_modules`` resolved by ``lora``'s own rules
+  on the linear layers the config implies (module paths of Llama-style models or of LLaDA's code), so
+  the count is the one peft reports for the loaded model;
 * **weights**: full fine-tuning keeps fp32 master weights (4 B/param); on GPU, bf16 autocast caches a
   2 B copy of every weight it casts for the whole forward (DDP), while FSDP2 with
   ``MixedPrecisionPolicy(param_dtype=bf16)`` holds the fp32 shard (4/N B) plus the all-gathered bf16
@@ -125,12 +128,13 @@ def shape_from_config(config: dict, source: str = "") -> ModelShape:
     if layout == "llada" and config.get("block_type", "llama") != "llama":
         raise ValueError(f"the model config has block_type {config['block_type']!r}; the plan knows LLaDA's 'llama' "
                          f"blocks only")
-    return ModelShape(layout=layout,
+    return ModelShape(
         hidden=hidden, layers=int(_first(config, "num_hidden_layers", "n_layers")), heads=heads,
         kv_heads=int(_first(config, "num_key_value_heads", "n_kv_heads", default=heads)),
         intermediate=int(_first(config, "intermediate_size", "mlp_hidden_size", default=4 * hidden)),
         vocab=int(_first(config, "embedding_size", "vocab_size")),
-        tied=bool(_first(config, "tie_word_embeddings", "weight_tying", default=False)), source=source)
+        tied=bool(_first(config, "tie_word_embeddings", "weight_tying", default=False)), source=source,
+        layout=layout)
 
 
 def model_shape(cfg, root: str | None = None) -> ModelShape:

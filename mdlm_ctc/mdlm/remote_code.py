@@ -18,7 +18,14 @@ transformers 5 no longer accepts, fires only where the trait is present, and is 
   the folder's ``config.json`` back (``False`` when it has none: a masked diffusion LM has no KV cache);
 * ``rope 'default'``: a modeling module that looks up ``ROPE_INIT_FUNCTIONS["default"]`` (Dream, as
   Qwen2's code of transformers 4.x did) gets a module-local table with the standard RoPE frequencies
-  (``inv_freq = theta ** (-2i / dim)``), which transformers 5 computes elsewhere.
+  (``inv_freq = theta ** (-2i / dim)``), which transformers 5 computes elsewhere;
+* ``rotary inv_freq``: transformers 5 builds the model on the meta device and re-initialises only the
+  rotary modules it recognises; a rotary embedding of the model's own code with a non-persistent
+  ``inv_freq`` buffer (Dream's) would keep uninitialised memory there (silently wrong positions), so
+  after loading the buffer is recomputed with the module's own ``rope_init_fn``;
+* ``GenerationConfig.validate(**kwargs)``: transformers 5 calls ``validate(strict=..., user_set_attributes=...)``;
+  a ``GenerationConfig`` subclass of the model's code that overrides ``validate(self, is_init=False)``
+  (Dream's ``DreamGenerationConfig``) is given only the arguments it declares.
 
 A model that still cannot be loaded stops with a one-line :class:`RemoteCodeError` naming the model,
 its class, the transformers version it was written for and the one installed, and what to do.
@@ -138,6 +145,50 @@ def _shim_rope_default(cls) -> None:
     _record(cls, "rope 'default'")
 
 
+def _shim_rotary_buffers(model) -> list[str]:
+    """Recompute the rotary ``inv_freq`` buffers of a loaded model with each module's own ``rope_init_fn``.
+
+    They are not in the checkpoint (non-persistent), and transformers 5, which builds the model on the
+    meta device, re-initialises only the rotary modules it recognises; others keep uninitialised memory.
+    """
+    fixed = False
+    for module in model.modules():
+        rope_init = getattr(module, "rope_init_fn", None)
+        buffer = module._buffers.get("inv_freq") if callable(rope_init) else None
+        if buffer is None or getattr(module, "config", None) is None:
+            continue
+        inv_freq, _ = rope_init(module.config, buffer.device, **getattr(module, "rope_kwargs", {}))
+        inv_freq = inv_freq.to(buffer.dtype)
+        if not torch.equal(buffer, inv_freq):
+            with torch.no_grad():
+                buffer.copy_(inv_freq)
+            fixed = True
+        if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+            module.original_inv_freq = buffer.clone()
+    return ["rotary inv_freq"] if fixed else []
+
+
+def _shim_generation_validate(cls) -> None:
+    """A 4.x ``GenerationConfig`` subclass of the model's code gets only the ``validate`` arguments it declares."""
+    from transformers import GenerationConfig
+
+    module = sys.modules.get(cls.__module__)
+    for candidate in list(vars(module).values()) if module is not None else ():
+        if not (isinstance(candidate, type) and issubclass(candidate, GenerationConfig)) or \
+                candidate is GenerationConfig or "validate" not in vars(candidate):
+            continue
+        own = vars(candidate)["validate"]
+        declared = inspect.signature(own).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in declared.values()):
+            continue
+
+        def validate(self, *args, _own=own, _declared=tuple(declared), **kwargs):
+            return _own(self, **{k: v for k, v in kwargs.items() if k in _declared})
+
+        candidate.validate = functools.wraps(own)(validate)
+        _record(cls, f"{candidate.__name__}.validate(**kwargs)")
+
+
 def _shim_config(config, raw: dict) -> list[str]:
     """Give a config back the ``use_cache`` that transformers 5 drops from model configs."""
     if hasattr(config, "use_cache"):
@@ -151,6 +202,7 @@ def patch_class(cls) -> None:
     _shim_post_init(cls)
     _shim_tie_weights(cls)
     _shim_rope_default(cls)
+    _shim_generation_validate(cls)
 
 
 def applied_shims(cls) -> list[str]:
@@ -175,12 +227,13 @@ def load_remote_model(path: str, config, **kwargs):
     try:
         cls = get_class_from_dynamic_module(reference, path)
         patch_class(cls)
-        raw = config.to_dict()
+        raw, _ = type(config).get_config_dict(path)  # config.json as written (transformers 5 dropped keys)
         config_shims = _shim_config(config, raw)
         # the folder's own class, not whatever an Auto class finds registered: remote code that registers
         # itself (LLaDA's does) would otherwise make the first folder's class load every later one
         cls.register_for_auto_class(auto_name)  # save_pretrained then copies the modeling file along
         model = cls.from_pretrained(path, config=config, **kwargs)
+        config_shims += _shim_rotary_buffers(model)
     except Exception as err:  # noqa: BLE001  (whatever the model's code raises under transformers 5)
         raise _error(path, reference, written_for, err) from err
     return model, applied_shims(cls) + config_shims
@@ -200,5 +253,7 @@ def _error(path: str, reference: str, written_for: str, err: Exception) -> Remot
     return RemoteCodeError(
         f"`model` {path!r}: its own code ({reference}, written for transformers {written_for}) cannot be loaded "
         f"with transformers {transformers.__version__} even with mdlm-ctc's compatibility shims (post_init, "
-        f"tie_weights(**kwargs), config.use_cache, rope 'default'): {type(err).__name__}: {detail}. Fix: {fix}; "
+        f"tie_weights(**kwargs), config.use_cache, rope 'default', rotary inv_freq, "
+        f"GenerationConfig.validate(**kwargs)): "
+        f"{type(err).__name__}: {detail}. Fix: {fix}; "
         f"MDLM_CTC_TRACEBACK=1 shows the full traceback")
