@@ -57,6 +57,9 @@ class ModelConfig:
                                     "padding); default: the tokenizer's EOS")
     slack_token: str = _opt("<slack>", "the slack token; added to the tokenizer (embedding row initialised "
                             "to the mean embedding) when the vocabulary lacks it")
+    answer_end: str = _opt("auto", "token(s) between the answer and its EOS padding: 'auto' (what the chat template "
+                           "ends an assistant turn with, unless EOS: LLaDA-8B-Instruct's <|eot_id|>; nothing "
+                           "for the embedded model), 'none', or a token; the sampler's answer stops there too")
     attn_implementation: str = _opt("sdpa", "attention kernel for models built or loaded by transformers",
                                     ("sdpa", "eager"))
     load_dtype: str = _opt("auto", "dtype of the weights: 'auto' (float32 on CPU, the checkpoint's dtype on "
@@ -171,9 +174,11 @@ class TrainConfig:
     lora_rank: int = _opt(32, "LoRA rank r")
     lora_alpha: float = _opt(64.0, "LoRA alpha (scaling alpha / r)")
     lora_dropout: float = _opt(0.05, "LoRA dropout")
-    lora_target_modules: str = _opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                                    "comma-separated names of the linear layers that get adapters (LLaDA: "
-                                    "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out), or 'all-linear'")
+    lora_target_modules: str = _opt("all-linear",
+                                    "linear layers that get adapters: 'all-linear' (every one but the LM head), or "
+                                    "comma-separated full module paths or their trailing names (Llama: q_proj,"
+                                    "...,down_proj; LLaDA: q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out); "
+                                    "the LM head is never adapted (its <slack> row trains)")
     gpu_memory_gb: float = _opt(80.0, "memory of one GPU (GiB) the plan checks the job against; 0 = do not check")
     world_size: int = _opt(0, "`plan`: processes (GPUs) to plan for; 0 = $WORLD_SIZE, else 1")
     merge_output: Optional[str] = _opt(None, "`merge`: folder for the merged full model; default: "
@@ -455,6 +460,7 @@ def validate(cfg: Config) -> None:
           "such that the head dimension (tiny_hidden_size / tiny_heads) is even (rotary embeddings)")
     _need(m.tokenizer_vocab_size >= 16, "tokenizer_vocab_size", m.tokenizer_vocab_size, ">= 16")
     _need(bool(m.slack_token), "slack_token", m.slack_token, "a non-empty token string")
+    _need(bool(m.answer_end), "answer_end", m.answer_end, "'auto', 'none' or a token")
     _need(bool(m.model), "model", m.model, "'embedded' or a model folder / id")
     for name in ("mask_id", "eos_id", "slack_id"):
         _need(getattr(m, name) is None or getattr(m, name) >= 0, name, getattr(m, name), ">= 0 or none")

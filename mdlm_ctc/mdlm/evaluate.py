@@ -6,7 +6,8 @@ against the tokenised reference answer:
 * ``exact``: the ids are identical;
 * ``edit``: token Levenshtein distance divided by ``max(len(prediction), len(reference), 1)`` (in [0, 1]);
 * ``length_error``: ``|len(prediction) - len(reference)|``;
-* ``slack_rate``: fraction of the raw canvas that is ``<slack>``; ``no_eos``: the canvas has no EOS;
+* ``slack_rate``: fraction of the raw canvas that is ``<slack>``; ``no_eos``: the canvas has no EOS (nor the
+  answer's terminator);
 * ``extra_repeats``: the prediction has more adjacent equal tokens than the reference (a token committed
   at two neighbouring positions: the duplication that a repeat-merging collapse would hide).
 
@@ -41,7 +42,7 @@ def levenshtein(a, b) -> int:
 
 
 def example_metrics(prediction: list[int], reference: list[int], canvas: list[int], slack_id: int,
-                    eos_id: int) -> dict:
+                    eos_id: int, stop_ids=()) -> dict:
     dist = levenshtein(prediction, reference)
 
     def adjacent_repeats(seq):
@@ -52,7 +53,7 @@ def example_metrics(prediction: list[int], reference: list[int], canvas: list[in
         "edit": dist / max(len(prediction), len(reference), 1),
         "length_error": float(abs(len(prediction) - len(reference))),
         "slack_rate": sum(t == slack_id for t in canvas) / max(len(canvas), 1),
-        "no_eos": float(eos_id not in canvas),
+        "no_eos": float(eos_id not in canvas and not set(stop_ids) & set(canvas)),
         "extra_repeats": float(adjacent_repeats(prediction) > adjacent_repeats(reference)),
     }
 
@@ -141,7 +142,8 @@ def evaluate_model(model, tokenizer, special, examples, cfg, *, device=None, pro
                            progress=progress, desc=f"eval {label} shift={rho:g}")
         records = []
         for i, smp in enumerate(samples):
-            rec = example_metrics(smp.tokens, references[i], smp.canvas, special.slack_id, special.eos_id)
+            rec = example_metrics(smp.tokens, references[i], smp.canvas, special.slack_id, special.eos_id,
+                                  special.stop_ids)
             rec.update(index=i, task=tasks[i], content_committed=smp.content_committed, displaced=smp.displaced,
                        blocked=smp.blocked, prediction=tokenizer.decode(smp.tokens),
                        reference=tokenizer.decode(references[i]))

@@ -9,25 +9,27 @@ as ``logits + temperature * Gumbel``, computed here in float64 without the overf
 the masked positions of the current block (and any still-masked earlier position) with the highest
 confidence (softmax probability of the prediction; uniform noise with ``remasking="random"``) are
 committed and never change again. The mask token itself is never predicted. At the end, ``<slack>`` is
-deleted and the text is cut at the first EOS (``finalize``); repeats are kept.
+deleted and the text is cut at the first EOS, or at the answer's terminator when the model has one
+(``SpecialIds.answer_end``: LLaDA-8B-Instruct's ``<|eot_id|>``, which its SFT data put between the
+answer and the EOS padding; ``finalize``); repeats are kept.
 
 **Positional-shift probe** (paper.md §5.1; mdlm.md §5.2). With ``shift_fraction = rho``, every *content*
-token (not slack, not EOS) is, at the moment it is committed, displaced by one position with probability
-``rho``: it is written into the neighbouring position instead (right, left or a random side, per
-``shift_direction``) when that position is still masked, and its own position is masked again (to be
-decoded later). When the neighbour is already committed or outside the canvas, nothing moves (counted as
-blocked). So the model sees one of its own tokens one position away from where it put it, which is the
-misalignment that the slack token is meant to absorb. Only content tokens are candidates, so both a CE
-and a CTC model receive the same expected number of displaced content tokens; the realised fraction is
-reported. If a displacement re-opens a position of a block whose last step has passed, it is decoded
-with the next block (LLaDA lets earlier masked positions compete anyway), and a final step commits
-anything still masked, without displacement.
+token (not slack, EOS or the answer's terminator) is, at the moment it is committed, displaced by one
+position with probability ``rho``: it is written into the neighbouring position instead (right, left or
+a random side, per ``shift_direction``) when that position is still masked, and its own position is
+masked again (to be decoded later). When the neighbour is already committed or outside the canvas,
+nothing moves (counted as blocked). So the model sees one of its own tokens one position away from where
+it put it, which is the misalignment that the slack token is meant to absorb. Only content tokens are
+candidates, so both a CE and a CTC model receive the same expected number of displaced content tokens;
+the realised fraction is reported. If a displacement re-opens a position of a block whose last step has
+passed, it is decoded with the next block (LLaDA lets earlier masked positions compete anyway), and a
+final step commits anything still masked, without displacement.
 
 **Constraints matching the CTC lattice** (off by default; the same for every model). With
 ``sample_slack_budget = m >= 0`` a row that has committed ``m`` slack tokens no longer considers slack
-(the ``eos`` canvas of training holds exactly ``m``). With ``eos_fill``, committing an EOS commits EOS
-at every later masked position at once (LLaDA's canvas ends in EOS padding); those positions count as
-committed, so the block's remaining steps have fewer tokens to place.
+(the ``eos`` canvas of training holds exactly ``m``). With ``eos_fill``, committing an EOS (or the
+answer's terminator) commits EOS at every later masked position at once (LLaDA's canvas ends in EOS
+padding); those positions count as committed, so the block's remaining steps have fewer tokens to place.
 
 **Determinism.** Every row has its own generator seeded by the caller (an example's seed), used for the
 Gumbel noise, random remasking and the shift draws, so seeded sampling is reproducible.
@@ -50,11 +52,12 @@ class SampleResult:
     blocked: int                # chosen for displacement but the neighbour was taken
 
 
-def finalize(canvas: list[int], slack_id: int, eos_id: int, mask_id: int | None = None) -> list[int]:
-    """Delete slack (and stray masks), cut at the first EOS; repeats are kept."""
+def finalize(canvas: list[int], slack_id: int, eos_id: int, mask_id: int | None = None,
+             stop_ids=()) -> list[int]:
+    """Delete slack (and stray masks), cut at the first EOS (or any of ``stop_ids``); repeats are kept."""
     out = []
     for tok in canvas:
-        if tok == eos_id:
+        if tok == eos_id or tok in stop_ids:
             break
         if tok == slack_id or tok == mask_id:
             continue
@@ -84,6 +87,8 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
     B, P = prompts.shape
     G = cfg.gen_length
     mask_id, slack_id, eos_id = special.mask_id, special.slack_id, special.eos_id
+    stops = torch.tensor(getattr(special, "stop_ids", (eos_id,)), device=device)
+    not_content = {slack_id, mask_id, *stops.tolist()}  # the probe moves content tokens only
     x = torch.cat([prompts.to(device), torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)
     num_blocks = G // cfg.block_length
     steps_per_block = cfg.sample_steps // num_blocks
@@ -121,12 +126,12 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
             if allow_shift and shift_fraction > 0:
                 _shift_row(b, sorted(chosen.tolist()))
             elif allow_shift:
-                content[b] += sum(1 for i in chosen.tolist() if int(x[b, i]) not in (slack_id, eos_id))
+                content[b] += sum(1 for i in chosen.tolist() if int(x[b, i]) not in not_content)
             if cfg.eos_fill:
                 _fill_after_eos(b)
 
     def _fill_after_eos(b: int):
-        eos = (x[b, P:] == eos_id).nonzero()
+        eos = torch.isin(x[b, P:], stops).nonzero()
         if len(eos):
             tail = x[b, P + int(eos[0]) + 1:]
             tail[tail == mask_id] = eos_id
@@ -138,7 +143,7 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
         order = chosen[::-1] if side != -1 else chosen
         for i in order:
             tok = int(x[b, i])
-            if tok in (slack_id, eos_id, mask_id):
+            if tok in not_content:
                 continue
             content[b] += 1
             u = float(torch.rand((), generator=g))
@@ -168,7 +173,8 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
     results = []
     for b in range(B):
         canvas = x[b, P:].tolist()
-        results.append(SampleResult(canvas=canvas, tokens=finalize(canvas, slack_id, eos_id, mask_id),
+        results.append(SampleResult(canvas=canvas, tokens=finalize(canvas, slack_id, eos_id, mask_id,
+                                                                   tuple(stops.tolist())),
                                     content_committed=content[b], displaced=displaced[b], blocked=blocked[b]))
     return results
 

@@ -142,8 +142,8 @@ def prepare(cfg: Config, root: str, *, need_train: bool = True, log=print, is_ma
         tokenizer, special = prepare_tokenizer(cfg.model.model, cfg)
         init_source = cfg.model.model
     rows, dropped = data_mod.encode_examples(train_ex, tokenizer, max_length=cfg.data.max_length,
-                                             too_long=cfg.data.too_long, wrap_chat=cfg.data.wrap_chat) \
-        if need_train else ([], 0)
+                                             too_long=cfg.data.too_long, wrap_chat=cfg.data.wrap_chat,
+                                             answer_end=special.answer_end) if need_train else ([], 0)
     info.update(train_examples=len(train_ex), train_rows=len(rows), dropped_too_long=dropped,
                 eval_examples=len(eval_ex))
     if dropped and is_main:
@@ -266,7 +266,8 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
     if t_cfg.lora:
         from .lora import apply_lora
 
-        peft_model = apply_lora(hf, cfg, special.slack_id)  # adapters injected into ``hf`` in place
+        peft_model = apply_lora(hf, cfg, special.slack_id,  # adapters injected into ``hf`` in place
+                                log=log if dist_info.main else None)
     if cfg.model.gradient_checkpointing:
         dist_mod.enable_activation_checkpointing(hf)
     net = DiffusionLM(hf).to(device)
