@@ -53,6 +53,24 @@ TORCH_LIBRARY(mdlm_ctc_C, m) {
       "Tensor post_target, Tensor post_special, Tensor nll, int special_id, int max_shift, bool zero_infinity, "
       "bool normalize, Tensor(a!) out) -> ()");
   m.def("pooled_empty(Tensor like, int[] size) -> Tensor");
+  m.def(
+      "emissions_grad(Tensor logits, Tensor targets, Tensor input_lengths, Tensor target_lengths, Tensor? observed, "
+      "int special_id, int max_shift, int band_width, Tensor row_scale, Tensor(a!) grad) "
+      "-> (Tensor lse, Tensor table, Tensor special, Tensor soft_target, Tensor soft_special)");
+  m.def(
+      "emissions_grad_window(Tensor logits, int frame_offset, int frames_per_row, Tensor targets, "
+      "Tensor input_lengths, Tensor target_lengths, Tensor? observed, int special_id, int max_shift, int band_width, "
+      "Tensor row_scale, Tensor(a!) grad) -> (Tensor lse, Tensor table, Tensor special, Tensor soft_target, "
+      "Tensor soft_special)");
+  m.def(
+      "gradient_finish(Tensor grad_rows, Tensor row_scale, Tensor nll, Tensor targets, Tensor input_lengths, "
+      "Tensor target_lengths, Tensor? observed, Tensor soft_target, Tensor soft_special, Tensor post_target, "
+      "Tensor post_special, int special_id, int max_shift, bool zero_infinity, Tensor(a!) grad) -> ()");
+  m.def(
+      "band_values_window(Tensor grad_rows, Tensor row_scale, Tensor nll, int frame_offset, int frames_per_row, "
+      "int vocab_size, Tensor targets, Tensor input_lengths, Tensor target_lengths, Tensor? observed, "
+      "Tensor soft_target, Tensor soft_special, Tensor post_target, Tensor post_special, int special_id, "
+      "int max_shift) -> (Tensor values, Tensor special)");
 }
 
 extern "C" {
