@@ -961,8 +961,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emissions
   const at::Tensor scale = per_row(row_scale, B, acc, op, "row_scale");
   const int64_t* in_len = in.input_lengths.data_ptr<int64_t>();
   const int64_t* tg_len = in.target_lengths.data_ptr<int64_t>();
-  const int64_t first_row = first / T, last_row = n > 0 ? (first + n - 1) / T : first_row - 1;
-  for (int64_t b = first_row; b <= last_row; ++b)
+  for (int64_t b = n > 0 ? first / T : 0; n > 0 && b <= (first + n - 1) / T; ++b)  // T >= 1 when n > 0
     TORCH_CHECK(band_width >= column_band_width(clamp_len(in_len[b], T), clamp_len(tg_len[b], U_max), max_shift),
                 op, ": band_width=", band_width, " is smaller than row ", b, "'s band");
   const auto opts = logits.options().dtype(acc);

@@ -181,14 +181,15 @@ def _loss_backward_fake(grad_nll, logits, lse, targets, input_lengths, target_le
 @torch.library.custom_op("mdlm_ctc::gradient_finish", mutates_args=("grad",))
 def gradient_finish(grad: Tensor, grad_rows: Tensor, row_scale: Tensor, nll: Tensor, targets: Tensor,
                     input_lengths: Tensor, target_lengths: Tensor, observed: Optional[Tensor], soft_target: Tensor,
-                    soft_special: Tensor, post_target: Tensor, post_special: Tensor, special_id: int, mode: int,
-                    max_shift: int, zero_infinity: bool, backend: str) -> None:
+                    soft_special: Tensor, post_target: Tensor, post_special: Tensor, special_id: int, band_shift: int,
+                    zero_infinity: bool, backend: str) -> None:
     """The two-pass backward, in place on ``grad`` (which holds ``row_scale * softmax``): the rows whose
     upstream gradient ``grad_rows[b]`` is not exactly 1 scaled, infeasible rows filled, and the exact
-    ``(g * row_scale) * (softmax - posterior)`` at the band's tokens and the special token."""
+    ``(g * row_scale) * (softmax - posterior)`` at the band's tokens and the special token. ``band_shift``:
+    ``max_shift`` for preserve, -1 otherwise (no argument may be called ``mode``: functionalisation's own)."""
     _, finish = backends.two_pass_stages(backend)
     finish(grad_rows, row_scale, nll, targets, input_lengths, target_lengths, observed, soft_target, soft_special,
-           post_target, post_special, special_id, max_shift if mode == PRESERVE else -1, zero_infinity, grad)
+           post_target, post_special, special_id, band_shift, zero_infinity, grad)
 
 
 @gradient_finish.register_fake
@@ -206,8 +207,13 @@ def _setup_context(ctx, inputs, output):
     # them too unless in place, for a second backward through a retained graph (one that needs them).
     buffer = (logits if inplace_grad else grad) if two_pass else None
     saved_logits = None if (two_pass and inplace_grad) else logits
-    ctx.save_for_backward(saved_logits, buffer, targets, input_lengths, target_lengths, observed, weight, lse,
-                          post_target, post_special, soft_target, soft_special, nll, scale)
+    # Eager: the buffer is held by ctx, not saved, since the backward overwrites it (a saved tensor's version
+    # check would then refuse a second backward, which recomputes instead) and drops it before returning it
+    # (so that autograd can hand it on without a copy). A traced backward gets it as a saved tensor.
+    traced = torch.compiler.is_compiling() or (buffer is not None and type(buffer) not in (Tensor, torch.nn.Parameter))
+    ctx.buffer = None if traced else buffer
+    ctx.save_for_backward(saved_logits, buffer if traced else None, targets, input_lengths, target_lengths, observed,
+                          weight, lse, post_target, post_special, soft_target, soft_special, nll, scale)
     ctx.mark_non_differentiable(nll, scale, lse, post_target, post_special, soft_target, soft_special, grad)
     ctx.set_materialize_grads(False)  # no zero-filled [B, T, W] gradients for the non-differentiable outputs
     ctx.options = (special_id, mode, max_shift, reduction, need_grad, normalize, zero_infinity, two_pass,
@@ -220,6 +226,8 @@ def _backward(ctx, grad_loss, *_unused):
      backend) = ctx.options
     (logits, buffer, targets, input_lengths, target_lengths, observed, weight, lse, post_target, post_special,
      soft_target, soft_special, nll, scale) = ctx.saved_tensors
+    if buffer is None:
+        buffer, ctx.buffer = ctx.buffer, None
     none = (None,) * 17
     if grad_loss is None:
         return none
@@ -235,10 +243,10 @@ def _backward(ctx, grad_loss, *_unused):
                                "through it is not supported")
         shift = max_shift if mode == PRESERVE else -1
         if two_pass and not ctx.buffer_used:
-            ctx.buffer_used = True  # a second backward (retain_graph) must not find the corrected buffer
+            ctx.buffer_used = True  # a second backward (retain_graph) must not use the corrected buffer
             gradient_finish(buffer, grad_rows, scale, nll, targets, input_lengths, target_lengths, observed,
-                            soft_target, soft_special, post_target, post_special, special_id, mode, max_shift,
-                            zero_infinity, backend)
+                            soft_target, soft_special, post_target, post_special, special_id, shift, zero_infinity,
+                            backend)
             grad_logits = buffer
         elif logits is None:
             raise RuntimeError("mdlm_ctc: a second backward through this loss (retain_graph=True) needs the logits, "

@@ -383,7 +383,7 @@ def emissions_grad_reference(logits, targets, input_lengths, target_lengths, obs
                                                     band_width)
     dense = _scaled_softmax(soft, row_scale, 0, T, input_lengths, observed)
     grad.copy_(dense.view(B, T, V).to(grad.dtype))
-    return lse, table, special, soft_target.view(B, T, -1), soft_special.view(B, T)
+    return lse, table, special, soft_target.view(B, T, band_width), soft_special.view(B, T)
 
 
 def gradient_finish_reference(grad_rows, row_scale, nll, targets, input_lengths, target_lengths, observed,
@@ -399,9 +399,10 @@ def gradient_finish_reference(grad_rows, row_scale, nll, targets, input_lengths,
     n = B * T
     g = grad_rows.to(acc).reshape(B)
     _, live, free, infeasible = _frame_state(0, n, T, input_lengths, observed, nll)
+    W = post_target.shape[-1]
     exact, touched = _exact_band_values(g * row_scale.to(acc), 0, T, targets, input_lengths, target_lengths,
-                                        observed, nll, soft_target.reshape(n, -1), soft_special.reshape(n),
-                                        post_target.reshape(n, -1), post_special.reshape(n), special_id, max_shift, V)
+                                        observed, nll, soft_target.reshape(n, W), soft_special.reshape(n),
+                                        post_target.reshape(n, W), post_special.reshape(n), special_id, max_shift, V)
     out = grad.reshape(n, V).to(acc) * g[torch.arange(n, device=grad.device) // T][:, None]
     out = torch.where(touched, exact, out)
     out = torch.where((infeasible & free)[:, None], 0.0 if zero_infinity else float("nan"), out)
