@@ -17,9 +17,14 @@ composes a backend's stages (``csrc/ops.cpp``) along one of two paths:
 * **three passes**: the vocabulary pass, the lattice, and in the backward the gradient pass
   (``mdlm_ctc::loss_backward``: ``g * row_scale * (softmax - posterior)``, reading the logits again).
   Used where it moves fewer bytes: log-probability input (``ctc_loss``: the gradient is the sparse
-  ``-g * posterior``, there is no softmax to write early), bands as wide as the vocabulary (every cache
-  line of a frame's gradient is touched twice, see :func:`gradient_in_forward`), and a second backward
-  through a retained graph (the first one consumed the buffer; it recomputes from the saved logits).
+  ``-g * posterior``, there is no softmax to write early) and bands as wide as the vocabulary (the
+  band's scattered columns touch most cache lines of a frame's gradient a second time, see
+  :func:`gradient_in_forward`).
+
+A second backward through a retained graph finds the buffer already turned into the first gradient:
+it runs the two-pass vocabulary pass again from the saved logits into a new buffer (the same bits as
+the first backward for the same upstream gradient); with ``inplace_backward`` the logits are gone
+and it is refused. Double backward (``create_graph=True``) is refused.
 
 Traffic per element of the ``[B, T, V]`` logits (``e`` bytes each): two passes read ``e`` and write
 ``e`` (plus ``2 (W + 1) * 4`` bytes per frame of band tables, and a dense ``2e`` where the dense scaling
@@ -242,16 +247,20 @@ def _backward(ctx, grad_loss, *_unused):
             raise RuntimeError("mdlm_ctc: the loss is differentiable once; double backward (create_graph=True) "
                                "through it is not supported")
         shift = max_shift if mode == PRESERVE else -1
-        if two_pass and not ctx.buffer_used:
-            ctx.buffer_used = True  # a second backward (retain_graph) must not use the corrected buffer
+        if two_pass:
+            if ctx.buffer_used:  # a second backward (retain_graph): the vocabulary pass again, into a new buffer
+                if logits is None:
+                    raise RuntimeError("mdlm_ctc: a second backward through this loss (retain_graph=True) needs the "
+                                       "logits, but inplace_backward=True wrote the gradient over them in the "
+                                       "forward; call it without inplace_backward to backpropagate twice")
+                buffer = backends.gradient_buffer(logits)
+                backends.two_pass_stages(backend)[0](logits, targets, input_lengths, target_lengths, observed,
+                                                     special_id, shift, post_target.shape[-1], scale, buffer)
+            ctx.buffer_used = True
             gradient_finish(buffer, grad_rows, scale, nll, targets, input_lengths, target_lengths, observed,
                             soft_target, soft_special, post_target, post_special, special_id, shift, zero_infinity,
                             backend)
             grad_logits = buffer
-        elif logits is None:
-            raise RuntimeError("mdlm_ctc: a second backward through this loss (retain_graph=True) needs the logits, "
-                               "but inplace_backward=True wrote the gradient over them in the forward; call it "
-                               "without inplace_backward to backpropagate twice")
         else:
             args = (grad_rows * scale, logits, lse, targets, input_lengths, target_lengths, observed, post_target,
                     post_special, nll)

@@ -223,8 +223,10 @@ def test_retain_graph_second_backward_and_double_backward(backend, path):
     loss = mdlm_ctc.slack_ctc_loss(x, targets, target_lengths, slack_id=0, input_lengths=input_lengths,
                                    observed=observed, backend=backend)
     (first,) = torch.autograd.grad(loss, x, torch.tensor(2.0, dtype=loss.dtype), retain_graph=True)
-    (second,) = torch.autograd.grad(loss, x, torch.tensor(0.5, dtype=loss.dtype))
+    (second,) = torch.autograd.grad(loss, x, torch.tensor(0.5, dtype=loss.dtype), retain_graph=True)
+    (third,) = torch.autograd.grad(loss, x, torch.tensor(2.0, dtype=loss.dtype))
     assert_close_report(second, first / 4, atol=1e-15, rtol=1e-12, what="second backward (retain_graph)")
+    assert torch.equal(third, first), "the backward is reentrant: the same upstream gradient gives the same bits"
     loss = mdlm_ctc.slack_ctc_loss(x, targets, target_lengths, slack_id=0, input_lengths=input_lengths,
                                    backend=backend)
     with pytest.raises(RuntimeError, match="double backward"):
