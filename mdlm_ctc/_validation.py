@@ -255,14 +255,15 @@ def check_slack_ctc_args(logits, targets, target_lengths, slack_id, input_length
     return args
 
 
-def check_weight(weight, batch, device, ref_name="logits"):
-    """``weight`` of ``slack_ctc_loss``: None or a floating ``[B]`` tensor on the logits' device."""
+def check_weight(weight, batch, device, ref_name="logits", name="weight"):
+    """The per-row loss weight (``weight`` of ``slack_ctc_loss``, ``row_weight`` of the fused head): None or a
+    floating ``[B]`` tensor on the logits' device."""
     if weight is None:
         return None
-    check_tensor(weight, "weight", floating=True)
+    check_tensor(weight, name, floating=True)
     if _shape(weight) != (batch,):
-        raise ValueError(f"`weight` must have shape ({batch},) (one weight per batch row); got {_shape(weight)}")
-    check_same_device(weight, "weight", device, ref_name)
+        raise ValueError(f"`{name}` must have shape ({batch},) (one weight per batch row); got {_shape(weight)}")
+    check_same_device(weight, name, device, ref_name)
     return weight
 
 

@@ -364,6 +364,28 @@ def gradient_reference(grad_nll, logits, lse, targets, input_lengths, target_len
     return grad.masked_fill(~active[:, :, None], 0.0).to(logits.dtype)
 
 
+def band_links(targets, target_lengths, V):
+    """Per row: clamped ids ``tokens`` [B, U], and for every position the previous / next position
+    holding the same token (``prev_same``: -1 when none; ``next_same``: U + 1 when none), padding
+    excluded. Device ops only (one sort), no sync. A band slot at position p of frame t is its token's
+    last in the band (its "writer", which carries the token's summed posterior) iff next_same[p] + 1 >
+    column_hi(t + 1): the Triton gradient kernels and the fused LM head's sparse correction use it."""
+    B, U = targets.shape
+    tokens = targets.to(torch.int64).clamp(0, max(V - 1, 0)).contiguous()
+    position = torch.arange(U, device=targets.device)
+    key = torch.where(position[None, :] < target_lengths[:, None], tokens, V)  # padding sorts last as token V
+    sorted_tokens, sorted_positions = torch.sort(key, dim=1, stable=True)
+    next_sorted = torch.full_like(sorted_positions, U + 1)
+    prev_sorted = torch.full_like(sorted_positions, -1)
+    if U > 1:
+        same = sorted_tokens[:, 1:] == sorted_tokens[:, :-1]
+        next_sorted[:, :-1] = torch.where(same, sorted_positions[:, 1:], U + 1)
+        prev_sorted[:, 1:] = torch.where(same, sorted_positions[:, :-1], -1)
+    next_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, next_sorted)
+    prev_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, prev_sorted)
+    return tokens, prev_same, next_same
+
+
 # ---------------------------------------------------------------------------------------------
 # the two-pass stages: the gradient written in the vocabulary pass (csrc/ops.cpp, mdlm_ctc/_ops.py)
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mdlm_ctc.reference import band_links
+
 from .emissions import (aliases, autotune_enabled, check_window, device_guard, frame_of, small_blocks, vocab_block,
                         window_rows)
 from .logspace import LOG2E, NAN, NEG_INF, POS_INF, to_output_dtype
@@ -310,26 +312,6 @@ def dense_config(V: int, element_size: int, *, small: bool = False) -> dict:
     return dict(BLOCK_V=block_v, BLOCK_J=4 if small else 128, num_warps=num_warps)
 
 
-def _band_links(targets, target_lengths, V):
-    """Per row: clamped ids ``tokens`` [B, U], and for every position the previous / next position
-    holding the same token (``prev_same``: -1 when none; ``next_same``: U + 1 when none), padding
-    excluded. Device ops only (one sort), no sync."""
-    B, U = targets.shape
-    tokens = targets.to(torch.int64).clamp(0, max(V - 1, 0)).contiguous()
-    position = torch.arange(U, device=targets.device)
-    key = torch.where(position[None, :] < target_lengths[:, None], tokens, V)  # padding sorts last as token V
-    sorted_tokens, sorted_positions = torch.sort(key, dim=1, stable=True)
-    next_sorted = torch.full_like(sorted_positions, U + 1)
-    prev_sorted = torch.full_like(sorted_positions, -1)
-    if U > 1:
-        same = sorted_tokens[:, 1:] == sorted_tokens[:, :-1]
-        next_sorted[:, :-1] = torch.where(same, sorted_positions[:, 1:], U + 1)
-        prev_sorted[:, 1:] = torch.where(same, sorted_positions[:, :-1], -1)
-    next_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, next_sorted)
-    prev_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, prev_sorted)
-    return tokens, prev_same, next_same
-
-
 def _dense_autotune_configs():
     return [triton.Config({"BLOCK_V": bv, "BLOCK_J": 128}, num_warps=nw) for bv, nw in DENSE_AUTOTUNE_CONFIGS]
 
@@ -505,7 +487,7 @@ def _launch_band_values(logits, logits_strides, n, frame_offset, T, vocab_offset
     U_max = targets.shape[1]
     input_lengths = input_lengths.to(torch.int64).contiguous()
     target_lengths = target_lengths.to(torch.int64).contiguous()
-    tokens, prev_same, next_same = _band_links(targets, target_lengths.clamp(0, U_max), V)
+    tokens, prev_same, next_same = band_links(targets, target_lengths.clamp(0, U_max), V)
     f32 = dict(dtype=torch.float32)
     lse = post_special if lse is None else lse.to(**f32).contiguous()  # a dummy pointer in the two-pass mode
     grad_nll = grad_nll.to(**f32).reshape(B).contiguous()
