@@ -9,7 +9,11 @@ Providers (each a full forward + backward from logits, unless the workload says 
     torch      log_softmax in fp32 + torch.nn.functional.ctc_loss (standard CTC: the only collapse it has,
                so preserve workloads compare against standard CTC on the same shape, as SPEC §6 defines)
     reference  mdlm_ctc's pure-PyTorch backend (the fallback), where the shape allows it
-    cpu / triton / cuda   mdlm_ctc backends present on this machine
+    cpu / triton / cuda   mdlm_ctc backends present on this machine, on the gradient path the op layer's cost
+               model picks (mdlm_ctc/_ops.py; the row's ``gradient`` column says which)
+    <backend>-two-pass / <backend>-three-pass   the same backend with the path forced
+               (MDLM_CTC_GRADIENT_IN_FORWARD=1 / 0): the gradient's softmax written in the vocabulary pass,
+               or the gradient pass reading the logits again; both side by side with the chosen one
     cross_entropy  F.cross_entropy forward + backward on the same logits: the memory-bound yardstick (GPU)
 
 Each provider runs once per repeat, round-robin, after warm-up; the table shows the median and the
@@ -32,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import mdlm_ctc  # noqa: E402
-from mdlm_ctc import backends, reference  # noqa: E402
+from mdlm_ctc import _ops, backends, reference  # noqa: E402
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -80,11 +84,38 @@ def make_inputs(w, device):
     return logits, targets
 
 
+PATHS = {"two-pass": "1", "three-pass": "0"}  # provider suffix -> MDLM_CTC_GRADIENT_IN_FORWARD
+
+
+def split_provider(provider):
+    """``(backend, forced path setting or None)`` of a provider name such as ``cpu-three-pass``."""
+    for suffix, setting in PATHS.items():
+        if provider.endswith("-" + suffix):
+            return provider[: -len(suffix) - 1], setting
+    return provider, None
+
+
+def gradient_path(provider, w, device):
+    """Which gradient path a provider's call takes: two-pass / three-pass (None for torch and the yardstick)."""
+    backend, setting = split_provider(provider)
+    if backend in ("torch", "cross_entropy") or w.get("lattice_only"):
+        return None
+    if setting is None:
+        width = int(reference.column_band_width(torch.tensor(w["T"]), torch.tensor(w["U"])))
+        itemsize = torch.empty((), dtype=w["dtype"]).element_size()
+        setting = "1" if _ops.gradient_in_forward(backend, device, w["V"], width, itemsize) else "0"
+    return "two-pass" if setting == "1" else "three-pass"
+
+
 def providers_for(w, device, names):
     present = mdlm_ctc.available_backends(device)
     out = []
     for name in names:
-        if name == "torch":
+        backend, setting = split_provider(name)
+        if setting is not None:
+            if backend in present and backend != "reference" and not w.get("lattice_only"):
+                out.append(name)
+        elif name == "torch":
             out.append(name)
         elif name == "cross_entropy":
             if w.get("yardstick"):
@@ -115,9 +146,21 @@ def full_step(provider, w, logits, targets):
             loss = F.cross_entropy(x.view(B * T, V), canvas)
             torch.autograd.grad(loss, x)
     else:
+        backend, setting = split_provider(provider)
+
         def step():
-            loss = mdlm_ctc.slack_ctc_loss(x, targets, slack_id=SLACK, collapse=w["collapse"], backend=provider)
-            torch.autograd.grad(loss, x)
+            previous = os.environ.get("MDLM_CTC_GRADIENT_IN_FORWARD")
+            if setting is not None:
+                os.environ["MDLM_CTC_GRADIENT_IN_FORWARD"] = setting
+            try:
+                loss = mdlm_ctc.slack_ctc_loss(x, targets, slack_id=SLACK, collapse=w["collapse"], backend=backend)
+                torch.autograd.grad(loss, x)
+            finally:
+                if setting is not None:
+                    if previous is None:
+                        os.environ.pop("MDLM_CTC_GRADIENT_IN_FORWARD")
+                    else:
+                        os.environ["MDLM_CTC_GRADIENT_IN_FORWARD"] = previous
     return step
 
 
@@ -181,6 +224,7 @@ def run_workload(name, w, device, provider_names, repeats, warmup, measure_memor
         rows.append(dict(workload=name, provider=p, B=w["B"], T=w["T"], U=w["U"], V=w["V"],
                          dtype=str(w["dtype"]).replace("torch.", ""), collapse=w["collapse"],
                          timed="lattice" if w.get("lattice_only") else "forward+backward",
+                         gradient=gradient_path(p, w, device),
                          peak_extra_mib=None if peaks[p] is None else round(peaks[p], 1),
                          logits_mib=round(logits_mib, 1), goal=w["goal"], **{k: round(v, 4) if isinstance(v, float)
                                                                               else v for k, v in q.items()}))
@@ -220,11 +264,13 @@ def judge(rows):
 
 
 def table(rows):
-    head = ("workload", "provider", "timed", "median ms", "p20-p80 ms", "peak extra MiB", "vs torch", "goal met")
+    head = ("workload", "provider", "gradient", "timed", "median ms", "p20-p80 ms", "peak extra MiB", "vs torch",
+            "goal met")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["workload"], r["provider"], r["timed"], f"{r['median_ms']:.2f}", f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
+            r["workload"], r["provider"], r.get("gradient") or "", r["timed"], f"{r['median_ms']:.2f}",
+            f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
             "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}",
             "" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.1f}x",
             {True: "yes", False: "NO", None: ""}[r["goal_met"]]]) + " |")
@@ -235,8 +281,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), help="which workloads (default: gpu with a GPU, else cpu)")
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="explicit workloads")
-    parser.add_argument("--providers", nargs="+", default=["torch", "cross_entropy", "reference", "cpu", "triton",
-                                                           "cuda"], help="providers to include where available")
+    parser.add_argument("--providers", nargs="+",
+                        default=["torch", "cross_entropy", "reference", "cpu", "cpu-two-pass", "cpu-three-pass",
+                                 "triton", "triton-two-pass", "triton-three-pass", "cuda"],
+                        help="providers to include where available")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per provider (default 10, smoke 3)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds (CI)")
