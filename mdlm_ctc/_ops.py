@@ -87,15 +87,38 @@ def gradient_in_forward(backend: str, device: torch.device, vocab: int, band_wid
 def row_scale_of(target_lengths: Tensor, weight: Optional[Tensor], reduction: int, batch: int,
                  dtype: torch.dtype) -> Tensor:
     """``[B]``: d loss / d nll_b for an upstream gradient of 1 (the module docstring's ``row_scale``)."""
-    scale = torch.ones(batch, dtype=dtype, device=target_lengths.device) if weight is None else weight.to(dtype, copy=True)
+    if weight is None:
+        scale = torch.ones(batch, dtype=dtype, device=target_lengths.device)
+    else:
+        scale = weight.to(dtype, copy=True)  # an output must not alias the input
     if reduction == REDUCTION_CODES["mean"]:
         scale = scale / (target_lengths.clamp(min=1).to(dtype) * batch)
     return scale
 
 
-def _per_row_factor(target_lengths: Tensor, reduction: int, batch: int, dtype: torch.dtype) -> Tensor:
-    """``row_scale`` without the weight: d loss / d weight_b = factor_b * nll_b."""
-    return row_scale_of(target_lengths, None, reduction, batch, dtype)
+def upstream_rows(grad_loss: Tensor, reduction: int, batch: int, dtype: torch.dtype) -> Tensor:
+    """``[B]``: the upstream gradient of each row's loss (the scalar's, broadcast, for mean and sum)."""
+    grad = grad_loss.to(dtype)
+    return (grad.expand(batch) if reduction != REDUCTION_CODES["none"] else grad).contiguous()
+
+
+def refuse_unsupported_backward(need_grad: bool) -> None:
+    """The backward's two refusals, with their reasons (shared by the materialised and the fused loss)."""
+    if not need_grad:
+        raise RuntimeError("mdlm_ctc: the forward ran without posteriors (no input required grad, or grad mode "
+                           "was off), so there is no gradient to compute")
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("mdlm_ctc: the loss is differentiable once; double backward (create_graph=True) "
+                           "through it is not supported")
+
+
+def row_weight_gradient(grad_rows: Tensor, nll: Tensor, target_lengths: Tensor, reduction: int, zero_infinity: bool,
+                        dtype: torch.dtype) -> Tensor:
+    """d loss / d weight_b: the row's share of the loss, ``g_b * nll_b`` (``/ (B max(U_b, 1))`` for mean)."""
+    if zero_infinity:
+        nll = torch.where(nll == float("inf"), torch.zeros_like(nll), nll)
+    factor = row_scale_of(target_lengths, None, reduction, nll.shape[0], nll.dtype)
+    return (grad_rows * nll * factor).to(dtype)
 
 
 def reduce_loss(nll: Tensor, row_scale: Tensor, weight: Optional[Tensor], reduction: int,
@@ -236,16 +259,10 @@ def _backward(ctx, grad_loss, *_unused):
     none = (None,) * 17
     if grad_loss is None:
         return none
-    B = nll.shape[0]
-    grad_rows = grad_loss.to(nll.dtype).expand(B).contiguous() if reduction != 0 else grad_loss.to(nll.dtype).contiguous()
+    grad_rows = upstream_rows(grad_loss, reduction, nll.shape[0], nll.dtype)
     grad_logits = grad_weight = None
     if ctx.needs_input_grad[0]:
-        if not need_grad:
-            raise RuntimeError("mdlm_ctc: the forward ran without posteriors (the logits did not require grad, or "
-                               "grad mode was off), so there is no gradient to compute")
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise RuntimeError("mdlm_ctc: the loss is differentiable once; double backward (create_graph=True) "
-                               "through it is not supported")
+        refuse_unsupported_backward(need_grad)
         shift = max_shift if mode == PRESERVE else -1
         if two_pass:
             if ctx.buffer_used:  # a second backward (retain_graph): the vocabulary pass again, into a new buffer
@@ -275,8 +292,7 @@ def _backward(ctx, grad_loss, *_unused):
             else:
                 grad_logits = loss_backward(*args, special_id, mode, max_shift, zero_infinity, normalize, backend)
     if weight is not None and ctx.needs_input_grad[5]:
-        nll_z = torch.where(nll == float("inf"), torch.zeros_like(nll), nll) if zero_infinity else nll
-        grad_weight = (grad_rows * nll_z * _per_row_factor(target_lengths, reduction, B, nll.dtype)).to(weight.dtype)
+        grad_weight = row_weight_gradient(grad_rows, nll, target_lengths, reduction, zero_infinity, weight.dtype)
     return (grad_logits, None, None, None, None, grad_weight) + none[6:]
 
 

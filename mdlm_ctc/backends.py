@@ -1,6 +1,7 @@
 """Which implementations exist on this machine, and which one a call uses.
 
-Backends (every one implements the same three-stage contract, see ``csrc/ops.cpp``):
+Backends (every one implements the same stage contract, see ``csrc/ops.cpp``: the vocabulary pass, the
+lattice, the gradient, and the two-pass path's vocabulary pass and backward, :func:`two_pass_stages`):
 
 * ``reference``: pure PyTorch (``mdlm_ctc/reference.py``), any device, float64-capable; slow.
 * ``cpu``: the C++ kernels of ``mdlm_ctc._C`` (OpenMP), CPU tensors.

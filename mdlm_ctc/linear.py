@@ -14,7 +14,34 @@ Layouts. ``hidden`` [B, T, D] is viewed as N = B*T flat frames (frame i = b*T + 
 (``csrc/lattice.h``): ``post_target`` [B, T, W] (target column column_lo(t+1) + j) and
 ``post_special`` [B, T]; that is O(N * W), independent of V.
 
-Design: store-free ("recompute"), chosen with the measurements below.
+Design: two paths, chosen per call (``gradient_in_forward_choice``, host integers only).
+
+**Gradient in the forward** (Liger-style, 3 GEMMs). dz = g w (softmax - gamma): its softmax part needs no
+lattice, so while each chunk is hot the forward adds it to the gradients and only the sparse posterior
+part waits for the backward:
+
+* forward: per chunk of ``chunk_size`` frames, z = h W^T + b (GEMM 1) into one reused buffer; the
+  backend's ``emissions_grad_window`` (``csrc/ops.cpp``) gives the emission tables and turns z in place
+  into round(w softmax) (w: the row's share of the reduced loss, ``row_weight`` included), keeping the
+  fp32 softmax at the band's columns; then dH[chunk] = z W (GEMM 2) and dW += z^T H (GEMM 3), db += sum z,
+  into fp32 accumulators. The buffer is free again before the lattice runs; no logits are kept.
+* backward: the accumulators are scaled by the upstream gradient g (a scalar), and at each live frame's
+  band tokens and special token ``delta = exact - g round(w softmax)`` is added, ``exact = g w (softmax -
+  posterior)`` from the backend's ``band_values_window`` (so a band token ends with the materialised
+  path's rounding of dz). Per block of frames of one row the writers lie within ``block + W - 1`` target
+  positions: dH += Delta W[positions] (a gather of head-weight rows), dW[tokens] += Delta^T H (a scatter
+  into them; repeated rows accumulated in a fixed order: ``index_add_`` on the CPU, ``index_put_`` with
+  ``accumulate`` on a GPU), db likewise, and the special token as a rank-1 update. That costs about
+  ``2 x 2 N (block + W) D`` FLOPs against the ``2 N V D`` of the GEMM it saves.
+* taken when the correction costs under a quarter of that GEMM, the reduction is a scalar (``none``
+  with per-row upstream gradients cannot rescale a dW already summed over rows: pass ``row_weight=``
+  instead), without ``zero_infinity`` (a row the lattice finds infeasible would already have its softmax
+  in dW; without it such a row's gradient is NaN, as PyTorch's), and when its [V, D] fp32 dW accumulator
+  (low-precision inputs over several chunks) is no larger than one chunk of logits (at G4, V = 126,464,
+  D = 4,096, chunk 1,024: 2.07 GB against 247 MiB, so G4 keeps the recompute path unless the chunk is
+  8,192 frames). ``MDLM_CTC_GRADIENT_IN_FORWARD=1``/``0`` overrides the cost (not the conditions).
+
+**Recompute** (store-free, 4 GEMMs; 3 when one chunk holds every frame):
 
 * forward: for each chunk of ``chunk_size`` frames, z = h_chunk W^T + b [chunk, V] (GEMM 1) into one
   reused buffer, then the backend's ``emissions_window`` stage on it (``csrc/ops.cpp``: the
@@ -34,20 +61,15 @@ Design: store-free ("recompute"), chosen with the measurements below.
   backward (``retain_graph``) recomputes. Below one row per chunk nothing can be kept: the posteriors
   of any frame need the lattice over its whole row, so a chunk's logits are gone before its gradient
   is known, and the recompute is the price of the memory bound.
-* on the CPU the chunk buffers come from the C++ kernels' buffer pool (``backends.work_buffer``), so a
-  call does not page-fault and zero a fresh mmap of tens of MB for each of them.
-* the alternative, chunked by whole sequences with the gradient computed in the forward (Liger
-  FLCE's structure, 3 GEMMs), was built from the backend stages and measured side by side
-  (``benchmarks/bench_linear_slack_ctc.py``, provider ``rows``). It saves one GEMM, but
-  (a) it needs the upstream gradient in the forward: ``reduction="none"`` with per-row weights
-  (the fine-tuning loop's 1/p weighting) cannot use it; (b) its chunk is at least one sequence
-  (T*V logits: 1 GB in bf16 at T=4096, V=126,464), so no chunk size bounds memory below that;
-  (c) dW summed across chunks needs a [V, D] fp32 buffer (2.07 GB at V=126,464, D=4,096, over G4's
-  2 GB on its own) or, as Liger does, one bf16 rounding of dW per chunk; (d) its lattice runs once
-  per chunk, serialised between GEMMs.
 
-Trade per forward + backward: time, 4 LM-head GEMMs (2*N*V*D FLOPs each) vs 3; memory, one chunk of
-logits + fp32 dH [N, D] vs one sequence of logits + fp32 dW [V, D]; recompute, the logits once vs none.
+Both: on the CPU the chunk buffers come from the C++ kernels' buffer pool (``backends.work_buffer``), so
+a call does not page-fault and zero a fresh mmap of tens of MB for each of them. A second backward
+through a retained graph takes the recompute path (the first consumed the accumulators).
+
+An earlier alternative, chunked by whole sequences with the gradient computed in the forward from the
+materialised stages (provider ``rows`` of ``benchmarks/bench_linear_slack_ctc.py``), needed a chunk of
+at least one sequence (T*V logits) and ran its lattice once per chunk between GEMMs; the gradient in the
+forward above keeps any chunk size and one lattice.
 
 Measurements. The design comparison above was measured on this project's 2-core CPU at D=512 with an
 earlier version of this module (rows in ``benchmarks/results/linear_slack_ctc.jsonl``). This version, at
@@ -79,8 +101,10 @@ the result is cast once (for bf16/fp16 on the CPU and without cuBLAS's fp32-outp
 product is rounded to the input dtype before the fp32 sum). No gradient filtering. Deterministic:
 GEMMs, fixed-order reductions, and the posteriors of equal tokens in one frame summed in band order.
 
-Op layer. ``mdlm_ctc::linear_lattice_forward`` / ``mdlm_ctc::linear_lattice_backward`` are
-``torch.library`` custom ops with fake kernels and registered autograd (as ``_ops.py``), so
+Op layer. ``mdlm_ctc::linear_lattice_forward`` (the reduced loss: ``row_weight`` and the reduction
+applied inside, as ``_ops.py``), ``mdlm_ctc::linear_lattice_backward`` (recompute) and
+``mdlm_ctc::linear_gradient_correction`` (the gradient in the forward's backward, in place on its
+accumulators) are ``torch.library`` custom ops with fake kernels and registered autograd, so
 ``torch.compile`` treats the loss as one opaque node.
 """
 
@@ -93,7 +117,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validation, backends
-from ._ops import REDUCTION_CODES
+from ._ops import REDUCTION_CODES, refuse_unsupported_backward, row_weight_gradient, upstream_rows
 from .losses import SlackCTCLoss
 from . import reference
 from .reference import PRESERVE, acc_dtype, band_links
@@ -249,17 +273,10 @@ def _forward(hidden, weight, bias, targets, input_lengths, target_lengths, obser
     """Per chunk of frames: GEMM 1 into one ``[n, V]`` buffer, the backend's ``emissions_window`` on
     it; then the backend's lattice over the whole band table. With ``keep_logits`` (one chunk holds
     every frame) the buffer is returned, [N, V], for the backward to use instead of recomputing it."""
-    B, T, D = hidden.shape
-    V = weight.shape[0]
-    N, W = B * T, max(band_width, 1)
-    acc = acc_dtype(hidden.dtype)
+    B, T, D, V, N, W, acc, h, shift = _geometry(hidden, weight, band_width, mode, max_shift)
     device = hidden.device
-    h = hidden.reshape(N, D)
-    shift = max_shift if mode == PRESERVE else -1
     emissions_window, _ = backends.window_stages(backend)
-    lse = torch.empty(N, dtype=acc, device=device)
-    table = torch.empty(N, W, dtype=acc, device=device)
-    special = torch.empty(N, dtype=acc, device=device)
+    lse, table, special = _frame_tables(N, W, acc, device)
     buffer = backends.work_buffer(h, min(N, chunk_size) * V)  # one buffer, reused by every chunk
     for start in range(0, N, chunk_size):
         stop = min(N, start + chunk_size)
@@ -275,6 +292,22 @@ def _forward(hidden, weight, bias, targets, input_lengths, target_lengths, obser
     if not need_grad:
         table, special = table.new_empty((B, T, 0)), special.new_empty((B, 0))
     return nll, lse.view(B, T), table, special, kept
+
+
+def _geometry(hidden, weight, band_width, mode, max_shift):
+    """``(B, T, D, V, N, W, acc, h, shift)`` of a forward: the sizes, the table width, the accumulation dtype,
+    the hidden states as ``[N, D]`` frames and the band's max_shift (-1 for standard CTC)."""
+    B, T, D = hidden.shape
+    N = B * T
+    return (B, T, D, weight.shape[0], N, max(band_width, 1), acc_dtype(hidden.dtype), hidden.reshape(N, D),
+            max_shift if mode == PRESERVE else -1)
+
+
+def _frame_tables(N: int, W: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised per-frame tables ``([N], [N, W], [N])``: lse, the band table and the special column (or the
+    band softmax's ``[N]`` scratch, and its two tables)."""
+    return (torch.empty(N, dtype=dtype, device=device), torch.empty(N, W, dtype=dtype, device=device),
+            torch.empty(N, dtype=dtype, device=device))
 
 
 def _kept_rows(N: int, chunk_size: int, keep_logits: bool) -> int:
@@ -403,19 +436,11 @@ def _forward_with_gradient(hidden, weight, bias, targets, input_lengths, target_
     (``dW += dz^T H``) while the chunk is hot; the lattice over the whole band table at the end. Returns
     ``(nll, lse, post_target, post_special, soft_target, soft_special, dH, dW, db)``: the accumulators in the
     accumulation dtype (an empty one where no gradient is needed)."""
-    B, T, D = hidden.shape
-    V = weight.shape[0]
-    N, W = B * T, max(band_width, 1)
-    acc = acc_dtype(hidden.dtype)
+    B, T, D, V, N, W, acc, h, shift = _geometry(hidden, weight, band_width, mode, max_shift)
     device = hidden.device
-    h = hidden.reshape(N, D)
-    shift = max_shift if mode == PRESERVE else -1
     emissions_grad_window, _ = backends.window_two_pass_stages(backend)
-    lse = torch.empty(N, dtype=acc, device=device)
-    table = torch.empty(N, W, dtype=acc, device=device)
-    special = torch.empty(N, dtype=acc, device=device)
-    soft_target = torch.empty(N, W, dtype=acc, device=device)
-    soft_special = torch.empty(N, dtype=acc, device=device)
+    lse, table, special = _frame_tables(N, W, acc, device)
+    _, soft_target, soft_special = _frame_tables(N, W, acc, device)
     grad_hidden = torch.empty(N, D, dtype=acc, device=device) if need_hidden else hidden.new_empty(0, dtype=acc)
     grad_weight = torch.empty(V, D, dtype=acc, device=device) if need_weight else hidden.new_empty(0, dtype=acc)
     grad_bias = torch.zeros(V, dtype=acc, device=device) if need_bias else hidden.new_empty(0, dtype=acc)
@@ -734,18 +759,12 @@ def _backward_formula(ctx, grad_loss, *_unused):
     none = (None,) * 22
     if grad_loss is None:
         return none
-    B = nll.shape[0]
-    grad_rows = grad_loss.to(nll.dtype).expand(B) if reduction != 0 else grad_loss.to(nll.dtype)
+    grad_rows = upstream_rows(grad_loss, reduction, nll.shape[0], nll.dtype)
     grad_hidden = grad_weight = grad_bias = grad_row_weight = None
     need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_bias = bias is not None and ctx.needs_input_grad[2]
     if need_hidden or need_weight or need_bias:
-        if not need_grad:
-            raise RuntimeError("mdlm_ctc: the forward ran without posteriors (no input required grad, or grad mode "
-                               "was off), so there is no gradient to compute")
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise RuntimeError("mdlm_ctc: the loss is differentiable once; double backward (create_graph=True) "
-                               "through it is not supported")
+        refuse_unsupported_backward(need_grad)
         shift = max_shift if mode == PRESERVE else -1
         kept, ctx.kept = ctx.kept, None
         if in_forward and accumulators is not None:
@@ -773,11 +792,8 @@ def _backward_formula(ctx, grad_loss, *_unused):
             grad_weight = grad_weight if need_weight else None
             grad_bias = grad_bias if need_bias else None
     if row_weight is not None and ctx.needs_input_grad[7]:
-        from ._ops import _per_row_factor
-
-        nll_z = torch.where(nll == float("inf"), torch.zeros_like(nll), nll) if zero_infinity else nll
-        grad_row_weight = (grad_rows * nll_z * _per_row_factor(target_lengths, reduction, B, nll.dtype)).to(
-            row_weight.dtype)
+        grad_row_weight = row_weight_gradient(grad_rows, nll, target_lengths, reduction, zero_infinity,
+                                              row_weight.dtype)
     return (grad_hidden, grad_weight, grad_bias) + none[3:7] + (grad_row_weight,) + none[8:]
 
 
@@ -807,9 +823,14 @@ def linear_slack_ctc_loss(hidden: Tensor, weight: Tensor, targets: Tensor, targe
         chunk_size: frames (tokens) per chunk; at most ``chunk_size * V`` logits exist at any time
             (one buffer, reused by every chunk and tile; the backend's stages read and overwrite it in
             place). Default (``None``): as many frames as 256 MiB of logits hold (``default_chunk_size``:
-            1,024 in bf16 at V = 126,464). When one chunk holds every frame the backward reuses the
-            forward's logits (3 GEMMs); below that it recomputes them (4). Smaller saves memory, larger
-            amortises the per-chunk overhead.
+            1,024 in bf16 at V = 126,464). With a scalar reduction the gradient's softmax part is
+            accumulated in the forward where that is cheap (3 GEMMs, module docstring); otherwise, when one
+            chunk holds every frame the backward reuses the forward's logits (3 GEMMs), and below that it
+            recomputes them (4). Smaller saves memory, larger amortises the per-chunk overhead.
+        row_weight: optional ``[B]`` per-row loss weights, as ``weight=`` of :func:`mdlm_ctc.slack_ctc_loss`
+            (the name ``weight`` is the LM head's here): applied before the reduction, known in the forward.
+
+    An empty batch gives 0 for ``mean`` and ``sum`` (never NaN) and zero gradients.
 
     Gradients reach ``hidden``, ``weight`` and ``bias`` (exact: the same maths as the materialised loss,
     accumulated in fp32, returned in the inputs' dtype; deterministic). Frames past ``input_lengths``
@@ -859,14 +880,14 @@ class LinearSlackCTCLoss(SlackCTCLoss):
 
     def forward(self, hidden: Tensor, weight: Tensor | nn.Linear, targets: Tensor, target_lengths: Tensor | None = None,
                 bias: Tensor | None = None, input_lengths: Tensor | None = None,
-                observed: Tensor | None = None) -> Tensor:
+                observed: Tensor | None = None, row_weight: Tensor | None = None) -> Tensor:
         if isinstance(weight, nn.Linear):
             weight, bias = weight.weight, weight.bias if bias is None else bias
         return linear_slack_ctc_loss(hidden, weight, targets, target_lengths, bias=bias, slack_id=self.slack_id,
                                      input_lengths=input_lengths, collapse=self.collapse, max_shift=self.max_shift,
                                      observed=observed, reduction=self.reduction, zero_infinity=self.zero_infinity,
                                      backend=self.backend, chunk_size=self.chunk_size,
-                                     band_bound=self.band_bound)
+                                     band_bound=self.band_bound, row_weight=row_weight)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

@@ -16,7 +16,10 @@ Besides the loss (:func:`slack_ctc_reference`, differentiable by autograd), this
 the three stages of the backend contract that the fast kernels implement too (``csrc/ops.cpp``):
 :func:`emissions_reference` (logsumexp and the band emission table), :func:`lattice_band_reference`
 (alpha/beta, the loss and the posteriors, by the forward-backward algorithm) and
-:func:`gradient_reference` (``g * (softmax - posterior)``).
+:func:`gradient_reference` (``g * (softmax - posterior)``), and the two-pass path's stages
+(:func:`emissions_grad_reference`: the softmax written in the vocabulary pass; :func:`gradient_finish_reference`:
+its backward; the windowed ones of the fused LM head). The tests' oracle for every path is
+:func:`slack_ctc_reference` under autograd, which shares none of the stages.
 """
 
 from __future__ import annotations

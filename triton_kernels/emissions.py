@@ -41,6 +41,18 @@ target ids are gathered from the row after the loop: the row (253 KB in bf16 at 
 just streamed through L2, so the gathers are L2 hits, and W is small next to V (W <= 257 at G1;
 ~2k at worst).
 
+The two-pass path (``emissions_grad``, ``emissions_grad_window``; constexpr WRITE_GRAD): after the
+logsumexp and the band's gathers, the same program sweeps its row once more and writes
+``row_scale[b] * exp2(x log2(e) - lse log2(e))`` (the gradient kernel's expression: the same bits) into
+the gradient buffer, or over the logits themselves (IN_PLACE: a barrier after the gathers, and before
+each tile's store), and keeps the unrounded softmax at the band's slots and at the special token
+(``soft_target`` [n, W], ``soft_special`` [n]). The second sweep runs tiles last to first: the end of
+the row was streamed last, so it is the likeliest still in L2. Whether it hits L2 depends on how many
+rows are in flight (132 SMs x resident programs x 253 KB at G1 is more than L2): the traffic model
+(README, "How it is built") counts one HBM read of the logits and one write of the gradient, and the
+GPU benchmark (``bench_slack_ctc.py``, providers ``triton-two-pass`` / ``triton-three-pass``) is what
+will say how much of the re-read comes from L2. Unmeasured here: no GPU has run it.
+
 Host-side helpers shared by the launchers (autotune switch, interpreter test, device guard, the
 windows' checks) live at the end of this file.
 """

@@ -46,6 +46,15 @@ Two kernels, one program per (b, t) row each (grid B*T, n for a window), no atom
      BLOCK_V or num_warps: autotuning this kernel cannot change a bit (tested, every config).
 Cost: kernel 2 is the roofline part (one read of the logits, one write of the gradient); kernel 1
 touches W band slots per frame (and W log2 W gather lanes), small next to V.
+
+The two-pass path's backward (``gradient_finish``, in place on the buffer where the vocabulary pass
+wrote ``row_scale * softmax``; csrc/ops.cpp): kernel 1 with TWO_PASS reads the softmax of the band's
+slots and of the special token from the vocabulary pass's tables (the logits may be gone) and scales by
+``g * row_scale``; then ``_finish_kernel`` (one program per frame) runs its dense loop only where the
+row's upstream gradient g is not exactly 1 or the row is infeasible (a frame with nothing to rescale
+costs its exact values only: W + 1 stores), then writes the exact values over the row as kernel 2 does
+(``_write_exact``). ``band_values_window`` is kernel 1 alone over a window (the fused LM head's sparse
+correction).
 """
 
 from __future__ import annotations
