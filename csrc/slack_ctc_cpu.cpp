@@ -50,6 +50,21 @@ inline float load_as<c10::BFloat16, float>(const c10::BFloat16* p) {
   return bits_to_float(static_cast<int32_t>(p->x) << 16);
 }
 
+// acc -> the logits' dtype, rounding to nearest even. bfloat16 with integer ops (a NaN stays a quiet
+// NaN), the same result as c10::BFloat16's conversion but branch-free, so the gradient's store loops
+// vectorise.
+template <typename scalar_t, typename acc_t>
+inline scalar_t store_as(acc_t value) {
+  return static_cast<scalar_t>(value);
+}
+
+template <>
+inline c10::BFloat16 store_as<c10::BFloat16, float>(float value) {
+  const uint32_t bits = static_cast<uint32_t>(float_to_bits(value));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(value != value ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
 template <typename scalar_t>
 struct AccOf {
   using type = float;
@@ -530,7 +545,7 @@ void gradient_frame(const scalar_t* xr, scalar_t* out, int64_t v0, int64_t v, in
   for (int64_t j = 0; j < width; ++j)  // in order: repeats of a token sum exactly
     if (y[j] >= v0 && y[j] < v0 + v) work[y[j] - v0] -= post[j];
 #pragma omp simd
-  for (int64_t c = 0; c < v; ++c) out[c] = static_cast<scalar_t>(g * work[c]);
+  for (int64_t c = 0; c < v; ++c) out[c] = store_as<scalar_t, acc_t>(g * work[c]);
 }
 
 // ---- the two-pass path: the gradient's softmax written in the vocabulary pass -----------------------
@@ -561,12 +576,12 @@ void emit_grad_frame(const scalar_t* xr, scalar_t* out, int64_t V, int64_t i, co
     for (int64_t v = 0; v < V; ++v) {
       const acc_t softmax = work[v] * inv;
       work[v] = softmax;
-      out[v] = static_cast<scalar_t>(scale * softmax);
+      out[v] = store_as<scalar_t, acc_t>(scale * softmax);
     }
   } else {  // a degenerate frame (see row_logsumexp): the three-pass formula
     for (int64_t v = 0; v < V; ++v) {
       work[v] = l == neg_inf<acc_t>() ? acc_t(0) : LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(xr + v) - l);
-      out[v] = static_cast<scalar_t>(scale * work[v]);
+      out[v] = store_as<scalar_t, acc_t>(scale * work[v]);
     }
   }
   const int64_t width = geo.band_count(i, W);
@@ -601,13 +616,13 @@ void finish_frame(scalar_t* out, int64_t V, int64_t i, const FrameGeometry& geo,
   }
   if (!(g == acc_t(1))) {
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(g * load_as<scalar_t, acc_t>(out + v));
+    for (int64_t v = 0; v < V; ++v) out[v] = store_as<scalar_t, acc_t>(g * load_as<scalar_t, acc_t>(out + v));
   }
   const int64_t width = geo.band_count(i, W);
   const int64_t* y = geo.tokens_from(i);
   band_totals(y, width, k, soft_k, post_k, soft, post, work);
-  for (int64_t j = 0; j < width; ++j) out[y[j]] = static_cast<scalar_t>(gw * work[y[j]]);
-  out[k] = static_cast<scalar_t>(gw * work[k]);
+  for (int64_t j = 0; j < width; ++j) out[y[j]] = store_as<scalar_t, acc_t>(gw * work[y[j]]);
+  out[k] = store_as<scalar_t, acc_t>(gw * work[k]);
 }
 
 void check_batch(const char* op, const at::Tensor& targets, const at::Tensor& input_lengths,
