@@ -570,24 +570,21 @@ void emit_grad_frame(const scalar_t* xr, scalar_t* out, int64_t V, int64_t i, co
   emit_frame<scalar_t, acc_t>(xr, V, i, geo, -1, k, W, true, lse, row, special, work, &sum);
   const acc_t l = *lse;
   const int64_t* y = geo.tokens_from(i);
-  if (sum > 0) {  // the common case: softmax from the kept exponentials
-    const acc_t inv = acc_t(1) / sum;
-#pragma omp simd
-    for (int64_t v = 0; v < V; ++v) {
-      const acc_t softmax = work[v] * inv;
-      work[v] = softmax;
-      out[v] = store_as<scalar_t, acc_t>(scale * softmax);
-    }
-  } else {  // a degenerate frame (see row_logsumexp): the three-pass formula
-    for (int64_t v = 0; v < V; ++v) {
+  // softmax_v = work[v] * inv: from the kept exponentials, or (a degenerate frame, see row_logsumexp)
+  // the three-pass formula with inv = 1
+  acc_t inv = acc_t(1);
+  if (sum > 0) {
+    inv = acc_t(1) / sum;
+  } else {
+    for (int64_t v = 0; v < V; ++v)
       work[v] = l == neg_inf<acc_t>() ? acc_t(0) : LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(xr + v) - l);
-      out[v] = store_as<scalar_t, acc_t>(scale * work[v]);
-    }
   }
   const int64_t width = geo.band_count(i, W);
-  for (int64_t j = 0; j < width; ++j) soft_row[j] = work[y[j]];
+  for (int64_t j = 0; j < width; ++j) soft_row[j] = work[y[j]] * inv;  // the values scaled below, unrounded
   std::fill(soft_row + width, soft_row + W, acc_t(0));
-  *soft_special = work[k];
+  *soft_special = work[k] * inv;
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) out[v] = store_as<scalar_t, acc_t>(scale * (work[v] * inv));
 }
 
 // The exact gradient at the band's tokens and at k of one live frame: work[token] = softmax - posterior
