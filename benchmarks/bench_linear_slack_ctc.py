@@ -6,8 +6,12 @@
     python benchmarks/bench_linear_slack_ctc.py --isolated --record # CPU memory table, one process per row
 
 Providers (each one forward + backward from hidden states and the LM head, gradients for both):
-    ours          mdlm_ctc.linear.linear_slack_ctc_loss (store-free: 4 GEMMs, the logits recomputed in backward,
-                  or 3 when one chunk holds every frame); ``--chunk-size default`` is its default chunk
+    ours          mdlm_ctc.linear.linear_slack_ctc_loss on the path it chooses (``linear.gradient_in_forward_choice``;
+                  the row's ``path`` column says which); ``--chunk-size default`` is its default chunk
+    ours-forward  the same, the gradient accumulated in the forward (3 GEMMs, the softmax part summed into dH/dW
+                  while each chunk is hot, a sparse posterior correction in the backward)
+    ours-recompute  the same, store-free (4 GEMMs, the logits recomputed in the backward, or 3 when one chunk
+                  holds every frame)
     rows          the alternative design, chunked by whole sequences with the gradient computed in the
                   forward (Liger FLCE's structure, 3 GEMMs), built from the backend's three stages; it
                   needs a scalar reduction and at least one sequence of logits per chunk. Kept here to
@@ -66,7 +70,8 @@ WORKLOADS = {
                      goal="bf16 no slower than materialised bf16 (issue 13)"),
     "smoke": dict(device="any", B=2, T=48, U=40, D=32, V=300, dtype=FP32, goal="runs"),
 }
-DEFAULT_PROVIDERS = ["ours", "rows", "materialised", "liger", "cce", "torch_ce"]
+DEFAULT_PROVIDERS = ["ours", "ours-forward", "ours-recompute", "rows", "materialised", "liger", "cce", "torch_ce"]
+OURS = {"ours": None, "ours-forward": "1", "ours-recompute": "0"}  # provider -> MDLM_CTC_GRADIENT_IN_FORWARD
 TINY_SHAPES = {"G4": dict(B=1, T=16, U=14, D=16, V=48)}  # --tiny: G4's structure in about a second on a CPU
 
 
@@ -196,8 +201,21 @@ def make_step(provider, w, hidden, weight, targets, chunk_size, device):
         step.clear = clear
         return step
 
-    if provider == "ours":
-        return run(lambda: linear.linear_slack_ctc_loss(h, wt, targets, slack_id=SLACK, chunk_size=chunk_size))
+    if provider in OURS:
+        setting = OURS[provider]
+
+        def ours():
+            previous = os.environ.get("MDLM_CTC_GRADIENT_IN_FORWARD")
+            if setting is not None:
+                os.environ["MDLM_CTC_GRADIENT_IN_FORWARD"] = setting
+            try:
+                return linear.linear_slack_ctc_loss(h, wt, targets, slack_id=SLACK, chunk_size=chunk_size)
+            finally:
+                if setting is not None and previous is None:
+                    os.environ.pop("MDLM_CTC_GRADIENT_IN_FORWARD")
+                elif setting is not None:
+                    os.environ["MDLM_CTC_GRADIENT_IN_FORWARD"] = previous
+        return run(ours)
     if provider == "rows":
         rows = max(1, (chunk_size or linear.default_chunk_size(V, hidden.element_size())) // T)
         name = backends.resolve("auto", device)
@@ -226,7 +244,21 @@ def cpu_peak_mib(step):
     return common.cpu_allocator_peak_bytes(step) / 2**20
 
 
-CHUNKED = ("ours", "rows")  # the providers that take a chunk size
+CHUNKED = ("ours", "ours-forward", "ours-recompute", "rows")  # the providers that take a chunk size
+
+
+def ours_path(provider, w, chunk):
+    """The fused head's path for a provider's call: "forward" (gradient in the forward) or "recompute"."""
+    if provider not in OURS:
+        return None
+    setting = OURS[provider]
+    if setting is None:
+        itemsize = torch.empty((), dtype=w["dtype"]).element_size()
+        chunk = chunk or linear.default_chunk_size(w["V"], itemsize)
+        width = int(reference.column_band_width(torch.tensor(w["T"]), torch.tensor(w["U"])))
+        setting = "1" if linear.gradient_in_forward_choice(w["B"] * w["T"], w["V"], w["D"], width, chunk, itemsize,
+                                                           2, False) else "0"
+    return "forward" if setting == "1" else "recompute"
 
 
 def run_workload(name, w, device, provider_names, repeats, warmup, chunk_sizes):
@@ -268,7 +300,7 @@ def run_workload(name, w, device, provider_names, repeats, warmup, chunk_sizes):
             for (p, chunk), message in failed.items()]
     for (p, chunk) in steps:
         q = common.quantiles(times[p, chunk])
-        rows.append(dict(identity(name, w, p, chunk), device=device.type,
+        rows.append(dict(identity(name, w, p, chunk), device=device.type, path=ours_path(p, w, chunk),
                          peak_extra_mib=None if peaks[p, chunk] is None else round(peaks[p, chunk], 3),
                          grad_mib=round(grad_mib, 1), goal=w["goal"],
                          cpu_seconds_median=(float(f"{statistics.median(cpu_times[p, chunk]):.4g}")
@@ -336,16 +368,16 @@ def _chunk_label(row) -> str:
 
 
 def table(rows):
-    head = ("workload", "provider", "chunk", "median ms", "p20-p80 ms", "CPU s", "peak extra MiB",
+    head = ("workload", "provider", "path", "chunk", "median ms", "p20-p80 ms", "CPU s", "peak extra MiB",
             "of which grads MiB", "vs materialised", "vs best fused CE", "goal met")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "median_ms" not in r:
-            lines.append(f"| {r['workload']} | {r['provider']} | {_chunk_label(r)} | failed: {r['error'][:80]} |"
-                         + " |" * 7)
+            lines.append(f"| {r['workload']} | {r['provider']} | {r.get('path') or ''} | {_chunk_label(r)} | "
+                         f"failed: {r['error'][:80]} |" + " |" * 7)
             continue
         lines.append("| " + " | ".join([
-            r["workload"], r["provider"], _chunk_label(r),
+            r["workload"], r["provider"], r.get("path") or "", _chunk_label(r),
             f"{r['median_ms']:.1f}", f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
             "" if r["cpu_seconds_median"] is None else f"{r['cpu_seconds_median']:.2f}",
             "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}", f"{r['grad_mib']:.0f}",

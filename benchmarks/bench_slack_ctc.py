@@ -9,7 +9,11 @@ Providers (each a full forward + backward from logits, unless the workload says 
     torch      log_softmax in fp32 + torch.nn.functional.ctc_loss (standard CTC: the only collapse it has,
                so preserve workloads compare against standard CTC on the same shape, as SPEC §6 defines)
     reference  mdlm_ctc's pure-PyTorch backend (the fallback), where the shape allows it
-    cpu / triton / cuda   mdlm_ctc backends present on this machine
+    cpu / triton / cuda   mdlm_ctc backends present on this machine, on the gradient path the op layer's cost
+               model picks (mdlm_ctc/_ops.py; the row's ``gradient`` column says which)
+    <backend>-two-pass / <backend>-three-pass   the same backend with the path forced
+               (MDLM_CTC_GRADIENT_IN_FORWARD=1 / 0): the gradient's softmax written in the vocabulary pass,
+               or the gradient pass reading the logits again; both side by side with the chosen one
     cross_entropy  F.cross_entropy forward + backward on the same logits: the memory-bound yardstick (GPU)
 
 Each provider runs once per repeat, round-robin, after warm-up; the table shows the median and the
@@ -41,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import mdlm_ctc  # noqa: E402
-from mdlm_ctc import backends, reference  # noqa: E402
+from mdlm_ctc import _ops, backends, reference  # noqa: E402
 from mdlm_ctc.triton_kernels import resources  # noqa: E402  (imports no Triton: shapes only)
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -97,11 +101,38 @@ def make_inputs(w, device):
     return logits, targets
 
 
+PATHS = {"two-pass": "1", "three-pass": "0"}  # provider suffix -> MDLM_CTC_GRADIENT_IN_FORWARD
+
+
+def split_provider(provider):
+    """``(backend, forced path setting or None)`` of a provider name such as ``cpu-three-pass``."""
+    for suffix, setting in PATHS.items():
+        if provider.endswith("-" + suffix):
+            return provider[: -len(suffix) - 1], setting
+    return provider, None
+
+
+def gradient_path(provider, w, device):
+    """Which gradient path a provider's call takes: two-pass / three-pass (None for torch and the yardstick)."""
+    backend, setting = split_provider(provider)
+    if backend in ("torch", "cross_entropy") or w.get("lattice_only"):
+        return None
+    if setting is None:
+        width = int(reference.column_band_width(torch.tensor(w["T"]), torch.tensor(w["U"])))
+        itemsize = torch.empty((), dtype=w["dtype"]).element_size()
+        setting = "1" if _ops.gradient_in_forward(backend, device, w["V"], width, itemsize) else "0"
+    return "two-pass" if setting == "1" else "three-pass"
+
+
 def providers_for(w, device, names):
     present = mdlm_ctc.available_backends(device)
     out = []
     for name in names:
-        if name == "torch":
+        backend, setting = split_provider(name)
+        if setting is not None:
+            if backend in present and backend != "reference" and not w.get("lattice_only"):
+                out.append(name)
+        elif name == "torch":
             out.append(name)
         elif name == "cross_entropy":
             if w.get("yardstick"):
@@ -142,9 +173,21 @@ def full_step(provider, w, logits, targets):
             loss = F.cross_entropy(x.view(B * T, V), canvas)
             torch.autograd.grad(loss, x)
     else:
+        backend, setting = split_provider(provider)
+
         def step():
-            loss = mdlm_ctc.slack_ctc_loss(x, targets, slack_id=SLACK, collapse=w["collapse"], backend=provider)
-            torch.autograd.grad(loss, x)
+            previous = os.environ.get("MDLM_CTC_GRADIENT_IN_FORWARD")
+            if setting is not None:
+                os.environ["MDLM_CTC_GRADIENT_IN_FORWARD"] = setting
+            try:
+                loss = mdlm_ctc.slack_ctc_loss(x, targets, slack_id=SLACK, collapse=w["collapse"], backend=backend)
+                torch.autograd.grad(loss, x)
+            finally:
+                if setting is not None:
+                    if previous is None:
+                        os.environ.pop("MDLM_CTC_GRADIENT_IN_FORWARD")
+                    else:
+                        os.environ["MDLM_CTC_GRADIENT_IN_FORWARD"] = previous
     return step
 
 
@@ -206,7 +249,7 @@ def run_workload(name, w, device, provider_names, repeats, warmup, measure_memor
         q = common.quantiles(times[p])
         if p == "torch":
             torch_median = q["median_ms"]
-        rows.append(dict(identity(name, w, p),
+        rows.append(dict(identity(name, w, p), gradient=gradient_path(p, w, device),
                          peak_extra_mib=None if peaks[p] is None else round(peaks[p], 1),
                          logits_mib=round(logits_mib, 1), goal=w["goal"], **{k: round(v, 4) if isinstance(v, float)
                                                                               else v for k, v in q.items()}))
@@ -234,21 +277,23 @@ def identity(name, w, provider):
 def predicted_ms(row, model):
     """The cost models' time for a Triton or CUDA row (None for the others): the lattice (alpha, beta and the
     posteriors; Triton at its chunk length) and, for a full step, the vocabulary passes at the device's
-    bandwidth (the emissions pass reads the logits, the gradient pass reads them and writes the gradient)."""
-    if row["provider"] not in ("triton", "cuda"):
+    bandwidth (three passes: the emissions pass reads the logits, the gradient pass reads them again and writes
+    the gradient; two passes: the vocabulary pass reads them and writes the gradient's softmax part)."""
+    backend, _ = split_provider(row["provider"])
+    if backend not in ("triton", "cuda"):
         return None
     from mdlm_ctc import lattice_cost
 
     mode = reference.COLLAPSE_MODES[row["collapse"]]
     W = int(reference.column_band_width(torch.tensor(row["T"]), torch.tensor(row["U"])))
-    lattice = lattice_cost.lattice_us(row["provider"], row["B"], row["T"], W, mode, model,
+    lattice = lattice_cost.lattice_us(backend, row["B"], row["T"], W, mode, model,
                                       chunk_len=row.get("chunk_len"))
     if lattice is None:
         return None
     passes = 0.0
     if row["timed"] != "lattice":
         logits_bytes = row["B"] * row["T"] * row["V"] * torch.tensor([], dtype=getattr(torch, row["dtype"])).element_size()
-        passes = 3 * logits_bytes / (model["bandwidth_tbs"] * 1e12) * 1e6
+        passes = (2 if row.get("gradient") == "two-pass" else 3) * logits_bytes / (model["bandwidth_tbs"] * 1e12) * 1e6
     return round((lattice + passes) / 1e3, 4)
 
 
@@ -280,16 +325,18 @@ def judge(rows):
 
 
 def table(rows):
-    head = ("workload", "provider", "timed", "median ms", "p20-p80 ms", "predicted ms", "peak extra MiB", "vs torch",
+    head = ("workload", "provider", "gradient", "timed", "median ms", "p20-p80 ms", "predicted ms", "peak extra MiB",
+            "vs torch",
             "goal met")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "median_ms" not in r:
-            lines.append(f"| {r['workload']} | {r['provider']} | {r['timed']} | failed: {r['error'][:80]} |" + " |" * 5)
+            lines.append(f"| {r['workload']} | {r['provider']} | {r.get('gradient') or ''} | {r['timed']} | "
+                         f"failed: {r['error'][:80]} |" + " |" * 5)
             continue
         lines.append("| " + " | ".join([
-            r["workload"], r["provider"], r["timed"], f"{r['median_ms']:.2f}", f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
-            "" if r.get("predicted_ms") is None else f"{r['predicted_ms']:.3f}",
+            r["workload"], r["provider"], r.get("gradient") or "", r["timed"], f"{r['median_ms']:.2f}",
+            f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}", "" if r.get("predicted_ms") is None else f"{r['predicted_ms']:.3f}",
             "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}",
             "" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.1f}x",
             {True: "yes", False: "NO", None: ""}[r["goal_met"]]]) + " |")
@@ -300,8 +347,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), help="which workloads (default: gpu with a GPU, else cpu)")
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="explicit workloads")
-    parser.add_argument("--providers", nargs="+", default=["torch", "cross_entropy", "reference", "cpu", "triton",
-                                                           "cuda"], help="providers to include where available")
+    parser.add_argument("--providers", nargs="+",
+                        default=["torch", "cross_entropy", "reference", "cpu", "cpu-two-pass", "cpu-three-pass",
+                                 "triton", "triton-two-pass", "triton-three-pass", "cuda"],
+                        help="providers to include where available")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per provider (default 10, smoke 3)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds (CI)")

@@ -1,6 +1,7 @@
 """Which implementations exist on this machine, and which one a call uses.
 
-Backends (every one implements the same three-stage contract, see ``csrc/ops.cpp``):
+Backends (every one implements the same stage contract, see ``csrc/ops.cpp``: the vocabulary pass, the
+lattice, the gradient, and the two-pass path's vocabulary pass and backward, :func:`two_pass_stages`):
 
 * ``reference``: pure PyTorch (``mdlm_ctc/reference.py``), any device, float64-capable; slow.
 * ``cpu``: the C++ kernels of ``mdlm_ctc._C`` (OpenMP), CPU tensors.
@@ -192,6 +193,51 @@ def stages(backend: str):
         lattice = torch.ops.mdlm_ctc_C.lattice_band if backend == "cuda" else slack_ctc.lattice_band
         return emissions.emissions, lattice, grad.gradient
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def two_pass_stages(backend: str):
+    """``(emissions_grad, gradient_finish)`` of a backend: the two-pass path's vocabulary pass (stage 1 that
+    also writes the scaled softmax into the gradient buffer) and its backward (in place on that buffer);
+    the contract is in ``csrc/ops.cpp``, the op layer in ``mdlm_ctc/_ops.py``."""
+    if backend == "reference":
+        from . import reference
+
+        return reference.emissions_grad_reference, reference.gradient_finish_reference
+    if backend == "cpu":
+        ops = torch.ops.mdlm_ctc_C
+        return ops.emissions_grad, ops.gradient_finish
+    if backend in ("triton", "cuda"):
+        from .triton_kernels import emissions, grad
+
+        return emissions.emissions_grad, grad.gradient_finish
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def window_two_pass_stages(backend: str):
+    """``(emissions_grad_window, band_values_window)`` of a backend, for the fused LM head's gradient in the
+    forward (``mdlm_ctc/linear.py``): the two-pass vocabulary pass over a window of frames, and the exact
+    gradient at the band's tokens that its backward subtracts sparsely (``csrc/ops.cpp``)."""
+    if backend == "reference":
+        from . import reference
+
+        return reference.emissions_grad_window_reference, reference.band_values_window_reference
+    if backend == "cpu":
+        extension_loaded()
+        ops = torch.ops.mdlm_ctc_C
+        return ops.emissions_grad_window, ops.band_values_window
+    if backend in ("triton", "cuda"):
+        from .triton_kernels import emissions, grad
+
+        return emissions.emissions_grad_window, grad.band_values_window
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor like ``logits``: the two-pass path's gradient, written in the
+    forward. On the CPU from the kernels' buffer pool (as :func:`work_buffer`)."""
+    if logits.device.type == "cpu" and _has_pooled_empty():
+        return torch.ops.mdlm_ctc_C.pooled_empty(logits, list(logits.shape))
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def window_stages(backend: str):

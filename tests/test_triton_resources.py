@@ -66,7 +66,9 @@ def launch_resources(compiled):
 def test_every_kernel_is_covered(launch_resources):
     kernels = {row["kernel"] for row in launch_resources}
     assert kernels == {"_emissions_kernel", "_transfer_kernel", "_boundary_kernel", "_sweep_kernel", "_loss_kernel",
-                       "_posterior_kernel", "_band_values_kernel", "_dense_kernel"}, kernels
+                       "_posterior_kernel", "_band_values_kernel", "_dense_kernel", "_finish_kernel"}, kernels
+    two_pass = [row for row in launch_resources if row["workload"] == "G1" and row["kernel"] == "_emissions_kernel"]
+    assert two_pass and all("WRITE_GRAD=1" in row["config"] for row in two_pass), "G1 records the two-pass sweep"
     configs = {(row["kernel"], row["config"]) for row in launch_resources}
     assert len(configs) >= 40, f"only {len(configs)} distinct configs recorded"
 
@@ -77,6 +79,9 @@ def test_fused_head_windows_are_covered(launch_resources):
     g4 = {row["kernel"]: row for row in launch_resources if row["workload"] == "G4"}
     assert {"_emissions_kernel", "_band_values_kernel", "_dense_kernel"} <= set(g4), sorted(g4)
     assert g4["_dense_kernel"]["spec"] and "IN_PLACE=1" in g4["_dense_kernel"]["config"]
+    in_forward = {row["kernel"]: row for row in launch_resources if row["workload"] == "G4 gradient in forward"}
+    assert "WRITE_GRAD=1" in in_forward["_emissions_kernel"]["config"]
+    assert "TWO_PASS=1" in in_forward["_band_values_kernel"]["config"]
 
 
 def test_no_config_the_launchers_can_choose_spills(launch_resources):
@@ -88,7 +93,7 @@ def test_no_config_the_launchers_can_choose_spills(launch_resources):
 
 def test_vocabulary_passes_keep_32_warps_resident(launch_resources):
     from_spec = [row for row in launch_resources if row["spec"] and row["kernel"] in (
-        "_emissions_kernel", "_dense_kernel")]
+        "_emissions_kernel", "_dense_kernel", "_finish_kernel")]
     assert from_spec
     low = [row for row in from_spec if row["resident_warps"] < 32]
     assert not low, "bandwidth-bound passes under 32 resident warps per SM:\n" + "\n".join(
