@@ -134,7 +134,12 @@ def test_eval_and_sample_commands(compared, capsys):
     assert main(["sample", "--checkpoint", str(ctc), "--prompt", "copy : a b c", "--show-canvas",
                  "--gen-length", "16", "--sample-steps", "8", "--block-length", "8", "--shift-fraction", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "prompt:    copy : a b c" in out and "canvas:" in out and "content tokens displaced" in out
+    assert "prompt:    copy : a b c _ _ _\n" in out and "canvas:" in out and "content tokens displaced" in out
+    assert "note: prompt written in the training format: copy : a b c _ _ _" in out  # the width it was trained on
+    assert main(["sample", "--checkpoint", str(ctc), "--prompt", "copy : a b zebra"]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # (transformers' loading bar comes first on stderr)
+    assert line.startswith("mdlm-ctc sample: error: ") and "does not know: zebra" in line and "copy : a c b" in line
 
 
 def test_ablate_writes_its_table_and_compare_reports_it(compared, capsys):
