@@ -54,6 +54,9 @@ VARIANTS: dict[str, Variant] = {
     "eos-b2-probe10": Variant("ctc", dict(_PROBE30, slack_rate=0.1), f"eos canvas, 2 slots, 10% {_PROBE}"),
     "eos-b2-probe20": Variant("ctc", dict(_PROBE30, slack_rate=0.2), f"eos canvas, 2 slots, 20% {_PROBE}"),
     "eos-b2-probe30": Variant("ctc", dict(_PROBE30), f"eos canvas, 2 slots, 30% {_PROBE}"),
+    "eos-b2-probe30-visible": Variant("ctc", dict(_PROBE30, slack_insertion="probe_visible"),
+                                      f"eos canvas, 2 slots, 30% {_PROBE}, the displaced token always visible (the "
+                                      f"sampler's state: the gap test's suggestion)"),
     "mix-b2-probe30": Variant("ce+ctc", dict(_PROBE30, ctc_weight=0.5),
                               "0.5 CE + 0.5 CTC on the probe canvas of eos-b2-probe30 (CE's target at the gap is "
                               "the slack)"),
@@ -72,8 +75,10 @@ VARIANTS: dict[str, Variant] = {
                                       sample={"eos_fill": True}, reuses="eos-b2-probe30"),
 }
 _CE_CONTROLS = ("ce", "ce-on-shift10")
-# the design search (issue 21): the default before it, the probe canvas at three rates, with a CE term
-SEARCH = ("ce", "eos-b2", "eos-b2-probe10", "eos-b2-probe20", "eos-b2-probe30", "mix-b2-probe30")
+# the design search (issue 21): the default before it, the probe canvas at three rates, with the displaced token
+# always visible, and with a CE term
+SEARCH = ("ce", "eos-b2", "eos-b2-probe10", "eos-b2-probe20", "eos-b2-probe30", "eos-b2-probe30-visible",
+          "mix-b2-probe30")
 
 MARGIN = 0.02
 RULE = (f"among the CTC variants whose validation exact match without shift is at least `ce`'s minus {MARGIN:g}, "

@@ -123,7 +123,9 @@ class ObjectiveConfig:
                                 "geometric with slack_rate), 'probe' (with probability slack_rate per row, one "
                                 "slack before a random answer token, that position masked: the shift probe's "
                                 "canvas), 'best' (the model's Viterbi alignment on the fully masked canvas) or "
-                                "'none' (the target, then slack)", ("random", "probe", "best", "none"))
+                                "'none' (the target, then slack); 'probe_visible' is 'probe' with the displaced token "
+                                "always visible (the state the sampler's probe creates)",
+                                ("random", "probe", "probe_visible", "best", "none"))
     slack_rate: float = _opt(0.1, "slack_insertion=random: parameter of the geometric number of slack tokens "
                              "before each target token (mean rate / (1 - rate)), in [0, 1); probe: probability "
                              "per row, in [0, 1]")
@@ -502,7 +504,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
           "compare_objectives", o.compare_objectives, f"distinct comma-separated objectives among {OBJECTIVES}")
     _need(0.0 <= o.ctc_weight <= 1.0, "ctc_weight", o.ctc_weight, "in [0, 1]")
     _need(0.0 <= o.mask_eps < 1.0, "mask_eps", o.mask_eps, "in [0, 1)")
-    if o.slack_insertion == "probe":
+    if o.slack_insertion in ("probe", "probe_visible"):
         _need(0.0 <= o.slack_rate <= 1.0, "slack_rate", o.slack_rate, "in [0, 1] (probe: a probability per row)")
     else:
         _need(0.0 <= o.slack_rate < 1.0, "slack_rate", o.slack_rate, "in [0, 1)")

@@ -233,7 +233,7 @@ def clean_ctc_canvas(batch: Batch, targets: torch.Tensor, target_lengths: torch.
         if insertion == "best":
             canvas = alignment[b, :T].cpu()
         else:
-            if insertion == "probe":
+            if insertion in ("probe", "probe_visible"):
                 counts = probe_slack_counts(U, int(alen[b]), T - U, rate, noise.generators[b])
             else:
                 counts = random_slack_counts(U, T - U, rate if insertion == "random" else 0.0, noise.generators[b])
@@ -334,8 +334,10 @@ def compute_loss(model, batch: Batch, *, objective: str, special, obj_cfg, denom
     clean, inserted = clean_ctc_canvas(batch, targets, target_lengths, noise, slack_id=special.slack_id,
                                        insertion=obj_cfg.slack_insertion, rate=obj_cfg.slack_rate,
                                        alignment=alignment, return_inserted=True)
-    if obj_cfg.slack_insertion == "probe":
+    if obj_cfg.slack_insertion in ("probe", "probe_visible"):
         masked = masked | inserted  # the probe re-masks the position a token was displaced from
+    if obj_cfg.slack_insertion == "probe_visible":  # and the displaced token is visible, as in the sampler
+        masked = masked & ~F.pad(inserted[:, :-1], (1, 0))
     noisy = torch.where(masked, torch.full_like(clean, special.mask_id), clean)
     out = model(noisy, want=want)
     T = int(canvas_lengths.max())
