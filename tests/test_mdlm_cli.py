@@ -89,11 +89,14 @@ def test_fine_tunes_start_from_the_base_and_differ_only_where_they_should(compar
 
 def test_compare_reuses_the_base_and_finished_runs(compared, capsys):
     root, _ = compared
-    assert main(["compare", "--output-dir", str(root.parent), "--name", "job", *TINY, "--resume",
-                 "--shift-fractions", "0"]) == 0
+    before = json.loads((root / "summary.json").read_text())["stats"]
+    assert main(["compare", "--output-dir", str(root.parent), "--name", "job", *TINY, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "reusing" in out and str(root / "base") in out
     assert "training it again" not in out
+    # the same models, sampler and examples: the evaluations are read back, and give the same statistics
+    assert out.count("evaluation reused") == 6 and "[ctc/seed2] evaluation reused" in out
+    assert json.loads((root / "summary.json").read_text())["stats"] == before
 
 
 def test_a_changed_base_setting_retrains_the_base(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """Build the shipped base model, and measure how much a base depends on float rounding.
 
     python -m mdlm_ctc.mdlm.build_base build [--threads 1] [--out mdlm_ctc/mdlm/assets/base]
-    python -m mdlm_ctc.mdlm.build_base stability [--base-threads 1,2] [options of `mdlm-ctc compare`]
+    python -m mdlm_ctc.mdlm.build_base stability [--base-variants t1,t2,mb16] [options of `mdlm-ctc compare`]
 
 ``build`` trains the base of the default comparison (``compare.base_config``: LLaDA's masked CE from
 the seeded random initialisation) with a fixed thread count and writes it, with its tokenizer and
@@ -12,10 +12,11 @@ thread count on the same kind of machine, the weights are bitwise the same (the 
 deterministic); on another thread count or CPU they differ in float rounding.
 
 ``stability`` is the check that the base recipe does not depend on that rounding: it builds one base
-per thread count of ``--base-threads`` (same settings otherwise), fine-tunes CE from each on every
-seed of ``finetune_seeds`` (every fine-tune with the same thread count), evaluates them on the
-validation split, and reports the difference between the bases' CE families against the spread of
-the seeds within each (``<run>/stability.md``, ``stability.json``).
+per variant of ``--base-variants`` (``t<N>``: N threads; ``mb<N>``: the batch summed over micro-batches
+of N rows, the same update in another float order; the same settings otherwise), fine-tunes CE from
+each on every seed of ``finetune_seeds`` (every fine-tune with the same thread count), evaluates them
+on the validation split, and reports the difference between the bases' CE families against the
+spread of the seeds within each (``<run>/stability.md``, ``stability.json``).
 """
 
 from __future__ import annotations
@@ -57,8 +58,19 @@ def build(cfg, out: str, threads: int, log=print) -> dict:
     return identity
 
 
-def stability(cfg, thread_counts: list[int], finetune_threads: int, log=print) -> dict:
-    """One base per thread count, CE fine-tunes from each on every seed, evaluated on the validation split."""
+def parse_variant(spec: str, default_threads: int) -> tuple[int, dict]:
+    """A base variant of the stability check: ``t<N>`` (N threads) or ``mb<N>`` (the batch computed as micro-batches
+    of N rows: the same update, summed in another order); returns (threads, training overrides)."""
+    if spec.startswith("t") and spec[1:].isdigit() and int(spec[1:]) >= 1:
+        return int(spec[1:]), {}
+    if spec.startswith("mb") and spec[2:].isdigit() and int(spec[2:]) >= 1:
+        return default_threads, {"micro_batch_size": int(spec[2:])}
+    raise ValueError(f"`base-variants` entries are t<threads> or mb<micro-batch rows>; got {spec!r}")
+
+
+def stability(cfg, variants: list[str], finetune_threads: int, log=print) -> dict:
+    """One base per variant (``parse_variant``: another thread count, or another summation order), CE fine-tunes
+    from each on every seed, evaluated on the validation split."""
     from .compare import base_config, evaluate_folder, finetune_config, run_settings, train_once
     from .data import load_datasets, load_validation
     from .evaluate import compare_seeded
@@ -71,28 +83,31 @@ def stability(cfg, thread_counts: list[int], finetune_threads: int, log=print) -
     val, val_source = load_validation(cfg, train_ex, eval_ex)
     seeds = cfg.finetune_seed_list()
     results, bases = {}, {}
-    for threads in thread_counts:
+    for spec in variants:
+        threads, overrides = parse_variant(spec, finetune_threads)
         _set_threads(threads)
         bcfg = base_config(cfg)
         bcfg.run.threads = threads
-        base_dir = os.path.join(root, f"base-t{threads}")
+        bcfg.train = dataclasses.replace(bcfg.train, **overrides)
+        base_dir = os.path.join(root, f"base-{spec}")
         summary = train_once(bcfg, prepared, base_dir, "ce", log=log)
         source = os.path.join(base_dir, "final")
-        bases[threads] = base_mod.describe(source, run_settings(bcfg, prepared), threads=threads, summary=summary)
+        bases[spec] = dict(base_mod.describe(source, run_settings(bcfg, prepared), threads=threads, summary=summary),
+                           overrides=overrides)
         _set_threads(finetune_threads)
-        label = f"ce@base-t{threads}"
+        label = f"ce@base-{spec}"
         ft_prepared = dataclasses.replace(prepared, init_source=source)
         for seed in seeds:
             run_cfg = finetune_config(cfg, "ce", seed, {}, source)
             run_cfg.run.threads = finetune_threads
-            run_dir = os.path.join(root, "ft", f"base-t{threads}", f"seed{seed}")
+            run_dir = os.path.join(root, "ft", f"base-{spec}", f"seed{seed}")
             train_once(run_cfg, ft_prepared, run_dir, "ce", log=log)
             results.setdefault(label, {})[seed] = evaluate_folder(run_cfg, os.path.join(run_dir, "final"), val, root,
                                                                   f"{label}/seed{seed}", log)
     labels = list(results)
     stats = compare_seeded(results, cfg.shift_fraction_list(), labels[0], samples=cfg.eval.bootstrap_samples,
                            confidence=cfg.eval.confidence, seed=cfg.run.seed)
-    out = {"thread_counts": thread_counts, "finetune_threads": finetune_threads, "seeds": seeds,
+    out = {"variants": variants, "finetune_threads": finetune_threads, "seeds": seeds,
            "examples": len(val), "source": val_source, "machine": base_mod.machine(), "commit": base_mod.commit(),
            "base_steps": cfg.base_step_count(), "base_lr": cfg.compare.base_lr,
            "base_warmup_steps": cfg.compare.base_warmup_steps, "bases": bases,
@@ -133,16 +148,18 @@ def stability_markdown(result: dict) -> str:
 
     stats, v = result["stats"], result["verdict"]
     rho0 = str(stats["fractions"][0])
-    rows = [["base", "threads", "base final loss", "weights (SHA-256, first 12)", "CE fine-tunes: exact match "
-             "(validation)", "per seed", "seed range"]]
+    rows = [["base", "threads", "micro-batch", "base final loss", "weights (SHA-256, first 12)",
+             "CE fine-tunes: exact match (validation)", "per seed", "seed range"]]
     for label, fam in stats["families"].items():
-        threads = int(label.rsplit("-t", 1)[1])
-        b = result["bases"][str(threads)]
+        spec = label.split("@base-", 1)[1]
+        b = result["bases"][spec]
         e = fam["metrics"][rho0]["exact"]
-        rows.append([f"`{label.split('@')[1]}`", str(threads), f"{b['final_loss']:.4f}", f"`{b['sha256'][:12]}`",
-                     _ci(e), " / ".join(f"{x:.3f}" for x in e["seed_means"]), f"{v['seed_ranges'][label]:.3f}"])
+        rows.append([f"`base-{spec}`", str(b["threads"]), str(b["overrides"].get("micro_batch_size", "-")),
+                     f"{b['final_loss']:.4f}", f"`{b['sha256'][:12]}`", _ci(e),
+                     " / ".join(f"{x:.3f}" for x in e["seed_means"]), f"{v['seed_ranges'][label]:.3f}"])
     lines = [f"Base recipe: {result['base_steps']} steps, lr {result['base_lr']:g}, {result['base_warmup_steps']} "
-             f"warmup steps; one base per thread count ({', '.join(map(str, result['thread_counts']))}), the same "
+             f"warmup steps; one base per variant ({', '.join(result['variants'])}: `t<N>` N threads, `mb<N>` the "
+             f"batch summed over micro-batches of N rows, the same update in another float order), the same "
              f"settings otherwise. CE fine-tuned from each on seeds {', '.join(map(str, result['seeds']))} "
              f"({result['finetune_threads']} thread(s) for every fine-tune), evaluated on the validation split "
              f"({result['examples']} examples). {result['machine']}, commit `{result['commit']}`, "
@@ -163,8 +180,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="train the default base and write it with its identity")
     b.add_argument("--out", default=base_mod.ASSET_DIR, help="folder to write (default: the package's asset)")
     b.add_argument("--base-threads", dest="base_threads", type=int, default=1, help="threads of the build")
-    s = sub.add_parser("stability", help="one base per thread count, CE fine-tunes from each, on validation")
-    s.add_argument("--base-threads", dest="base_threads", default="1,2", help="comma-separated thread counts")
+    s = sub.add_parser("stability", help="one base per variant, CE fine-tunes from each, on validation")
+    s.add_argument("--base-variants", dest="base_variants", default="t1,t2,mb16",
+                   help="comma-separated base variants: t<N> (N threads), mb<N> (micro-batches of N rows)")
     s.add_argument("--finetune-threads", dest="finetune_threads", type=int, default=0,
                    help="threads of every fine-tune (0: os.cpu_count())")
     for sp in (b, s):
@@ -172,21 +190,20 @@ def main(argv=None) -> int:
                                                            "show_canvas", "shift_fraction", "merge_output"})
     args = parser.parse_args(argv)
     command = args.command
-    out, threads = getattr(args, "out", None), args.base_threads
-    finetune_threads = getattr(args, "finetune_threads", 0)
-    for name in ("command", "out", "base_threads", "finetune_threads"):
-        if hasattr(args, name):
-            delattr(args, name)
+    extra = {name: getattr(args, name) for name in ("command", "out", "base_threads", "base_variants",
+                                                    "finetune_threads") if hasattr(args, name)}
+    for name in extra:
+        delattr(args, name)
     cfg = config_from_args(args)
     if command == "build":
         if cfg.run.name == "default":
             cfg.run.name = "shipped-base"
-        build(cfg, out, int(threads))
+        build(cfg, extra["out"], int(extra["base_threads"]))
     else:
         if cfg.run.name == "default":
             cfg.run.name = "stability"
-        counts = [int(x) for x in str(threads).split(",") if x.strip()]
-        stability(cfg, counts, finetune_threads or os.cpu_count() or 1)
+        variants = [x.strip() for x in str(extra["base_variants"]).split(",") if x.strip()]
+        stability(cfg, variants, extra["finetune_threads"] or os.cpu_count() or 1)
     return 0
 
 

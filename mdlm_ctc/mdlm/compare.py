@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ import torch
 from . import base as base_mod
 from .checkpoint import sha256_of
 from .config import Config, copy_config, save_config
-from .evaluate import compare_results, compare_seeded, evaluate_model, gap_stats, gap_test
+from .evaluate import compare_results, compare_seeded, evaluate_model, gap_stats, gap_test, summarise
 from .model import DiffusionLM, load_model_dir, resolve_device
 from .report import claims, seeded_summary_table, write_report
 from .train import DONE_FILE, init_distributed, prepare, read_metrics, train_run
@@ -69,25 +70,66 @@ def evaluate_runs(cfg: Config, model_dirs: dict[str, str], examples, root: str, 
 
 def evaluate_folder(cfg: Config, path: str, examples, root: str, name: str, log=print, gap: bool = False) -> dict:
     """Sample one model folder at every shift fraction (and, with ``gap``, run the gap test: ``result["gap"]``);
-    per-example records go to ``<root>/eval/``."""
-    device = resolve_device(cfg.run.device)
+    per-example records go to ``<root>/eval/``. An evaluation already there of the same weights with the same
+    sampler, fractions, seed and examples is read back instead of sampled again (``<label>.key.json``)."""
     os.makedirs(os.path.join(root, "eval"), exist_ok=True)
-    hf, tokenizer, special = load_model_dir(path, cfg, device)
-    model = DiffusionLM(hf).to(device)
-    result = evaluate_model(model, tokenizer, special, examples, cfg, device=device, progress=cfg.run.progress,
-                            label=name)
-    _write_records(os.path.join(root, "eval", f"{_file_label(name)}.jsonl"), result)
+    stem = os.path.join(root, "eval", _file_label(name))
+    key = _eval_key(cfg, path, examples, gap)
+    result = _cached_evaluation(cfg, stem, key, name, gap)
+    if result is not None:
+        log(f"[{name}] evaluation reused ({stem}.jsonl: same weights, sampler and examples)")
+    else:
+        device = resolve_device(cfg.run.device)
+        hf, tokenizer, special = load_model_dir(path, cfg, device)
+        model = DiffusionLM(hf).to(device)
+        result = evaluate_model(model, tokenizer, special, examples, cfg, device=device, progress=cfg.run.progress,
+                                label=name)
+        _write_records(f"{stem}.jsonl", result)
+        if gap:
+            result["gap"] = gap_test(model, tokenizer, special, examples, cfg, device=device,
+                                     progress=cfg.run.progress, label=name)
+            _write_jsonl(f"{stem}-gap.jsonl", result["gap"]["records"])
+        if key is not None:
+            with open(f"{stem}.key.json", "w") as f:
+                json.dump(key, f)
     s0 = result["fractions"][cfg.shift_fraction_list()[0]]["summary"]["exact"]
     log(f"[{name}] exact match {s0['mean']:.3f} [{s0['lo']:.3f}, {s0['hi']:.3f}] without shift")
+    placed = [r for r in result["gap"]["records"] if r["placed"]] if gap else []
+    if placed:
+        log(f"[{name}] gap test: p(slack) {sum(r['p_slack'] for r in placed) / len(placed):.3f}, "
+            f"p(duplicate) {sum(r['p_duplicate'] for r in placed) / len(placed):.3f} at the gap; exact match "
+            f"{sum(r['exact_after'] for r in placed) / len(placed):.3f} after one displacement")
+    return result
+
+
+def _eval_key(cfg: Config, path: str, examples, gap: bool) -> dict | None:
+    """What an evaluation's records depend on; None when the weights have no single file to hash."""
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        return None
+    digest = hashlib.sha256(json.dumps([ex.to_json() for ex in examples]).encode()).hexdigest()
+    sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "shift_fraction"}
+    return {"weights": sha256_of(os.path.join(path, "model.safetensors")), "sample": sample,
+            "fractions": cfg.shift_fraction_list(), "seed": cfg.run.seed, "examples": digest, "gap": gap,
+            "wrap_chat": cfg.data.wrap_chat}
+
+
+def _cached_evaluation(cfg: Config, stem: str, key: dict | None, name: str, gap: bool) -> dict | None:
+    paths = [f"{stem}.key.json", f"{stem}.jsonl"] + ([f"{stem}-gap.jsonl"] if gap else [])
+    if key is None or not all(os.path.exists(p) for p in paths):
+        return None
+    with open(f"{stem}.key.json") as f:
+        if json.load(f) != json.loads(json.dumps(key)):
+            return None
+    by_rho = {rho: [] for rho in cfg.shift_fraction_list()}
+    with open(f"{stem}.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            by_rho[rec.pop("shift_fraction")].append(rec)
+    result = {"label": name, "fractions": {rho: {"records": recs, "summary": summarise(recs, cfg, cfg.run.seed)}
+                                           for rho, recs in by_rho.items()}}
     if gap:
-        result["gap"] = gap_test(model, tokenizer, special, examples, cfg, device=device, progress=cfg.run.progress,
-                                 label=name)
-        _write_jsonl(os.path.join(root, "eval", f"{_file_label(name)}-gap.jsonl"), result["gap"]["records"])
-        placed = [r for r in result["gap"]["records"] if r["placed"]]
-        if placed:
-            log(f"[{name}] gap test: p(slack) {sum(r['p_slack'] for r in placed) / len(placed):.3f}, "
-                f"p(duplicate) {sum(r['p_duplicate'] for r in placed) / len(placed):.3f} at the gap; exact match "
-                f"{sum(r['exact_after'] for r in placed) / len(placed):.3f} after one displacement")
+        with open(f"{stem}-gap.jsonl") as f:
+            result["gap"] = {"label": name, "records": [json.loads(line) for line in f]}
     return result
 
 
