@@ -282,7 +282,7 @@ def test_compare_uses_the_shipped_base_and_says_so(built, tmp_path, monkeypatch,
                                   control=False, gap_test=False, base_lr=1e-4))
     summary = run_compare(other, log=print)
     out = capsys.readouterr().out
-    assert "training the base here" in out and "base settings differ from the shipped base's (lr: 0.002 shipped, 0.0001 here)" in out
+    assert "training the base here" in out and f"base settings differ from the shipped base's (lr: {Config().compare.base_lr:g} shipped, 0.0001 here)" in out
     assert summary["base"]["origin"] == "trained"
     assert "Trained in this run with 1 thread(s)" in (tmp_path / "job2" / "report.md").read_text()
     with pytest.raises(ValueError, match="`base_source` is 'shipped'"):

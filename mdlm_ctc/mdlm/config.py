@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 OBJECTIVES = ("ce", "ctc", "ce+ctc")
-EMBEDDED_BASE_STEPS = 1500
+EMBEDDED_BASE_STEPS = 3000
 
 
 def _opt(default, help, choices=None):
@@ -223,8 +223,8 @@ class EvalConfig:
 class CompareConfig:
     base_steps: int = _opt(-1, "`compare`/`ablate`: CE pre-training steps of the base model that every fine-tune "
                            "starts from (built once in <run>/base and reused while its settings are unchanged); "
-                           "0 fine-tunes the model as loaded; -1 = 1500 for the embedded model, 0 for a loaded one")
-    base_lr: float = _opt(2e-3, "peak learning rate of the base model's CE pre-training")
+                           "0 fine-tunes the model as loaded; -1 = 3000 for the embedded model, 0 for a loaded one")
+    base_lr: float = _opt(1e-3, "peak learning rate of the base model's CE pre-training")
     base_warmup_steps: int = _opt(100, "warmup steps of the base model's CE pre-training")
     finetune_seeds: str = _opt("1,2,3", "`compare`/`ablate`: seeds of the fine-tuning stage (data order, masking "
                                "noise); every objective is fine-tuned once per seed from the same base")
