@@ -123,16 +123,6 @@ def choose(stats: dict, names: list[str]) -> str:
     return max(ctc, key=exact)
 
 
-def base_identity(folder: str, summary: dict | None = None) -> dict:
-    """What identifies a base model: the SHA-256 of its weights, the thread count that built it, and whether
-    it is the shipped one."""
-    import torch
-
-    ident = (summary or {}).get("identity") or {}
-    return {"sha256": base_mod.weights_sha256(folder), "threads": ident.get("threads", torch.get_num_threads()),
-            "origin": (summary or {}).get("origin", "trained")}
-
-
 def run_ablation(cfg: Config, log=print) -> dict:
     """Fine-tune and evaluate every variant on the validation split; write ``<run>/ablation/``."""
     from .compare import run_folder_lock
@@ -186,7 +176,7 @@ def _run_ablation(cfg: Config, log=print) -> dict:
     ablation = {
         "fractions": cfg.shift_fraction_list(), "seeds": seeds, "examples": len(val), "source": val_source,
         "machine": base_mod.machine(), "commit": commit, "rule": RULE,
-        "chosen": chosen, "seconds": round(time.time() - t0, 1), "base": base_identity(source, base_summary),
+        "chosen": chosen, "seconds": round(time.time() - t0, 1), "base": base_mod.base_identity(source, base_summary),
         "variants": {name: {"objective": VARIANTS[name].objective, "overrides": VARIANTS[name].overrides,
                             "sample": VARIANTS[name].sample, "description": VARIANTS[name].description,
                             "stats": stats["families"][name],

@@ -126,3 +126,13 @@ def _changed(recorded: dict, current: dict) -> list[str]:
         elif values != now:
             out.append(section)
     return out
+
+
+def base_identity(folder: str, summary: dict | None = None) -> dict:
+    """The short identity an ablation records of the base it fine-tuned from (and a report compares with its
+    own): the SHA-256 of the weights, the thread count that built them, and whether they are the shipped ones."""
+    import torch
+
+    ident = (summary or {}).get("identity") or {}
+    return {"sha256": weights_sha256(folder), "threads": ident.get("threads", torch.get_num_threads()),
+            "origin": (summary or {}).get("origin", "trained")}

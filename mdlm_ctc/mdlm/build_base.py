@@ -77,6 +77,7 @@ def stability(cfg, variants: list[str], finetune_threads: int, log=print) -> dic
     from .train import prepare
 
     t0 = time.time()
+    commit = base_mod.commit()  # the code that runs, not whatever is checked out when it ends
     root = cfg.run_dir()
     prepared = prepare(cfg, root, log=log)
     train_ex, eval_ex, _ = load_datasets(cfg)
@@ -108,7 +109,7 @@ def stability(cfg, variants: list[str], finetune_threads: int, log=print) -> dic
     stats = compare_seeded(results, cfg.shift_fraction_list(), labels[0], samples=cfg.eval.bootstrap_samples,
                            confidence=cfg.eval.confidence, seed=cfg.run.seed)
     out = {"variants": variants, "finetune_threads": finetune_threads, "seeds": seeds,
-           "examples": len(val), "source": val_source, "machine": base_mod.machine(), "commit": base_mod.commit(),
+           "examples": len(val), "source": val_source, "machine": base_mod.machine(), "commit": commit,
            "base_steps": cfg.base_step_count(), "base_lr": cfg.compare.base_lr,
            "base_warmup_steps": cfg.compare.base_warmup_steps, "bases": bases,
            "seconds": round(time.time() - t0, 1), "stats": stats}

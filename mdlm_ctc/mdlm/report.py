@@ -460,7 +460,7 @@ def write_report(root: str, cfg, *, results: dict, stats: dict, train_summaries:
 
     L.append("## How the CTC settings were chosen\n")
     if ablation:
-        from .ablation import base_identity
+        from .base import base_identity
 
         own = base_identity(os.path.join(root, "base", "final"), base_summary) if base_summary is not None else None
         L.append(ablation_markdown(ablation, own) + "\n")
@@ -539,7 +539,7 @@ def base_provenance(summary: dict) -> str:
 
 def ablation_markdown(ablation: dict, base: dict | None = None) -> str:
     """The ablation table (validation split) and the rule that picked the default; ``base`` is the identity
-    of the comparison's own base (``ablation.base_identity``), to say whether the ablation used it."""
+    of the comparison's own base (``base.base_identity``), to say whether the ablation used it."""
     fractions = ablation["fractions"]
     has_gap = any(v.get("gap") for v in ablation["variants"].values())
     rows = [["variant", "settings", "seeds"] + [f"exact@{f:g}" for f in fractions] + ["drop@0.05",
