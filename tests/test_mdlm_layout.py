@@ -13,10 +13,11 @@ import os
 import mdlm_ctc.mdlm as package
 
 LAYERS = [
-    ("objective API and model plumbing", {"config", "data", "tokenizer", "remote_code", "model", "lora", "plan",
-                                          "checkpoint", "distributed", "objectives", "sampler", "evaluate"}),
+    ("objective API and model plumbing", {"config", "data", "prompts", "tokenizer", "remote_code", "model",
+                                          "lora", "plan", "checkpoint", "base", "distributed", "objectives",
+                                          "sampler", "evaluate"}),
     ("the loop and the trainer integrations", {"train", "hf_trainer", "nemo"}),
-    ("the comparison study", {"report", "compare", "ablation"}),
+    ("the comparison study", {"report", "compare", "ablation", "build_base"}),
 ]
 SIBLINGS_APART = {"train", "hf_trainer", "nemo"}  # the loop and each integration stand beside one another
 

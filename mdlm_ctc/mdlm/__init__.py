@@ -17,10 +17,13 @@ Modules, in the order a run uses them:
 * ``plan``        the per-GPU memory plan of a job, from the model config alone.
 * ``sampler``     LLaDA low-confidence remasking with semi-autoregressive blocks; the shift probe.
 * ``evaluate``    metrics, bootstrap intervals (over examples, and over fine-tuning seeds and examples),
-                  shift robustness, pairwise win rates.
+                  shift robustness, pairwise win rates, the gap test, detectable differences (power).
 * ``report``      Markdown report, PNG plots, the summary table, the paper's claims read from the intervals.
 * ``compare``     the main job: a CE base model, then CE and CTC fine-tuning from it on several seeds.
 * ``ablation``    the CTC design variants, fine-tuned from the same base, chosen on the validation split.
+* ``base``        the base model shipped with the package (``assets/base``) and what identifies a base.
+* ``build_base``  ``python -m mdlm_ctc.mdlm.build_base``: builds the shipped base; the base stability check.
+* ``prompts``     hand-typed prompts for ``sample``: the embedded tasks' format, unknown words.
 
 Layers (``tests/test_mdlm_layout.py``): the objective API and the model plumbing at the bottom, the
 loop and the trainer integrations above them, the comparison study (``report`` <- ``compare`` <-

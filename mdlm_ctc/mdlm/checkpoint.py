@@ -138,11 +138,6 @@ def source_identity(source: str) -> str:
     return sha256_of(path) if os.path.isfile(path) else source
 
 
-def base_identity(folder: str) -> dict:
-    """What identifies a base model: the SHA-256 of its weights and the thread count that built it here."""
-    return {"sha256": source_identity(folder), "threads": torch.get_num_threads()}
-
-
 def _fsync_file(path: str) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())

@@ -49,6 +49,8 @@ slack goes is ``slack_insertion``:
 * ``probe``: with probability ``slack_rate`` per row, one slack token before a uniformly chosen answer
   token, and that position always masked: the canvas the sampler's shift probe produces (a token
   displaced one position right, its old position masked again);
+* ``probe_visible``: ``probe``, and the displaced token (the one right of the inserted slack) is always
+  visible, as the sampler leaves it;
 * ``none``: the answer, EOS, then slack (paper.md §1.5 reading (a)).
 
 The canvas is masked as above. Masked positions are *free* (``observed = -1``); every unmasked canvas
@@ -311,7 +313,7 @@ def clean_ctc_canvas(batch: Batch, targets: torch.Tensor, target_lengths: torch.
         if insertion == "best":
             canvas = alignment[b, :T].cpu()
         else:
-            if insertion == "probe":
+            if insertion in ("probe", "probe_visible"):
                 counts = probe_slack_counts(U, int(alen[b]), T - U, rate, noise.generators[b])
             else:
                 counts = random_slack_counts(U, T - U, rate if insertion == "random" else 0.0, noise.generators[b])
@@ -406,8 +408,10 @@ def corrupt(batch: Batch, spec: ObjectiveConfig, special: SpecialIds, *, noise: 
         clean, inserted = clean_ctc_canvas(batch, targets, target_lengths, noise, slack_id=special.slack_id,
                                            insertion=spec.slack_insertion, rate=spec.slack_rate,
                                            alignment=alignment, return_inserted=True)
-        if spec.slack_insertion == "probe":
+        if spec.slack_insertion in ("probe", "probe_visible"):
             masked = masked | inserted  # the probe re-masks the position a token was displaced from
+        if spec.slack_insertion == "probe_visible":  # and the displaced token is visible, as in the sampler
+            masked = masked & ~F.pad(inserted[:, :-1], (1, 0))
         widths = column_band_width(L - prompts, target_lengths.cpu(), spec.ctc_max_shift)
         band_bound = max(int(widths.max()), 1) if len(widths) else 1
     noisy = torch.where(masked, torch.full_like(clean, special.mask_id), clean)

@@ -25,6 +25,15 @@ the realised fraction is reported. If a displacement re-opens a position of a bl
 passed, it is decoded with the next block (LLaDA lets earlier masked positions compete anyway), and a
 final step commits anything still masked, without displacement.
 
+**Single-displacement probe** (``probe``; the gap test of ``evaluate.gap_test``). Instead of a random
+draw per token, row ``b`` displaces exactly one content token: its ``probe[b]``-th content commit (0-based,
+in commit order), or the next one whose neighbour is free if that one is blocked. The next forward pass
+sees the state the shift probe creates (the token one position away, its old position masked again:
+the gap), and the sampler records the model's distribution at the gap there: the probability of
+``<slack>``, of the displaced token (writing it again is a duplicate) and of anything else, the arg-max,
+and at the end the token finally committed at the gap (``SampleResult.gap``). Decoding then continues
+without further displacement.
+
 **Constraints matching the CTC lattice** (off by default; the same for every model). With
 ``sample_slack_budget = m >= 0`` a row that has committed ``m`` slack tokens no longer considers slack
 (the ``eos`` canvas of training holds exactly ``m``). With ``eos_fill``, committing an EOS (or the
@@ -50,6 +59,7 @@ class SampleResult:
     content_committed: int      # content tokens committed (candidates of the shift probe)
     displaced: int              # content tokens actually displaced
     blocked: int                # chosen for displacement but the neighbour was taken
+    gap: dict | None = None     # the single-displacement probe: the gap and the model's distribution there
 
 
 def finalize(canvas: list[int], slack_id: int, eos_id: int, mask_id: int | None = None,
@@ -81,8 +91,14 @@ def _schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg, shift_fraction: float = 0.0,
-                   device=None) -> list[SampleResult]:
-    """Sample a batch of prompts that all have the same length ``P`` (``prompts`` is ``[B, P]``)."""
+                   device=None, probe: list[int] | None = None) -> list[SampleResult]:
+    """Sample a batch of prompts that all have the same length ``P`` (``prompts`` is ``[B, P]``).
+
+    ``probe``: per row, the content commit to displace (the single-displacement probe; -1: none), in
+    place of ``shift_fraction``'s random draws.
+    """
+    if probe is not None and shift_fraction > 0:
+        raise ValueError("`probe` replaces the shift fraction's random displacements; pass shift_fraction=0")
     device = device or prompts.device
     B, P = prompts.shape
     G = cfg.gen_length
@@ -96,6 +112,8 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
     displaced = [0] * B
     blocked = [0] * B
     directions = {"right": 1, "left": -1}
+    gaps: list[dict | None] = [None] * B   # probe: the displacement made in each row
+    pending: list[int] = []                # rows whose gap the next forward pass measures
 
     def step(limit: int, k_per_row: torch.Tensor, allow_shift: bool):
         mask_index = x == mask_id
@@ -104,6 +122,8 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
         if cfg.sample_slack_budget >= 0:
             spent = (x[:, P:] == slack_id).sum(1) >= cfg.sample_slack_budget
             logits[spent, :, slack_id] = float("-inf")
+        if pending:
+            _measure_gaps(logits)
         if cfg.temperature > 0:
             u = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64) for g in generators])
             gumbel = -torch.log((-torch.log(u.clamp_min(1e-300))).clamp_min(1e-300))
@@ -123,7 +143,7 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
             chosen = torch.topk(confidence[b], k=k).indices
             chosen = chosen[torch.isfinite(confidence[b, chosen])]
             x[b, chosen] = x0[b, chosen]
-            if allow_shift and shift_fraction > 0:
+            if allow_shift and (shift_fraction > 0 or probe is not None):
                 _shift_row(b, sorted(chosen.tolist()))
             elif allow_shift:
                 content[b] += sum(1 for i in chosen.tolist() if int(x[b, i]) not in not_content)
@@ -136,25 +156,46 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
             tail = x[b, P + int(eos[0]) + 1:]
             tail[tail == mask_id] = eos_id
 
+    def _measure_gaps(logits: torch.Tensor):
+        for b in pending:
+            gap = gaps[b]
+            probs = F.softmax(logits[b, P + gap["position"]].double(), dim=-1)
+            gap["p_slack"] = float(probs[slack_id])
+            gap["p_duplicate"] = float(probs[gap["token"]]) if gap["token"] != slack_id else 0.0
+            gap["p_other"] = max(0.0, 1.0 - gap["p_slack"] - gap["p_duplicate"])
+            gap["top"] = int(torch.argmax(probs))
+        pending.clear()
+
     def _shift_row(b: int, chosen: list[int]):
         g = generators[b]
         side = directions.get(cfg.shift_direction)
         # right moves go right-to-left (and left moves left-to-right) so that a run of new tokens can move together
         order = chosen[::-1] if side != -1 else chosen
+        if probe is not None:  # in commit order: the probe's index counts content commits left to right
+            order = sorted(order)
         for i in order:
             tok = int(x[b, i])
             if tok in not_content:
                 continue
+            index = content[b]
             content[b] += 1
-            u = float(torch.rand((), generator=g))
-            d = side if side is not None else (1 if float(torch.rand((), generator=g)) < 0.5 else -1)
-            if u >= shift_fraction:
-                continue
+            if probe is not None:
+                if gaps[b] is not None or probe[b] < 0 or index < probe[b]:
+                    continue
+                d = side if side is not None else (1 if float(torch.rand((), generator=g)) < 0.5 else -1)
+            else:
+                u = float(torch.rand((), generator=g))
+                d = side if side is not None else (1 if float(torch.rand((), generator=g)) < 0.5 else -1)
+                if u >= shift_fraction:
+                    continue
             j = i + d
             if P <= j < P + G and int(x[b, j]) == mask_id:
                 x[b, j] = tok
                 x[b, i] = mask_id
                 displaced[b] += 1
+                if probe is not None:
+                    gaps[b] = {"position": i - P, "token": tok, "to": j - P, "content_index": index}
+                    pending.append(b)
             else:
                 blocked[b] += 1
 
@@ -173,18 +214,23 @@ def generate_group(model, prompts: torch.Tensor, generators: list, special, cfg,
     results = []
     for b in range(B):
         canvas = x[b, P:].tolist()
+        if gaps[b] is not None:
+            gaps[b]["final"] = canvas[gaps[b]["position"]]
         results.append(SampleResult(canvas=canvas, tokens=finalize(canvas, slack_id, eos_id, mask_id,
                                                                    tuple(stops.tolist())),
-                                    content_committed=content[b], displaced=displaced[b], blocked=blocked[b]))
+                                    content_committed=content[b], displaced=displaced[b], blocked=blocked[b],
+                                    gap=gaps[b]))
     return results
 
 
 def generate(model, prompts: list[list[int]], seeds: list[int], special, cfg, *, shift_fraction: float = 0.0,
-             device=None, progress: bool = False, desc: str = "sample") -> list[SampleResult]:
+             device=None, progress: bool = False, desc: str = "sample",
+             probe: list[int] | None = None) -> list[SampleResult]:
     """Sample every prompt (any lengths): rows are grouped by prompt length, ``sample_batch_size`` at a time.
 
     ``seeds[i]`` seeds prompt ``i``'s generator, so a prompt's sample does not depend on the others'
     randomness (the arithmetic of a batched forward may still differ in the last bits across batch sizes).
+    ``probe[i]``: prompt ``i``'s single displacement (see :func:`generate_group`).
     """
     from tqdm.auto import tqdm
 
@@ -204,7 +250,8 @@ def generate(model, prompts: list[list[int]], seeds: list[int], special, cfg, *,
         for group in tqdm(groups, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
             batch = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)
             gens = [torch.Generator().manual_seed(int(seeds[i])) for i in group]
-            for i, r in zip(group, generate_group(model, batch, gens, special, cfg, shift_fraction, device)):
+            rows = None if probe is None else [probe[i] for i in group]
+            for i, r in zip(group, generate_group(model, batch, gens, special, cfg, shift_fraction, device, rows)):
                 results[i] = r
     finally:
         model.train(was_training)

@@ -283,6 +283,7 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
     rows = prepared.train_rows
     data_fp = _fingerprint_rows(rows)
     start_step = 0
+    earlier_seconds = 0.0  # training time of the sessions before a resume
     if t_cfg.resume:
         ckpt = find_resumable(ckpt_root, warn=log if dist_info.main else (lambda *a, **k: None))
         if ckpt is not None:
@@ -291,6 +292,7 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             if state["data"].get("fingerprint") != data_fp:
                 raise ValueError(f"the training data differ from those of checkpoint {ckpt}; cannot resume")
             start_step = int(state["step"])
+            earlier_seconds = float(state["data"].get("train_seconds", 0.0))
             if dist_info.main:
                 log(f"[{objective}] resuming from {ckpt} (step {start_step})")
     _barrier(dist_info)
@@ -372,7 +374,8 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             if t_cfg.checkpoint_every and done_steps % t_cfg.checkpoint_every == 0 and done_steps < t_cfg.steps:
                 save_checkpoint(ckpt_root, done_steps, hf, optimizer, scheduler,
                                 {"step": done_steps, "rows_seen": done_steps * t_cfg.batch_size,
-                                 "epoch": order.epoch_of(done_steps), "fingerprint": data_fp},
+                                 "epoch": order.epoch_of(done_steps), "fingerprint": data_fp,
+                                 "train_seconds": earlier_seconds + time.time() - t_start},
                                 t_cfg.keep_checkpoints, cfg.to_dict(), sharded_model=sharded,
                                 trainable_only=t_cfg.lora)
     finally:
@@ -381,10 +384,13 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             metrics_file.close()
     elapsed = time.time() - t_start
     summary = {"objective": objective, "steps": t_cfg.steps, "resumed_from": start_step,
-               "train_seconds": round(elapsed, 1), "final": last, "world_size": dist_info.world,
+               "train_seconds": round(earlier_seconds + elapsed, 1), "session_seconds": round(elapsed, 1),
+               "final": last, "world_size": dist_info.world, "threads": torch.get_num_threads(),
                "fused_lm_head": head is not None, "device": str(device)}
     _save_final(net, hf, peft_model, sharded, prepared, special, os.path.join(run_dir, "final"),
-                {"objective": objective, "steps": t_cfg.steps, "seed": cfg.run.seed}, dist_info)
+                {"objective": objective, "steps": t_cfg.steps, "seed": cfg.run.seed,
+                 **({"synthetic_max_len": cfg.data.synthetic_max_len} if cfg.data.train_file is None else {})},
+                dist_info)
     if dist_info.main:
         tmp = f"{done_path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
