@@ -101,9 +101,11 @@ def _compile(compiler, command, out):
             os.remove(tmp)
 
 
-def _prune(cache):
-    entries = sorted((os.path.join(cache, n) for n in os.listdir(cache) if n.endswith((".o", ".so"))),
-                     key=os.path.getmtime)
+def _prune(cache, keep=()):
+    """Removes the oldest entries beyond CACHE_ENTRIES, never one in ``keep`` (objects in use are touched on
+    every use, so the shared runtime object stays among the newest while mutants are built beside it)."""
+    entries = sorted((os.path.join(cache, n) for n in os.listdir(cache)
+                      if n.endswith((".o", ".so")) and os.path.join(cache, n) not in keep), key=os.path.getmtime)
     for path in entries[:-CACHE_ENTRIES]:
         try:
             os.remove(path)
@@ -133,12 +135,17 @@ def library_path(csrc=CSRC, units=((),), opt="-O1", jobs=None):
     if os.path.exists(library):
         os.utime(library)
         return library
+    for path, _ in objects:
+        try:
+            os.utime(path)  # in use: the newest entries are the last to be pruned
+        except OSError:
+            pass
     missing = [(path, command) for path, command in objects if not os.path.exists(path)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or max(1, min(len(missing), os.cpu_count() or 1))) as pool:
         for future in [pool.submit(_compile, compiler, command, path) for path, command in missing]:
             future.result()
     _compile(compiler, ["-shared", *[path for path, _ in objects]], library)
-    _prune(cache)
+    _prune(cache, keep={library, *[path for path, _ in objects]})
     return library
 
 
