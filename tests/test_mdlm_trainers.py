@@ -114,16 +114,20 @@ def test_corrupt_and_objective_loss_check_their_arguments(setup):
 
 
 # ------------------------------------------------------------------------------ band bound (item 4)
+BAND_WIDTH_ARG = 9  # mdlm_ctc::loss_forward(logits, targets, input_lengths, target_lengths, observed, weight,
+#                     special_id, mode, max_shift, band_width, ...)
+
+
 def _spy_band_widths(monkeypatch):
     from mdlm_ctc import losses
 
-    widths, real = [], losses._ops.lattice_forward
+    widths, real = [], losses._ops.loss_forward
 
     def spy(*args):
-        widths.append(args[8])
+        widths.append(args[BAND_WIDTH_ARG])
         return real(*args)
 
-    monkeypatch.setattr(losses._ops, "lattice_forward", spy)
+    monkeypatch.setattr(losses._ops, "loss_forward", spy)
     return widths
 
 
@@ -156,8 +160,8 @@ def test_the_loops_step_under_compile_keeps_band_sized_tables(setup):
     seen = []
 
     def recording_backend(gm, example_inputs):
-        seen.extend(node.args[8] for node in gm.graph.nodes
-                    if node.op == "call_function" and "lattice_forward" in str(node.target))
+        seen.extend(node.args[BAND_WIDTH_ARG] for node in gm.graph.nodes
+                    if node.op == "call_function" and "loss_forward" in str(node.target))
         return gm.forward
 
     torch._dynamo.reset()

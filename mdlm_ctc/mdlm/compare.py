@@ -38,7 +38,7 @@ import time
 import torch
 
 from . import base as base_mod
-from .checkpoint import source_identity
+from .checkpoint import sha256_of, source_identity
 from .config import Config, copy_config, save_config
 from .evaluate import compare_results, compare_seeded, evaluate_model, gap_stats, gap_test, summarise
 from .model import DiffusionLM, load_model_dir, resolve_device
@@ -165,6 +165,15 @@ _NOT_TRAINING = {
 }
 _CTC_ONLY = ("ctc_weight", "slack_insertion", "slack_rate", "ctc_max_shift", "ctc_canvas", "slack_budget",
              "slack_budget_ratio")
+_LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def _without_unused_lora(settings: dict) -> dict:
+    """A run without LoRA does not depend on the LoRA options (whose defaults may change)."""
+    train = settings.get("train")
+    if isinstance(train, dict) and not train.get("lora"):
+        settings = dict(settings, train={k: v for k, v in train.items() if k not in _LORA_ONLY})
+    return settings
 
 
 def settings_of(cfg: Config) -> dict:
@@ -177,12 +186,14 @@ def settings_of(cfg: Config) -> dict:
         d["objective"] = {k: v for k, v in d["objective"].items() if k not in _CTC_ONLY}
     for section in ("sample", "eval", "compare"):
         d.pop(section)
-    return d
+    return _without_unused_lora(d)
 
 
 def same_settings(recorded: dict, current: dict) -> bool:
     """Whether a recorded run was trained with the current settings. Options that the recorded run did not
-    know (added to the package since) count as unchanged; every option it recorded must be equal."""
+    know (added to the package since) count as unchanged; every option it recorded must be equal (the LoRA
+    options only for a LoRA run)."""
+    recorded, current = _without_unused_lora(recorded), _without_unused_lora(current)
     for section, values in recorded.items():
         now = current.get(section)
         if not isinstance(values, dict) or not isinstance(now, dict):
