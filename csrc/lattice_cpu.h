@@ -26,9 +26,6 @@
 //   loglik formed in double. Without offsets |alpha| reaches the size of the loss (~3e4 at C2, where
 //   one fp32 ulp is 2e-3), and a posterior formed from such values was off by up to 0.08 at C2 and
 //   0.014 at C1 (float64 on the same fp32 emissions as the oracle); with them, 1e-3 and 2e-5.
-// * Memory: a step reads one band row of the table and writes one alpha row (the backward pass reads
-//   the alpha row and rewrites the table row), tens of MB per row at C1, in bursts the hardware
-//   prefetchers do not run ahead of; each step prefetches the next step's rows.
 #pragma once
 
 #include <algorithm>
@@ -133,17 +130,6 @@ MDLM_HD acc_t row_shift(acc_t mx) {
   return mx > neg_inf<acc_t>() && mx < std::numeric_limits<acc_t>::infinity() ? mx : acc_t(0);
 }
 
-// Ask for the cache lines of [begin, end) ahead of their use (see the top of the file).
-template <typename T>
-inline void prefetch_range(const T* begin, const T* end, bool for_write) {
-  for (const char* p = reinterpret_cast<const char*>(begin); p < reinterpret_cast<const char*>(end); p += 64) {
-    if (for_write)
-      __builtin_prefetch(p, 1, 3);
-    else
-      __builtin_prefetch(p, 0, 3);
-  }
-}
-
 // Zero the slots of a posterior row [0, W) outside [lo, hi] (all of them when lo > hi).
 template <typename acc_t>
 inline void zero_outside(acc_t* post, int64_t W, int64_t lo, int64_t hi) {
@@ -179,9 +165,6 @@ struct Row {
   // Target emissions of frame t (1-based), in lattice units minus `shift`, into e[u] for the state band [lo, hi]
   // (absolute index u): e[u] = scale * e_t(y_u) - shift. Columns outside the table (only the band's lower edge,
   // whose predecessor is -inf) read as -shift.
-  void prefetch_frame(int64_t t, bool for_write) const {  // table row of frame t (1-based), if any
-    if (t >= 1 && t <= T) prefetch_range(table + (t - 1) * W, table + t * W, for_write);
-  }
   void load_targets(int64_t t, int64_t lo, int64_t hi, acc_t scale, acc_t shift, acc_t* e) const {
     const int64_t c_lo = column_lo(t, T, U, max_shift);
     const int64_t from = std::max(lo, c_lo), to = std::min({hi, column_hi(t, U), c_lo + W - 1});
@@ -242,10 +225,6 @@ class Rows {
   acc_t* row(int64_t t) {
     return keep_all_ ? data_ + t * stride_ + 2 - bands_.lo[t] : data_ + (t & 1) * stride_ + 2;
   }
-  void prefetch(int64_t t, bool for_write) {  // stored rows only, t in 0..T
-    if (keep_all_ && t >= 0 && t < static_cast<int64_t>(bands_.lo.size()))
-      prefetch_range(row(t) + bands_.lo[t] - 2, row(t) + std::max(bands_.hi[t], bands_.lo[t] - 1) + 3, for_write);
-  }
   void seal(int64_t t) {
     acc_t* r = row(t);
     const int64_t lo = bands_.lo[t], hi = std::max(bands_.hi[t], lo - 1);
@@ -290,8 +269,6 @@ acc_t preserve_row(const Row<acc_t>& row, bool need_grad) {
   for (int64_t t = 1; t <= T; ++t) {
     if (need_grad) offset[t - 1] = base;
     base += shift;
-    row.prefetch_frame(t + 1, false);
-    alpha.prefetch(t + 1, true);
     const int64_t lo = bands.lo[t], hi = bands.hi[t];
     const acc_t e_special = row.special[t - 1] * M::kFromLn - shift;
     row.load_targets(t, lo, hi, M::kFromLn, shift, e);
@@ -319,8 +296,6 @@ acc_t preserve_row(const Row<acc_t>& row, bool need_grad) {
   acc_t beta_shift = 0;  // beta row t's maximum
   for (int64_t t = T; t >= 1; --t) {
     const int64_t lo_t = bands.lo[t], hi_t = bands.hi[t], lo_p = bands.lo[t - 1], hi_p = bands.hi[t - 1];
-    row.prefetch_frame(t - 1, true);
-    alpha.prefetch(t - 2, false);
     const acc_t e_special = row.special[t - 1] * M::kFromLn - beta_shift;
     row.load_targets(t, std::max<int64_t>(lo_p + 1, 1), hi_p + 1, M::kFromLn, beta_shift, e);
     e[0] = 0;
@@ -391,9 +366,6 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
   for (int64_t t = 1; t <= T; ++t) {
     if (need_grad) offset[t - 1] = base;
     base += shift;
-    row.prefetch_frame(t + 1, false);
-    alpha_b.prefetch(t + 1, true);
-    alpha_l.prefetch(t + 1, true);
     const acc_t e_special = row.special[t - 1] * M::kFromLn - shift;
     const acc_t* ab = alpha_b.row(t - 1);
     const acc_t* al = alpha_l.row(t - 1);
@@ -431,9 +403,6 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
   double beta_base = 0;  // the offset of beta rows t
   acc_t beta_shift = 0;  // their maximum
   for (int64_t t = T; t >= 1; --t) {
-    row.prefetch_frame(t - 1, true);
-    alpha_b.prefetch(t - 1, false);
-    alpha_l.prefetch(t - 1, false);
     const acc_t e_special = row.special[t - 1] * M::kFromLn - beta_shift;
     const acc_t* ab = alpha_b.row(t);
     const acc_t* al = alpha_l.row(t);
