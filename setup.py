@@ -134,6 +134,8 @@ setup(
     packages=[p for p in ("mdlm_ctc", "mdlm_ctc.triton_kernels", "mdlm_ctc.mdlm")
               if os.path.exists(os.path.join(ROOT, p.replace("mdlm_ctc.triton_kernels", "triton_kernels").replace(".", "/"), "__init__.py"))],
     package_dir={"mdlm_ctc": "mdlm_ctc", "mdlm_ctc.triton_kernels": "triton_kernels"},
+    # the default comparison's base model (a few MB; mdlm_ctc/mdlm/base.py, built by build_base.py)
+    package_data={"mdlm_ctc.mdlm": ["assets/base/*"]},
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         # what CI's tests need (requirements-ci.txt pins them): the Triton tests run under Triton's

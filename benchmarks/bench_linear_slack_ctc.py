@@ -6,15 +6,20 @@
     python benchmarks/bench_linear_slack_ctc.py --isolated --record # CPU memory table, one process per row
 
 Providers (each one forward + backward from hidden states and the LM head, gradients for both):
-    ours          mdlm_ctc.linear.linear_slack_ctc_loss (store-free: 4 GEMMs, the logits recomputed in backward,
-                  or 3 when one chunk holds every frame); ``--chunk-size default`` is its default chunk
+    ours          mdlm_ctc.linear.linear_slack_ctc_loss on the path it chooses (``linear.gradient_in_forward_choice``;
+                  the row's ``path`` column says which); ``--chunk-size default`` is its default chunk
+    ours-forward  the same, the gradient accumulated in the forward (3 GEMMs, the softmax part summed into dH/dW
+                  while each chunk is hot, a sparse posterior correction in the backward)
+    ours-recompute  the same, store-free (4 GEMMs, the logits recomputed in the backward, or 3 when one chunk
+                  holds every frame)
     rows          the alternative design, chunked by whole sequences with the gradient computed in the
                   forward (Liger FLCE's structure, 3 GEMMs), built from the backend's three stages; it
                   needs a scalar reduction and at least one sequence of logits per chunk. Kept here to
                   measure the design choice written in mdlm_ctc/linear.py.
     materialised  hidden @ W.T, then mdlm_ctc.slack_ctc_loss (when the logits and their gradient fit)
-    liger         Liger-Kernel LigerFusedLinearCrossEntropyLoss, if importable
-    cce           apple cut-cross-entropy linear_cross_entropy, if importable
+    liger         Liger-Kernel's LigerFusedLinearCrossEntropyLoss (mean over tokens), if importable, on a GPU
+    cce           Apple cut-cross-entropy's linear_cross_entropy with its defaults (its gradient filter
+                  skips the softmax entries too small to matter in bf16), if importable, on a GPU
     torch_ce      a chunked linear + cross-entropy in torch with Liger's structure (chunk of
                   next_pow2(N / ceil(V / D)) tokens, gradients in the forward, dW accumulated in the
                   weight dtype): the fused-CE yardstick when neither Liger nor CCE is installed
@@ -29,6 +34,8 @@ process CPU time, which a busy shared machine disturbs far less than wall time).
 bytes in the CPU allocator during one step, read from the profiler's allocation events. Every row
 carries machine, commit and versions; ``--record`` appends them to
 benchmarks/results/linear_slack_ctc.jsonl and writes the table to linear_slack_ctc_latest.md beside it.
+``--rows-out``, ``--resume`` and ``--tiny`` work as in bench_slack_ctc.py (the GPU check's streaming rows,
+resume and dry run: G4 at a tiny shape on the CPU).
 """
 
 from __future__ import annotations
@@ -63,7 +70,9 @@ WORKLOADS = {
                      goal="bf16 no slower than materialised bf16 (issue 13)"),
     "smoke": dict(device="any", B=2, T=48, U=40, D=32, V=300, dtype=FP32, goal="runs"),
 }
-DEFAULT_PROVIDERS = ["ours", "rows", "materialised", "liger", "cce", "torch_ce"]
+DEFAULT_PROVIDERS = ["ours", "ours-forward", "ours-recompute", "rows", "materialised", "liger", "cce", "torch_ce"]
+OURS = {"ours": None, "ours-forward": "1", "ours-recompute": "0"}  # provider -> MDLM_CTC_GRADIENT_IN_FORWARD
+TINY_SHAPES = {"G4": dict(B=1, T=16, U=14, D=16, V=48)}  # --tiny: G4's structure in about a second on a CPU
 
 
 def make_inputs(w, device):
@@ -152,18 +161,21 @@ class TorchChunkedLinearCE(torch.autograd.Function):
 
 
 def _fused_ce(provider):
-    """The loss callable of an installed fused linear-CE package, or None."""
+    """The loss callable ``(hidden [N, D], weight [V, D], labels [N]) -> mean loss`` of an installed fused
+    linear-CE package, or None where it is not importable (the GPU check carries their wheels; see
+    benchmarks/gpu_prep.sh). The modules are imported directly, not through the packages' top levels."""
     try:
         if provider == "liger":
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-            loss_fn = LigerFusedLinearCrossEntropyLoss()
+            loss_fn = LigerFusedLinearCrossEntropyLoss()  # forward(lin_weight, _input, target)
             return lambda h, w, y: loss_fn(w, h, y)
         if provider == "cce":
-            from cut_cross_entropy import linear_cross_entropy
+            from cut_cross_entropy import linear_cross_entropy  # (e [N, D], c [V, D], targets [N])
 
             return lambda h, w, y: linear_cross_entropy(h, w, y)
-    except Exception:  # not installed, or does not import on this machine
+    except Exception as error:  # not installed, or does not import on this machine
+        print(f"  {provider}: not importable ({type(error).__name__}: {error})"[:300], file=sys.stderr)
         return None
     return None
 
@@ -189,8 +201,21 @@ def make_step(provider, w, hidden, weight, targets, chunk_size, device):
         step.clear = clear
         return step
 
-    if provider == "ours":
-        return run(lambda: linear.linear_slack_ctc_loss(h, wt, targets, slack_id=SLACK, chunk_size=chunk_size))
+    if provider in OURS:
+        setting = OURS[provider]
+
+        def ours():
+            previous = os.environ.get("MDLM_CTC_GRADIENT_IN_FORWARD")
+            if setting is not None:
+                os.environ["MDLM_CTC_GRADIENT_IN_FORWARD"] = setting
+            try:
+                return linear.linear_slack_ctc_loss(h, wt, targets, slack_id=SLACK, chunk_size=chunk_size)
+            finally:
+                if setting is not None and previous is None:
+                    os.environ.pop("MDLM_CTC_GRADIENT_IN_FORWARD")
+                elif setting is not None:
+                    os.environ["MDLM_CTC_GRADIENT_IN_FORWARD"] = previous
+        return run(ours)
     if provider == "rows":
         rows = max(1, (chunk_size or linear.default_chunk_size(V, hidden.element_size())) // T)
         name = backends.resolve("auto", device)
@@ -219,26 +244,44 @@ def cpu_peak_mib(step):
     return common.cpu_allocator_peak_bytes(step) / 2**20
 
 
-CHUNKED = ("ours", "rows")  # the providers that take a chunk size
+CHUNKED = ("ours", "ours-forward", "ours-recompute", "rows")  # the providers that take a chunk size
+
+
+def ours_path(provider, w, chunk):
+    """The fused head's path for a provider's call: "forward" (gradient in the forward) or "recompute"."""
+    if provider not in OURS:
+        return None
+    setting = OURS[provider]
+    if setting is None:
+        itemsize = torch.empty((), dtype=w["dtype"]).element_size()
+        chunk = chunk or linear.default_chunk_size(w["V"], itemsize)
+        width = int(reference.column_band_width(torch.tensor(w["T"]), torch.tensor(w["U"])))
+        setting = "1" if linear.gradient_in_forward_choice(w["B"] * w["T"], w["V"], w["D"], width, chunk, itemsize,
+                                                           2, False) else "0"
+    return "forward" if setting == "1" else "recompute"
 
 
 def run_workload(name, w, device, provider_names, repeats, warmup, chunk_sizes):
     """Rows for every provider of ``w`` (the chunked ones once per chunk size), timed side by side: each
     repeat runs every configuration once, round-robin."""
     hidden, weight, targets = make_inputs(w, device)
-    steps = {}  # (provider, chunk size or None) -> step
+    steps, failed = {}, {}  # (provider, chunk size or None) -> step / error
     for p in provider_names:
         for chunk in (chunk_sizes if p in CHUNKED else [None]):
-            step = make_step(p, w, hidden, weight, targets, chunk, device)
-            if step is not None:
+            print(f"  {p} (chunk {chunk or 'default'}): warm-up", file=sys.stderr, flush=True)
+            try:
+                step = make_step(p, w, hidden, weight, targets, chunk, device)
+                if step is None:
+                    continue
+                for _ in range(warmup):
+                    step()
                 steps[p, chunk] = step
+            except Exception as error:  # one provider's failure must not cost the others' rows
+                failed[p, chunk] = common.error_text(error)
+                print(f"  {p}: FAILED {failed[p, chunk]}", file=sys.stderr, flush=True)
     grad_mib = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
-    default_chunk = linear.default_chunk_size(w["V"], hidden.element_size())
     peaks = {}
-    for key, step in steps.items():  # warm-up, then the peak extra memory of one step
-        print(f"  {key[0]} (chunk {key[1] or 'default'}): warm-up", file=sys.stderr, flush=True)
-        for _ in range(warmup):
-            step()
+    for key, step in steps.items():  # the peak extra memory of one step
         step.clear()
         if device.type == "cuda":
             with common.PeakMemory(device) as peak:
@@ -253,13 +296,11 @@ def run_workload(name, w, device, provider_names, repeats, warmup, chunk_sizes):
             start = time.process_time()
             times[key].append(common.timed(step, device))
             cpu_times[key].append(time.process_time() - start)
-    rows = []
+    rows = [dict(identity(name, w, p, chunk), device=device.type, status="error", error=message, goal=w["goal"])
+            for (p, chunk), message in failed.items()]
     for (p, chunk) in steps:
         q = common.quantiles(times[p, chunk])
-        rows.append(dict(workload=name, provider=p, B=w["B"], T=w["T"], U=w["U"], N=w["B"] * w["T"], D=w["D"],
-                         V=w["V"], dtype=str(w["dtype"]).replace("torch.", ""), device=device.type,
-                         chunk_size=(chunk or default_chunk) if p in CHUNKED else None,
-                         default_chunk=p in CHUNKED and chunk is None, timed="forward+backward",
+        rows.append(dict(identity(name, w, p, chunk), device=device.type, path=ours_path(p, w, chunk),
                          peak_extra_mib=None if peaks[p, chunk] is None else round(peaks[p, chunk], 3),
                          grad_mib=round(grad_mib, 1), goal=w["goal"],
                          cpu_seconds_median=(float(f"{statistics.median(cpu_times[p, chunk]):.4g}")
@@ -271,6 +312,18 @@ def run_workload(name, w, device, provider_names, repeats, warmup, chunk_sizes):
     return rows
 
 
+def identity(name, w, provider, chunk):
+    """The fields that name a row's measurement (``common.row_key`` adds commit, tree and GPU)."""
+    itemsize = torch.tensor([], dtype=w["dtype"]).element_size()
+    out = dict(workload=name, provider=provider, B=w["B"], T=w["T"], U=w["U"], N=w["B"] * w["T"], D=w["D"],
+               V=w["V"], dtype=str(w["dtype"]).replace("torch.", ""),
+               chunk_size=(chunk or linear.default_chunk_size(w["V"], itemsize)) if provider in CHUNKED else None,
+               default_chunk=provider in CHUNKED and chunk is None, timed="forward+backward")
+    if w.get("dry_run"):
+        out["dry_run"] = True
+    return out
+
+
 def judge(rows):
     """``ours`` against the fastest fused linear-CE of the same workload (G4), and against ``materialised``
     (cpu-bf16: median process CPU seconds on the CPU, median time on a GPU; the goal is judged at the
@@ -279,7 +332,8 @@ def judge(rows):
         row["vs_best_fused_ce"] = row["vs_materialised"] = row["goal_met"] = None
     by_workload = {}
     for row in rows:
-        by_workload.setdefault(row["workload"], []).append(row)
+        if "median_ms" in row:  # not the rows of a provider that failed
+            by_workload.setdefault(row["workload"], []).append(row)
     for name, group in by_workload.items():
         w = WORKLOADS[name]
         fused = [r for r in group if r["provider"] in FUSED_CE]
@@ -303,7 +357,7 @@ def judge(rows):
             if (row["provider"] == "ours" and row["default_chunk"] and "max_vs_materialised" in w
                     and row["vs_materialised"] is not None):
                 checks.append(row["vs_materialised"] <= w["max_vs_materialised"])
-            row["goal_met"] = all(checks) if checks else None
+            row["goal_met"] = all(checks) if checks and not row.get("dry_run") else None
     return rows
 
 
@@ -314,12 +368,16 @@ def _chunk_label(row) -> str:
 
 
 def table(rows):
-    head = ("workload", "provider", "chunk", "median ms", "p20-p80 ms", "CPU s", "peak extra MiB",
+    head = ("workload", "provider", "path", "chunk", "median ms", "p20-p80 ms", "CPU s", "peak extra MiB",
             "of which grads MiB", "vs materialised", "vs best fused CE", "goal met")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        if "median_ms" not in r:
+            lines.append(f"| {r['workload']} | {r['provider']} | {r.get('path') or ''} | {_chunk_label(r)} | "
+                         f"failed: {r['error'][:80]} |" + " |" * 7)
+            continue
         lines.append("| " + " | ".join([
-            r["workload"], r["provider"], _chunk_label(r),
+            r["workload"], r["provider"], r.get("path") or "", _chunk_label(r),
             f"{r['median_ms']:.1f}", f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
             "" if r["cpu_seconds_median"] is None else f"{r['cpu_seconds_median']:.2f}",
             "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}", f"{r['grad_mib']:.0f}",
@@ -467,6 +525,9 @@ def main(argv=None):
     parser.add_argument("--record", action="store_true",
                         help="append rows to benchmarks/results/linear_slack_ctc.jsonl (CPU smoke runs only with it)")
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
+    parser.add_argument("--rows-out", help="append each workload's rows, stamped, to this JSONL as they are measured")
+    parser.add_argument("--resume", nargs="*", default=[], help="JSONL files of rows already measured: skipped")
+    parser.add_argument("--tiny", action="store_true", help="G4 at a tiny shape on the CPU (the GPU check's dry run)")
     args = parser.parse_args(argv)
     if args.isolated_child:
         isolated_child(args.isolated_child)
@@ -480,21 +541,51 @@ def main(argv=None):
 
     has_gpu = torch.cuda.is_available()
     names = ["smoke"] if args.smoke else (args.workloads or (["G4"] if has_gpu else ["cpu-mid"]))
-    repeats = args.repeats or (5 if (args.smoke or not has_gpu) else 10)  # >= 5: common.quantiles extrapolates below
-    rows = []
+    repeats = args.repeats or (5 if (args.smoke or args.tiny or not has_gpu) else 10)  # >= 5: common.quantiles extrapolates below
+    sink = common.RowSink(args.rows_out, "linear_slack_ctc") if args.rows_out else None
+    done = common.measured_keys(args.resume)
+    same = {**common.key_stamp(), "bench": "linear_slack_ctc"}
+    rows, failures = [], 0
     for name in names:
         w = WORKLOADS[name]
+        if args.tiny:
+            if name not in TINY_SHAPES:
+                print(f"skipping {name}: no tiny shape", file=sys.stderr)
+                continue
+            w = {**w, **TINY_SHAPES[name], "device": "cpu", "dry_run": True}
         if w["device"] == "cuda" and not has_gpu:
             print(f"skipping {name}: needs a CUDA device", file=sys.stderr)
             continue
         device = torch.device("cuda" if w["device"] == "cuda" or (w["device"] == "any" and has_gpu and
                                                                   not args.smoke) else "cpu")
+        providers = [p for p in args.providers if p not in ("liger", "cce") or (device.type == "cuda" and
+                                                                              _fused_ce(p) is not None)]
+        configs = [(p, c) for p in providers for c in (args.chunk_size if p in CHUNKED else [None])]
+        todo = [(p, c) for p, c in configs if common.row_key({**identity(name, w, p, c), **same}) not in done]
+        if not todo:
+            print(f"skipping {name}: every row already measured", file=sys.stderr)
+            continue
+        run = list(dict.fromkeys(p for p, _ in todo))
+        if len(todo) < len(configs):  # the yardsticks of the ratios, measured again side by side
+            run += [p for p in providers if p in FUSED_CE + ("materialised",) and p not in run]
         print(f"running {name} on {device} ...", file=sys.stderr, flush=True)
-        rows.extend(run_workload(name, w, device, args.providers, repeats, args.warmup, args.chunk_size))
-    rows = judge(rows)
+        try:
+            measured = run_workload(name, w, device, run, repeats, args.warmup, args.chunk_size)
+        except Exception as error:  # e.g. out of memory making the inputs
+            message = common.error_text(error)
+            measured = [dict(identity(name, w, p, c), device=device.type, status="error", error=message,
+                             goal=w["goal"]) for p, c in todo]
+        wanted = {common.row_key({**identity(name, w, p, c), **same}) for p, c in todo}
+        judge(measured)
+        new = [row for row in measured if common.row_key({**row, **same}) in wanted]
+        failures += common.deliver(rows, new, sink)
+    if sink is not None:
+        print(f"wrote {sink.count} rows to {args.rows_out}", file=sys.stderr)
     common.emit(rows, table(rows), name="linear_slack_ctc", summary_name="linear_slack_ctc_latest",
                 title=f"linear_slack_ctc benchmark ({', '.join(names)})", as_json=args.json, record_rows=args.record)
     failed = [r for r in rows if r["goal_met"] is False]
+    if failures:
+        return 2  # a provider raised (its row says why): a GPU check restarts its worker process after this
     return 1 if failed and os.environ.get("MDLM_CTC_BENCH_STRICT") == "1" else 0
 
 

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -18,7 +19,12 @@ import time
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_report  # noqa: E402  (device constants)
+from provenance import append_jsonl, provenance, read_rows, row_key  # noqa: E402  (torch-free)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
 def machine() -> dict:
@@ -27,8 +33,23 @@ def machine() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    gpu_sms=props.multi_processor_count, cuda=torch.version.cuda)
+                    gpu_sms=props.multi_processor_count, cuda=torch.version.cuda, **gpu_clocks())
     return info
+
+
+def gpu_clocks() -> dict:
+    """SM and memory clocks of GPU 0 now and at most (MHz), from nvidia-smi; {} where it is absent."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {}
+    fields = ("clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem")
+    try:
+        out = subprocess.run([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        values = [int(float(v)) for v in out.split(",")]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {}
+    return dict(zip(("sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "mem_clock_max_mhz"), values))
 
 
 def _cpu_model() -> str:
@@ -58,20 +79,16 @@ def versions() -> dict:
 
 
 def commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MDLM_CTC_COMMIT", "unknown")
+    """The commit measured (``provenance.provenance``: the GPU driver's environment, else git, else the prep file)."""
+    return provenance()["commit"]
 
 
 def stamp() -> dict:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit(), "machine": machine(), "versions": versions()}
+    prov = provenance()
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": prov["commit"], "dirty": prov["dirty"], "machine": machine(), "versions": versions()}
+    out.update({key: prov[key] for key in ("tree", "tree_matches") if prov.get(key) is not None})
+    return out
 
 
 def synchronize(device: torch.device) -> None:
@@ -220,3 +237,71 @@ def record(rows: list[dict], name: str) -> str:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming rows and resume (benchmarks/gpu_run.py)
+# ---------------------------------------------------------------------------------------------
+
+def key_stamp() -> dict:
+    """The provenance fields of :func:`row_key` for rows about to be measured in this process."""
+    prov = provenance()
+    return {"commit": prov["commit"], "tree": prov.get("tree"),
+            "gpu": torch.cuda.get_device_properties(0).name if torch.cuda.is_available() else None}
+
+
+def measured_keys(paths) -> set:
+    """Keys of the benchmark rows already measured (not errors) in ``paths``: what a resumed run skips."""
+    return {row_key(row) for row in read_rows(paths)
+            if row.get("kind") == "bench" and row.get("status", "ok") == "ok"}
+
+
+def error_text(error: BaseException) -> str:
+    """What an error row says about a provider that raised."""
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
+def deliver(rows: list, new: list, sink) -> int:
+    """Add a workload's new rows to ``rows`` and stream them to ``sink`` (a RowSink or None); returns how many
+    of them are errors (a provider that raised)."""
+    rows.extend(new)
+    if sink is not None:
+        for row in new:
+            sink.write(row)
+    return sum(1 for row in new if row.get("status") == "error")
+
+
+class RowSink:
+    """Appends each row, stamped (machine, commit, versions, the GPU run's id and step), to a JSONL file the
+    moment it is measured: one ``write`` of a whole line on an append-only descriptor, then ``fsync``, so a
+    process killed a moment later loses nothing it reported."""
+
+    def __init__(self, path: str, bench: str):
+        self.path, self.bench = path, bench
+        self.count = 0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        full = {"kind": "bench", "bench": self.bench, **row, **stamp()}
+        for var, key in (("MDLM_CTC_RUN_ID", "run_id"), ("MDLM_CTC_STEP", "step")):
+            if os.environ.get(var):
+                full[key] = os.environ[var]
+        append_jsonl(self.path, full)
+        self.count += 1
+
+
+def device_model(device: torch.device) -> dict:
+    """The figures the cost models take for ``device``: SMs, SM clock (GHz) and memory bandwidth (TB/s). On a
+    GPU from the device and the GPU check's probe (``MDLM_CTC_DEVICE_MODEL``, JSON); on a CPU the H200 the
+    SPEC's goals are written for (the predictions of a dry run are an H200's)."""
+    if device.type != "cuda":
+        return dict(gpu_report.H200, source="H200 constants (no GPU here)")
+    probed = json.loads(os.environ.get("MDLM_CTC_DEVICE_MODEL", "{}") or "{}")
+    props = torch.cuda.get_device_properties(device)
+    clocks = gpu_clocks()
+    name = props.name
+    nominal = gpu_report.nominal_bandwidth(name)
+    return dict(name=name, sms=props.multi_processor_count,
+                clock_ghz=(clocks.get("sm_clock_max_mhz") or 1980) / 1e3,
+                bandwidth_tbs=probed.get("bandwidth_tbs") or nominal or gpu_report.H200["bandwidth_tbs"],
+                source="probe" if probed.get("bandwidth_tbs") else ("nominal" if nominal else "H200 default"))

@@ -25,7 +25,9 @@
 // through two shared-memory edge cells per warp (double-buffered by step parity, so one barrier per
 // step suffices), and across a CTA boundary of a cluster through distributed shared memory: the CTA
 // at each end of a cluster boundary pushes its edge cell into the neighbour's edge array (a remote
-// store before the per-step cluster barrier), so every edge read is a local shared-memory load.
+// store before the per-step cluster barrier), so every edge read is a local shared-memory load. The
+// first remote store comes after the first cluster barrier (step 1's): before it, a neighbour CTA may
+// not have started yet.
 //
 // Emissions are staged. The step's emissions for the CTA's slots are copied from global memory into
 // a ring of R shared-memory stages with cp.async, R - 1 frames ahead of the step that reads them, so
@@ -57,6 +59,28 @@ constexpr int kMaxStages = 8;
 constexpr int kMaxCluster = 8;
 enum Direction : int { kAlpha = 0, kBeta = 1 };
 enum RowStatus : int32_t { kRowOk = 0, kRowZero = 1, kRowNaN = 2 };
+
+// The kernels' pointers: plain pointers on the GPU; the host emulator passes checked pointers of its own
+// (emulator::Ptr, whose every load and store it checks), so the kernel code below never touches memory
+// except through them. MDLM_SHARED_CAST is the reinterpret_cast of a byte pointer into shared memory: the
+// emulator's ptr_cast overload (found by argument-dependent lookup) on the host; spelt out on the GPU,
+// where even a force-inlined call there changes nvcc's step loop (+5 SASS instructions per step, VT = 4)
+// (the static_cast keeps nvcc's front end from rejecting the cast of a dependent pointer type).
+template <typename T>
+using RawPtr = T*;
+template <typename U, typename T>
+MDLM_DEV U* ptr_cast(T* p) {
+  return reinterpret_cast<U*>(p);
+}
+#if defined(__CUDACC__)
+#define MDLM_SHARED_CAST(T, p) reinterpret_cast<T*>(static_cast<unsigned char*>(p))
+#else
+#define MDLM_SHARED_CAST(T, p) ptr_cast<T>(p)
+#endif
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
 
 template <typename acc_t>
 MDLM_HD acc_t quiet_nan() {
@@ -128,32 +152,58 @@ MDLM_HD SmemLayout smem_layout(int mode, int64_t acc_bytes, int threads, int vt,
 
 // ---- parameters ------------------------------------------------------------------------------
 
-template <typename acc_t>
+template <typename acc_t, template <typename> class Ptr = RawPtr>
 struct RecurrenceParams {
-  const acc_t* table;             // [B, T, W] emissions of the target columns (lattice.h layout)
-  const acc_t* special;           // [B, T]    emission of k
-  const float* skip;              // [B, U_max + 2] standard: 0 where label u may follow label u - 1, else -inf
-  const int64_t* input_lengths;   // [B]
-  const int64_t* target_lengths;  // [B]
-  acc_t* nll;                     // [B] out (written by the alpha CTAs)
-  int32_t* status;                // [B] out: RowStatus
-  acc_t* store[2][2];             // [direction][array]: [B, T + 1, store_stride] band rows, or nullptr
+  Ptr<const acc_t> table;             // [B, T, W] emissions of the target columns (lattice.h layout)
+  Ptr<const acc_t> special;           // [B, T]    emission of k
+  Ptr<const float> skip;              // [B, U_max + 2] standard: 0 where label u may follow label u - 1, else -inf
+  Ptr<const int64_t> input_lengths;   // [B]
+  Ptr<const int64_t> target_lengths;  // [B]
+  Ptr<acc_t> nll;                     // [B] out (written by the alpha CTAs)
+  Ptr<int32_t> status;                // [B] out: RowStatus
+  Ptr<acc_t> store[2][2];             // [direction][array]: [B, T + 1, store_stride] band rows, or nullptr
   int64_t T, W, U_max, store_stride, max_shift;
   int32_t slots_per_cta;          // threads * VT
 };
 
-template <typename acc_t>
+template <typename acc_t, template <typename> class Ptr = RawPtr>
 struct PosteriorParams {
-  acc_t* table;                   // [B, T, W] in: emissions, out: target posteriors
-  acc_t* special;                 // [B, T]    in: emission of k, out: its posterior
-  const int64_t* input_lengths;
-  const int64_t* target_lengths;
-  const acc_t* nll;
-  const int32_t* status;
-  const acc_t* alpha[2];          // [B, T + 1, store_stride] per array
-  const acc_t* beta[2];
+  Ptr<acc_t> table;                   // [B, T, W] in: emissions, out: target posteriors
+  Ptr<acc_t> special;                 // [B, T]    in: emission of k, out: its posterior
+  Ptr<const int64_t> input_lengths;
+  Ptr<const int64_t> target_lengths;
+  Ptr<const acc_t> nll;
+  Ptr<const int32_t> status;
+  Ptr<const acc_t> alpha[2];          // [B, T + 1, store_stride] per array
+  Ptr<const acc_t> beta[2];
   int64_t B, T, W, U_max, store_stride, max_shift;
 };
+
+// The posterior pass's parameters: what the recurrence wrote (band rows, nll, status) and the table it
+// overwrites (the launcher and the emulator both launch it from these).
+template <typename acc_t, template <typename> class Ptr>
+MDLM_HD PosteriorParams<acc_t, Ptr> posterior_params(const RecurrenceParams<acc_t, Ptr>& rp,
+                                                     typename NonDeduced<Ptr<acc_t>>::type table,
+                                                     typename NonDeduced<Ptr<acc_t>>::type special, int64_t B) {
+  PosteriorParams<acc_t, Ptr> pp{};
+  pp.table = table;
+  pp.special = special;
+  pp.input_lengths = rp.input_lengths;
+  pp.target_lengths = rp.target_lengths;
+  pp.nll = rp.nll;
+  pp.status = rp.status;
+  for (int a = 0; a < 2; ++a) {
+    pp.alpha[a] = rp.store[0][a];
+    pp.beta[a] = rp.store[1][a];
+  }
+  pp.B = B;
+  pp.T = rp.T;
+  pp.W = rp.W;
+  pp.U_max = rp.U_max;
+  pp.store_stride = rp.store_stride;
+  pp.max_shift = rp.max_shift;
+  return pp;
+}
 
 MDLM_HD int64_t clamp_length(int64_t v, int64_t hi) { return imin<int64_t>(imax<int64_t>(v, 0), hi); }
 
@@ -174,8 +224,10 @@ MDLM_HD float skip_value(const int64_t* targets, const int64_t* target_lengths, 
 constexpr int kStepBarrier = 1;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER, int DIR, class Dev>
-MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* smem, Dev& dev) {
+template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER, int DIR, template <typename> class Ptr,
+          class Dev>
+MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t, Ptr>& p, typename NonDeduced<Ptr<unsigned char>>::type smem,
+                              Dev& dev) {
   static_assert(STAGES >= 2 && (STAGES & (STAGES - 1)) == 0, "the stage ring is a power of two");
   constexpr int A = Arrays<MODE>::kStates;
   const acc_t NEG = neg_inf<acc_t>();
@@ -190,14 +242,14 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   const int T_b = int(clamp_length(p.input_lengths[b], T)), U_b = int(clamp_length(p.target_lengths[b], p.U_max));
   // a max_shift of T or more restricts nothing, so clamping it keeps it an int
   const int shift = MODE == kPreserve ? int(imin<int64_t>(imax<int64_t>(p.max_shift, -1), T)) : -1;
-  const acc_t* special = p.special + b * T;
+  const Ptr<const acc_t> special = p.special + b * T;
 
   const SmemLayout layout = smem_layout(MODE, sizeof(acc_t), threads, VT, p.U_max);
   const int stride = int(layout.stage_stride);
-  unsigned char* stages = smem + layout.edges_bytes + layout.skip_bytes;
+  const Ptr<unsigned char> stages = smem + layout.edges_bytes + layout.skip_bytes;
   // The ring starts as 0 (the barrier of the NaN scan orders it before every copy into it): a stage index
   // outside the column band keeps what it holds.
-  for (int i = tid; i < STAGES * stride; i += threads) dev.st(reinterpret_cast<acc_t*>(stages) + i, acc_t(0));
+  for (int i = tid; i < STAGES * stride; i += threads) dev.st(MDLM_SHARED_CAST(acc_t, stages) + i, acc_t(0));
 
   // A NaN emission anywhere in the row makes the row NaN (the vocabulary pass marks it in `special`).
   bool nan = false;
@@ -226,15 +278,15 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   }
   const int warps = active / kWarpSize;
   const int span = active * VT;  // slots of this CTA: [s0, s0 + span)
-  acc_t* edges = reinterpret_cast<acc_t*>(smem);
-  float* skip_s = reinterpret_cast<float*>(smem + layout.edges_bytes);  // standard: skip of state s0 + i at [i]
+  const Ptr<acc_t> edges = MDLM_SHARED_CAST(acc_t, smem);
+  const Ptr<float> skip_s = MDLM_SHARED_CAST(float, smem + layout.edges_bytes);  // standard: skip of state s0 + i at [i]
   // edge cell of slot w (warp w - 1's, or a neighbour CTA's at 0 and cta_warps + 1), in `base`'s edge array
-  auto edge_in = [&](acc_t* base, int parity, int arr, int side, int w) -> acc_t* {
+  auto edge_in = [&](Ptr<acc_t> base, int parity, int arr, int side, int w) -> Ptr<acc_t> {
     return base + ((parity * A + arr) * 2 + side) * (cta_warps + 2) + w;
   };
   auto edge = [&](int parity, int arr, int side, int w) { return edge_in(edges, parity, arr, side, w); };
-  auto stage_emit = [&](int n) {
-    return reinterpret_cast<acc_t*>(stages + (n & (STAGES - 1)) * layout.stage_bytes);
+  auto stage_emit = [&](int n) -> Ptr<acc_t> {
+    return MDLM_SHARED_CAST(acc_t, stages + (n & (STAGES - 1)) * layout.stage_bytes);
   };
   // band base of frame f: the lowest state of the row's band (preserve) or of its blank band (standard)
   auto base_of = [&](int f) {
@@ -252,16 +304,16 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   // slot of every frame reads its own without a bound (base <= U_max). Ordered before its first use by the
   // step barrier of step 1.
   if (MODE == kStandard) {
-    const float* skip_row = p.skip + b * (p.U_max + 2);
+    const Ptr<const float> skip_row = p.skip + b * (p.U_max + 2);
     const int skip_hi = int(p.U_max) + 1;
     for (int i = tid; i <= skip_hi + span; i += active)
       dev.st(skip_s + i, s0 + i <= skip_hi ? skip_row[s0 + i] : -std::numeric_limits<float>::infinity());
   }
   const int Wi = int(W);  // <= T
   // stage_step runs for steps n = 1, 2, ..., T_b in order: the table row moves by one frame each time
-  const acc_t* stage_row = p.table + (b * T + (dir == kAlpha ? 0 : T_b - 1)) * W;
+  Ptr<const acc_t> stage_row = p.table + (b * T + (dir == kAlpha ? 0 : T_b - 1)) * W;
   const int64_t stage_row_step = dir == kAlpha ? W : -W;
-  const acc_t* stage_special = special + (dir == kAlpha ? 0 : T_b - 1);
+  Ptr<const acc_t> stage_special = special + (dir == kAlpha ? 0 : T_b - 1);
   auto stage_step = [&](int n) {
     const int f = frame_of(n);
     const int lowest = base_of(f) + s0 - 1;  // the state of stage index 0
@@ -270,12 +322,12 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
     const int c_hi = imin(imin(f, U_b), c_lo + Wi - 1);
     const unsigned cols = unsigned(imax(c_hi - c_lo + 1, 0));
     const int first = c_lo - lowest;
-    const acc_t* row = stage_row;
+    const Ptr<const acc_t> row = stage_row;
     stage_row += stage_row_step;
-    acc_t* e = stage_emit(n);
+    const Ptr<acc_t> e = stage_emit(n);
     const int x = 1 + tid * VT - first;  // column of this thread's first index
-    acc_t* dst = e + 1 + tid * VT;
-    const acc_t* src = row + x;
+    const Ptr<acc_t> dst = e + 1 + tid * VT;
+    const Ptr<const acc_t> src = row + x;
 #pragma unroll
     for (int v = 0; v < VT; ++v)
       if (unsigned(x + v) < cols) dev.copy_async(dst + v, src + v);
@@ -292,7 +344,7 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   // this thread's slots of the band row of the current frame in the store (alpha: frames up, beta: down)
   const bool storing = p.store[dir][0] != nullptr;
   const int64_t store_step = dir == kAlpha ? p.store_stride : -p.store_stride;
-  acc_t* out[2] = {nullptr, nullptr};
+  Ptr<acc_t> out[2] = {nullptr, nullptr};
   if (storing)
     for (int a = 0; a < A; ++a) out[a] = p.store[dir][a] + (b * (T + 1) + (dir == kAlpha ? 0 : T_b)) * p.store_stride + j0;
   auto store_row = [&](const acc_t (&v)[2][VT]) {  // then moves to the next frame
@@ -310,9 +362,9 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
   // the end thread also pushes its cell into the neighbour CTA's edge array (lo[cta_warps + 1], hi[0]).
   const int edge_arr = 2 * (cta_warps + 2), edge_parity = A * edge_arr;  // element offsets
   const bool end_lane = lane == 0 || lane == kWarpSize - 1;
-  acc_t* const own_edge = lane == 0 ? edge(0, 0, 0, warp + 1) : edge(0, 0, 1, warp + 1);
-  const acc_t* const next_edge = lane == 0 ? edge(0, 0, 1, warp) : edge(0, 0, 0, warp + 2);
-  acc_t* push_edge = nullptr;
+  const Ptr<acc_t> own_edge = lane == 0 ? edge(0, 0, 0, warp + 1) : edge(0, 0, 1, warp + 1);
+  const Ptr<const acc_t> next_edge = lane == 0 ? edge(0, 0, 1, warp) : edge(0, 0, 0, warp + 2);
+  Ptr<acc_t> push_edge = nullptr;
   bool push = false;
   if (CLUSTER) {
     if (tid == 0 && rank > 0) {
@@ -332,13 +384,22 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       if (CLUSTER && push) dev.st_remote(push_edge + at, x);
     }
   };
-  // the cells no thread writes: the row's ends (-inf), read from step 1 on (ordered by its barrier)
+  // The cells no thread of this CTA writes, read from step 1 on (ordered by its barrier): the row's ends
+  // (-inf at every frame) and, at a CTA boundary inside a cluster, the neighbour's cell of frame 0 (parity
+  // 0). The neighbour pushes its cells of frames 1, 2, ... after the cluster barrier of step 1, 2, ...,
+  // but never its frame-0 cell: distributed shared memory may be accessed only once every CTA of
+  // the cluster is known to have started (CUDA C++ Programming Guide, "Distributed Shared Memory":
+  // "Accessing data in distributed shared memory requires all the thread blocks to exist", which a
+  // cluster barrier guarantees), and before step 1's barrier nothing does. That cell is -inf anyway (at
+  // frame 0 only slot 0, the first thread's of rank 0, is live, and a pushed cell is slot s0 >= 32 or
+  // s0 + span - 1 >= 31), so every CTA writes it itself. This costs no barrier (the other fix, an early
+  // barrier.cluster.arrive.relaxed and a wait before the push, costs a cluster barrier per launch).
 #pragma unroll
   for (int parity = 0; parity < 2; ++parity)
 #pragma unroll
     for (int a = 0; a < A; ++a) {
-      if (tid == 0 && (!CLUSTER || rank == 0)) dev.st(edge(parity, a, 1, 0), NEG);
-      if (tid == active - 1 && (!CLUSTER || rank == csize - 1)) dev.st(edge(parity, a, 0, warps + 1), NEG);
+      if (tid == 0 && (!CLUSTER || rank == 0 || parity == 0)) dev.st(edge(parity, a, 1, 0), NEG);
+      if (tid == active - 1 && (!CLUSTER || rank == csize - 1 || parity == 0)) dev.st(edge(parity, a, 0, warps + 1), NEG);
     }
   auto step_barrier = [&] {
     if (CLUSTER)
@@ -364,7 +425,16 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
     }
   }
   store_row(r);
-  write_edges(0, r);
+  // frame 0's cells; in a cluster the own ones only: no DSMEM store before the first cluster barrier (see
+  // above). (The same stores as write_edges(0, r) without a cluster, which is what that path calls: nvcc's
+  // code for the kernels without clusters stays byte for byte what it was.)
+  if (CLUSTER) {
+    if (end_lane)
+#pragma unroll
+      for (int a = 0; a < A; ++a) dev.st(own_edge + a * edge_arr, lane == 0 ? r[a][0] : r[a][VT - 1]);
+  } else {
+    write_edges(0, r);
+  }
 #pragma unroll
   for (int n = 1; n < STAGES; ++n) {
     if (n <= T_b) stage_step(n);
@@ -395,7 +465,7 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       w[a][VT + 1] = right;
     }
 
-    const acc_t* e = stage_emit(n);
+    const Ptr<const acc_t> e = stage_emit(n);
     const acc_t e_special = dev.ld(e + stride - 1);
     const int f = frame_of(n);
     acc_t v[2][VT];
@@ -408,7 +478,7 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       const bool d = base != base_of(f - 1);
       const int hi0 = MODE == kPreserve ? imin(f, U_b) : imin(U_b, imax(0, f - 1)), hi1 = imin(f, U_b);
       const int rel = base + j0, l0 = hi0 - rel, l1 = hi1 - rel;
-      const float* skip_window = skip_s + (rel - s0);  // skip of u = rel + k at [k]
+      const Ptr<const float> skip_window = skip_s + (rel - s0);  // skip of u = rel + k at [k]
 #pragma unroll
       for (int k = 0; k < VT; ++k) {
         const acc_t e_u = dev.ld(e + (j0 + k - s0 + 1));
@@ -436,7 +506,7 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
       const int g = f - 1;
       const int hi0 = MODE == kPreserve ? imin(g, U_b) : imin(U_b, imax(0, g - 1)), hi1 = imin(g, U_b);
       const int rel = base + j0, l0 = hi0 - rel, l1 = hi1 - rel;
-      const float* skip_window = skip_s + (rel - s0);  // skip of u = rel + k at [k]
+      const Ptr<const float> skip_window = skip_s + (rel - s0);  // skip of u = rel + k at [k]
 #pragma unroll
       for (int k = 0; k < VT; ++k) {
         const int q = j0 + k - s0 + 1 - (d ? 1 : 0);  // stage index of u
@@ -480,8 +550,9 @@ MDLM_DEV void recurrence_pass(const RecurrenceParams<acc_t>& p, unsigned char* s
 }
 
 // The direction is a template parameter: each CTA runs the loop of its own direction only.
-template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER, class Dev>
-MDLM_DEV void recurrence(const RecurrenceParams<acc_t>& p, unsigned char* smem, Dev& dev) {
+template <typename acc_t, int MODE, int VT, int STAGES, bool CLUSTER, template <typename> class Ptr, class Dev>
+MDLM_DEV void recurrence(const RecurrenceParams<acc_t, Ptr>& p, typename NonDeduced<Ptr<unsigned char>>::type smem,
+                         Dev& dev) {
   if (dev.direction() == kAlpha)
     recurrence_pass<acc_t, MODE, VT, STAGES, CLUSTER, kAlpha>(p, smem, dev);
   else
@@ -492,11 +563,11 @@ MDLM_DEV void recurrence(const RecurrenceParams<acc_t>& p, unsigned char* smem, 
 // posterior pass: one warp per frame row (b, f), f = 0..T-1 (frame t = f + 1)
 // ---------------------------------------------------------------------------------------------
 
-template <typename acc_t, int MODE, class Dev>
-MDLM_DEV void posterior_row(const PosteriorParams<acc_t>& p, int64_t b, int64_t f, int lane, Dev& dev) {
+template <typename acc_t, int MODE, template <typename> class Ptr, class Dev>
+MDLM_DEV void posterior_row(const PosteriorParams<acc_t, Ptr>& p, int64_t b, int64_t f, int lane, Dev& dev) {
   const int64_t T = p.T, W = p.W, S = p.store_stride;
-  acc_t* row = p.table + (b * T + f) * W;
-  acc_t* special = p.special + b * T + f;
+  const Ptr<acc_t> row = p.table + (b * T + f) * W;
+  const Ptr<acc_t> special = p.special + b * T + f;
   const int32_t status = p.status[b];
   const int64_t T_b = clamp_length(p.input_lengths[b], T), U_b = clamp_length(p.target_lengths[b], p.U_max);
   if (status != kRowOk || f >= T_b) {
@@ -514,8 +585,8 @@ MDLM_DEV void posterior_row(const PosteriorParams<acc_t>& p, int64_t b, int64_t 
   if (MODE == kPreserve) {
     const int64_t lo_t = preserve_state_lo(t, T_b, U_b, shift), hi_t = preserve_state_hi(t, U_b);
     const int64_t lo_p = preserve_state_lo(t - 1, T_b, U_b, shift), hi_p = preserve_state_hi(t - 1, U_b);
-    const acc_t* a = p.alpha[0] + (b * (T + 1) + t - 1) * S;  // alpha_{t-1}(u) at u - lo_p
-    const acc_t* n = p.beta[0] + (b * (T + 1) + t) * S;       // beta_t(u) at u - lo_t
+    const Ptr<const acc_t> a = p.alpha[0] + (b * (T + 1) + t - 1) * S;  // alpha_{t-1}(u) at u - lo_p
+    const Ptr<const acc_t> n = p.beta[0] + (b * (T + 1) + t) * S;       // beta_t(u) at u - lo_t
     for (int64_t u = imax(lo_t, lo_p) + lane; u <= imin(hi_t, hi_p); u += kWarpSize)
       slack += LogMath<acc_t>::exp(a[u - lo_p] + e_special + n[u - lo_t] - loglik);
     const int64_t c_lo = column_lo(t, T_b, U_b, shift);
@@ -528,10 +599,10 @@ MDLM_DEV void posterior_row(const PosteriorParams<acc_t>& p, int64_t b, int64_t 
     }
   } else {
     const int64_t base = standard_blank_lo(t, T_b, U_b);  // both arrays of frame t are stored from here
-    const acc_t* ab = p.alpha[0] + (b * (T + 1) + t) * S;
-    const acc_t* al = p.alpha[1] + (b * (T + 1) + t) * S;
-    const acc_t* nb = p.beta[0] + (b * (T + 1) + t) * S;
-    const acc_t* nl = p.beta[1] + (b * (T + 1) + t) * S;
+    const Ptr<const acc_t> ab = p.alpha[0] + (b * (T + 1) + t) * S;
+    const Ptr<const acc_t> al = p.alpha[1] + (b * (T + 1) + t) * S;
+    const Ptr<const acc_t> nb = p.beta[0] + (b * (T + 1) + t) * S;
+    const Ptr<const acc_t> nl = p.beta[1] + (b * (T + 1) + t) * S;
     for (int64_t u = base + lane; u <= standard_blank_hi(t, U_b); u += kWarpSize)
       slack += LogMath<acc_t>::exp(ab[u - base] + nb[u - base] - loglik);
     const int64_t c_lo = standard_label_lo(t, T_b, U_b);

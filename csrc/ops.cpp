@@ -28,6 +28,27 @@
 //
 // pooled_empty (CPU only): an uninitialised contiguous tensor of `size` with like's dtype, from the
 // CPU kernels' buffer pool (slack_ctc_cpu.cpp, OutputPool), for the fused LM head's chunk buffers.
+//
+// The two-pass stages (mdlm_ctc/_ops.py: the gradient's softmax written in the vocabulary pass; the
+// backward then only touches the band's columns and the special token, and rescales a row only where
+// its upstream gradient is not exactly 1). With w = row_scale[b], the row's share of the reduced loss:
+// emissions_grad: emissions' values (normalize true), and in the same sweep over each frame
+//     grad[b, t, v]        round(w * softmax_v) in grad's dtype, 0 past the input length and at observed
+//                          frames; grad may be the logits themselves (each frame is read before written)
+//     soft_target[b, t, j] the unrounded softmax (acc) at band slot j (0 outside the band, inactive or
+//                          observed frames), soft_special[b, t] at k: the very values w multiplied
+// gradient_finish: in place on grad (round(w * softmax) from emissions_grad), with g = grad_rows[b]:
+//     a frame of a row whose g is not exactly 1 is scaled, round(g * grad), once; an infeasible row gets
+//     0 (zero_infinity) or NaN at its active free frames; then at every band token and at k of a live
+//     frame round((g * w) * (softmax - posterior)), the posteriors of a repeated token summed in band
+//     order (after k's). The three-pass gradient with grad_nll = g * w gives the same values to the
+//     dtype's rounding (bitwise where the softmax is computed the same way and g is 1).
+// emissions_grad_window: emissions_grad over a window of flat frames ([n, V] logits and grad).
+// band_values_window: over a window of frames, from the band tables of emissions_grad(_window):
+//     values [n, W] = (g * w) * (softmax - summed posterior of the slot's token) at each token's last
+//     slot in the band (its "writer"; mdlm_ctc.reference.band_links), special [n] the same at k (when k
+//     is not a band token); unspecified elsewhere and at frames that are not live. The fused LM head's
+//     sparse correction (mdlm_ctc/linear.py) subtracts these sparsely.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -53,6 +74,24 @@ TORCH_LIBRARY(mdlm_ctc_C, m) {
       "Tensor post_target, Tensor post_special, Tensor nll, int special_id, int max_shift, bool zero_infinity, "
       "bool normalize, Tensor(a!) out) -> ()");
   m.def("pooled_empty(Tensor like, int[] size) -> Tensor");
+  m.def(
+      "emissions_grad(Tensor logits, Tensor targets, Tensor input_lengths, Tensor target_lengths, Tensor? observed, "
+      "int special_id, int max_shift, int band_width, Tensor row_scale, Tensor(a!) grad) "
+      "-> (Tensor lse, Tensor table, Tensor special, Tensor soft_target, Tensor soft_special)");
+  m.def(
+      "emissions_grad_window(Tensor logits, int frame_offset, int frames_per_row, Tensor targets, "
+      "Tensor input_lengths, Tensor target_lengths, Tensor? observed, int special_id, int max_shift, int band_width, "
+      "Tensor row_scale, Tensor(a!) grad) -> (Tensor lse, Tensor table, Tensor special, Tensor soft_target, "
+      "Tensor soft_special)");
+  m.def(
+      "gradient_finish(Tensor grad_rows, Tensor row_scale, Tensor nll, Tensor targets, Tensor input_lengths, "
+      "Tensor target_lengths, Tensor? observed, Tensor soft_target, Tensor soft_special, Tensor post_target, "
+      "Tensor post_special, int special_id, int max_shift, bool zero_infinity, Tensor(a!) grad) -> ()");
+  m.def(
+      "band_values_window(Tensor grad_rows, Tensor row_scale, Tensor nll, int frame_offset, int frames_per_row, "
+      "int vocab_size, Tensor targets, Tensor input_lengths, Tensor target_lengths, Tensor? observed, "
+      "Tensor soft_target, Tensor soft_special, Tensor post_target, Tensor post_special, int special_id, "
+      "int max_shift) -> (Tensor values, Tensor special)");
 }
 
 extern "C" {

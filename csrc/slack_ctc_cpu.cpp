@@ -55,6 +55,21 @@ inline float load_as<c10::BFloat16, float>(const c10::BFloat16* p) {
   return bits_to_float(static_cast<int32_t>(p->x) << 16);
 }
 
+// acc -> the logits' dtype, rounding to nearest even. bfloat16 with integer ops (a NaN stays a quiet
+// NaN), the same result as c10::BFloat16's conversion but branch-free, so the gradient's store loops
+// vectorise.
+template <typename scalar_t, typename acc_t>
+inline scalar_t store_as(acc_t value) {
+  return static_cast<scalar_t>(value);
+}
+
+template <>
+inline c10::BFloat16 store_as<c10::BFloat16, float>(float value) {
+  const uint32_t bits = static_cast<uint32_t>(float_to_bits(value));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(value != value ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
 template <typename scalar_t>
 struct AccOf {
   using type = float;
@@ -146,8 +161,13 @@ class OutputPool {
 // vocabulary pass: logsumexp over V and the band's emissions, one (b, t) row (in L1 once read)
 // ---------------------------------------------------------------------------------------------
 
+// logsumexp over V. With a `kept` buffer [V] (the two-pass vocabulary pass) it also keeps
+// exp(x_v - max) there and their sum in *kept_sum; then *kept_sum > 0 unless the frame is degenerate
+// (every logit -inf or NaN, or a +inf logit), where the buffer is not filled and *kept_sum is 0. The sum
+// is the same loop either way, so the loss has the same bits with and without the gradient.
 template <typename scalar_t, typename acc_t>
-acc_t row_logsumexp(const scalar_t* x, int64_t V) {
+acc_t row_logsumexp(const scalar_t* x, int64_t V, acc_t* kept = nullptr, acc_t* kept_sum = nullptr) {
+  if (kept_sum != nullptr) *kept_sum = 0;
   acc_t mx = neg_inf<acc_t>();
 #pragma omp simd reduction(max : mx)
   for (int64_t v = 0; v < V; ++v) {
@@ -163,8 +183,18 @@ acc_t row_logsumexp(const scalar_t* x, int64_t V) {
   }
   if (mx == std::numeric_limits<acc_t>::infinity()) return mx;
   acc_t sum = 0;
+  if (kept == nullptr) {
 #pragma omp simd reduction(+ : sum)
-  for (int64_t v = 0; v < V; ++v) sum += LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(x + v) - mx);
+    for (int64_t v = 0; v < V; ++v) sum += LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(x + v) - mx);
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t v = 0; v < V; ++v) {
+      const acc_t e = LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(x + v) - mx);
+      kept[v] = e;
+      sum += e;
+    }
+    *kept_sum = sum;
+  }
   return mx + LogMath<acc_t>::log(sum);
 }
 
@@ -208,15 +238,17 @@ struct FrameGeometry {
 // The vocabulary pass of one frame i: its lse, its W band slots and its special emission, from its
 // logits row xr [V] (see ops.cpp for the values). A NaN anywhere in the frame is carried by the
 // special emission, which the lattice checks.
+// `kept` / `kept_sum`: row_logsumexp's (the two-pass pass keeps the exponentials of a free frame).
 template <typename scalar_t, typename acc_t>
 void emit_frame(const scalar_t* xr, int64_t V, int64_t i, const FrameGeometry& geo, int64_t o, int64_t k, int64_t W,
-                bool normalize, acc_t* lse, acc_t* row, acc_t* special) {
+                bool normalize, acc_t* lse, acc_t* row, acc_t* special, acc_t* kept = nullptr,
+                acc_t* kept_sum = nullptr) {
   if (!geo.active(i)) {
     *lse = *special = 0;
     std::fill(row, row + W, acc_t(0));
     return;
   }
-  const acc_t l = normalize ? row_logsumexp<scalar_t, acc_t>(xr, V) : acc_t(0);
+  const acc_t l = normalize ? row_logsumexp<scalar_t, acc_t>(xr, V, kept, kept_sum) : acc_t(0);
   const int64_t width = geo.band_count(i, W);
   const int64_t* y = geo.tokens_from(i);
   bool nan = l != l;
@@ -265,7 +297,81 @@ void gradient_frame(const scalar_t* xr, scalar_t* out, int64_t v0, int64_t v, in
   for (int64_t j = 0; j < width; ++j)  // in order: repeats of a token sum exactly
     if (y[j] >= v0 && y[j] < v0 + v) work[y[j] - v0] -= post[j];
 #pragma omp simd
-  for (int64_t c = 0; c < v; ++c) out[c] = static_cast<scalar_t>(g * work[c]);
+  for (int64_t c = 0; c < v; ++c) out[c] = store_as<scalar_t, acc_t>(g * work[c]);
+}
+
+// ---- the two-pass path: the gradient's softmax written in the vocabulary pass -----------------------
+
+// The two-pass vocabulary pass of one frame i: emit_frame's values, and with w = scale the gradient's
+// softmax part round(w * softmax_v) written into out [V] (which may be xr itself: every read of the frame
+// comes first), 0 at frames past the input length and at observed frames; soft_row [W] and *soft_special
+// get the unrounded softmax at the band's slots and at k. softmax_v = exp(x_v - max) / sum from the
+// logsumexp's own exponentials (`work` [V]): one exp per logit for the whole frame.
+template <typename scalar_t, typename acc_t>
+void emit_grad_frame(const scalar_t* xr, scalar_t* out, int64_t V, int64_t i, const FrameGeometry& geo, int64_t o,
+                     int64_t k, int64_t W, acc_t scale, acc_t* lse, acc_t* row, acc_t* special, acc_t* soft_row,
+                     acc_t* soft_special, acc_t* work) {
+  if (!geo.active(i) || o >= 0) {  // no gradient here
+    emit_frame<scalar_t, acc_t>(xr, V, i, geo, o, k, W, true, lse, row, special);
+    std::fill(out, out + V, scalar_t(0));
+    std::fill(soft_row, soft_row + W, acc_t(0));
+    *soft_special = 0;
+    return;
+  }
+  acc_t sum;
+  emit_frame<scalar_t, acc_t>(xr, V, i, geo, -1, k, W, true, lse, row, special, work, &sum);
+  const acc_t l = *lse;
+  const int64_t* y = geo.tokens_from(i);
+  // softmax_v = work[v] * inv: from the kept exponentials, or (a degenerate frame, see row_logsumexp)
+  // the three-pass formula with inv = 1
+  acc_t inv = acc_t(1);
+  if (sum > 0) {
+    inv = acc_t(1) / sum;
+  } else {
+    for (int64_t v = 0; v < V; ++v)
+      work[v] = l == neg_inf<acc_t>() ? acc_t(0) : LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(xr + v) - l);
+  }
+  const int64_t width = geo.band_count(i, W);
+  for (int64_t j = 0; j < width; ++j) soft_row[j] = work[y[j]] * inv;  // the values scaled below, unrounded
+  std::fill(soft_row + width, soft_row + W, acc_t(0));
+  *soft_special = work[k] * inv;
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) out[v] = store_as<scalar_t, acc_t>(scale * (work[v] * inv));
+}
+
+// The exact gradient at the band's tokens and at k of one live frame: work[token] = softmax - posterior
+// (the posteriors of a repeated token subtracted in band order, after k's, as gradient_frame does), for
+// the W band slots y[0..width) and k; `work` [V] is touched only there.
+template <typename acc_t>
+void band_totals(const int64_t* y, int64_t width, int64_t k, acc_t soft_k, acc_t post_k, const acc_t* soft,
+                 const acc_t* post, acc_t* work) {
+  for (int64_t j = 0; j < width; ++j) work[y[j]] = soft[j];
+  work[k] = soft_k;
+  work[k] -= post_k;
+  for (int64_t j = 0; j < width; ++j) work[y[j]] -= post[j];
+}
+
+// The two-pass backward of one frame i, in place on out [V] (round(w * softmax) from emit_grad_frame):
+// with g the row's upstream gradient and gw = g * w, a row whose g is not exactly 1 is scaled, an
+// infeasible row filled (0 / NaN), and the band's tokens and k get round(gw * (softmax - posterior)).
+template <typename scalar_t, typename acc_t>
+void finish_frame(scalar_t* out, int64_t V, int64_t i, const FrameGeometry& geo, bool observed, acc_t g, acc_t gw,
+                  bool infeasible, bool zero_infinity, acc_t soft_k, acc_t post_k, const acc_t* soft,
+                  const acc_t* post, int64_t W, int64_t k, acc_t* work) {
+  if (!geo.active(i) || observed) return;  // the forward wrote 0
+  if (infeasible) {  // PyTorch's convention
+    std::fill(out, out + V, zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
+  if (!(g == acc_t(1))) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) out[v] = store_as<scalar_t, acc_t>(g * load_as<scalar_t, acc_t>(out + v));
+  }
+  const int64_t width = geo.band_count(i, W);
+  const int64_t* y = geo.tokens_from(i);
+  band_totals(y, width, k, soft_k, post_k, soft, post, work);
+  for (int64_t j = 0; j < width; ++j) out[y[j]] = store_as<scalar_t, acc_t>(gw * work[y[j]]);
+  out[k] = store_as<scalar_t, acc_t>(gw * work[k]);
 }
 
 void check_batch(const char* op, const at::Tensor& targets, const at::Tensor& input_lengths,
@@ -555,6 +661,230 @@ void gradient_window_cpu(const at::Tensor& grad_nll, const at::Tensor& logits, i
   });
 }
 
+// ---- the two-pass stages: the gradient's softmax written in the vocabulary pass (ops.cpp) --------
+// The whole-tensor stages run the per-frame code over all B*T frames, the windowed ones over a window.
+
+// Where frame r of a stage's frames lies in a logits (or gradient) tensor: [B, T, V] at any strides on B
+// and T, or a window [n, V] whose rows are `stride_t` apart (then stride_b is unused and first = 0 here).
+struct RowAddress {
+  bool window;
+  int64_t first, T, stride_b, stride_t;
+  int64_t operator()(int64_t r) const {
+    if (window) return r * stride_t;
+    const int64_t i = first + r;
+    return (i / T) * stride_b + (i % T) * stride_t;
+  }
+  static RowAddress of(const at::Tensor& x, bool window, int64_t T) {
+    return window ? RowAddress{true, 0, T, 0, x.stride(0)} : RowAddress{false, 0, T, x.stride(0), x.stride(1)};
+  }
+};
+
+// Per-row inputs of a two-pass stage, converted once: lengths, clamped target ids, observed as [B*T],
+// the row weights / upstream gradients in acc.
+struct TwoPassInputs {
+  at::Tensor input_lengths, target_lengths, tokens;
+  c10::optional<at::Tensor> observed;
+  TwoPassInputs(const at::Tensor& targets, const at::Tensor& input_lengths_in, const at::Tensor& target_lengths_in,
+                const c10::optional<at::Tensor>& observed_in, int64_t V)
+      : input_lengths(as_long(input_lengths_in)), target_lengths(as_long(target_lengths_in)),
+        tokens(as_long(targets).clamp(0, V - 1).contiguous()) {
+    if (observed_in.has_value()) observed = as_long(*observed_in).reshape({-1});
+  }
+  FrameGeometry geometry(int64_t T, int64_t max_shift) const {
+    return FrameGeometry{input_lengths.data_ptr<int64_t>(), target_lengths.data_ptr<int64_t>(),
+                         tokens.data_ptr<int64_t>(), T, tokens.size(1), max_shift};
+  }
+  const int64_t* observed_ptr() const { return observed.has_value() ? observed->data_ptr<int64_t>() : nullptr; }
+};
+
+at::Tensor per_row(const at::Tensor& x, int64_t B, at::ScalarType acc, const char* op, const char* name) {
+  TORCH_CHECK(x.numel() == B, op, ": ", name, " must hold one value per batch row (", B, "); got ", x.numel());
+  return x.reshape({B}).to(acc).contiguous();
+}
+
+// emissions_grad (whole tensor, window = false) and emissions_grad_window: emissions' outputs for the n
+// frames first .. first + n - 1, and the scaled softmax into grad (which may be the logits).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emissions_grad_frames(
+    const char* op, const at::Tensor& logits, const at::Tensor& grad, bool window, int64_t first, int64_t T,
+    const at::Tensor& targets, const at::Tensor& input_lengths, const at::Tensor& target_lengths,
+    const c10::optional<at::Tensor>& observed, int64_t special_id, int64_t max_shift, int64_t band_width,
+    const at::Tensor& row_scale) {
+  const int64_t V = logits.size(-1), B = input_lengths.size(0), U_max = targets.size(1);
+  const int64_t n = window ? logits.size(0) : logits.size(0) * logits.size(1);
+  TORCH_CHECK(V > 0, op, ": empty vocabulary");
+  TORCH_CHECK(band_width >= 1, op, ": band_width must be >= 1");
+  check_batch(op, targets, input_lengths, target_lengths, B);
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
+                  (grad.stride(-1) == 1 || V == 1),
+              op, ": grad must be like logits, the vocabulary contiguous");
+  if (observed.has_value())
+    TORCH_CHECK(observed->dim() == 2 && observed->size(0) == B && observed->size(1) == T, op,
+                ": observed must be [B, T]");
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const TwoPassInputs in(targets, input_lengths, target_lengths, observed, V);
+  const at::Tensor scale = per_row(row_scale, B, acc, op, "row_scale");
+  const int64_t* in_len = in.input_lengths.data_ptr<int64_t>();
+  const int64_t* tg_len = in.target_lengths.data_ptr<int64_t>();
+  for (int64_t b = n > 0 ? first / T : 0; n > 0 && b <= (first + n - 1) / T; ++b)  // T >= 1 when n > 0
+    TORCH_CHECK(band_width >= column_band_width(clamp_len(in_len[b], T), clamp_len(tg_len[b], U_max), max_shift),
+                op, ": band_width=", band_width, " is smaller than row ", b, "'s band");
+  const auto opts = logits.options().dtype(acc);
+  const int64_t W = band_width, k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
+  at::Tensor lse = at::empty({n}, opts), table = OutputPool::get().empty({n, W}, opts), special = at::empty({n}, opts);
+  at::Tensor soft_target = OutputPool::get().empty({n, W}, opts), soft_special = at::empty({n}, opts);
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdlm_ctc_emissions_grad", [&] {
+      using acc_t = typename AccOf<scalar_t>::type;
+      const scalar_t* x = logits.data_ptr<scalar_t>();
+      scalar_t* out = grad.data_ptr<scalar_t>();
+      RowAddress x_at = RowAddress::of(logits, window, T), out_at = RowAddress::of(grad, window, T);
+      x_at.first = out_at.first = window ? 0 : first;
+      const FrameGeometry geo = in.geometry(T, max_shift);
+      const int64_t* obs = in.observed_ptr();
+      const acc_t* w = scale.data_ptr<acc_t>();
+      acc_t *lse_p = lse.data_ptr<acc_t>(), *table_p = table.data_ptr<acc_t>(), *special_p = special.data_ptr<acc_t>();
+      acc_t *soft_p = soft_target.data_ptr<acc_t>(), *soft_k_p = soft_special.data_ptr<acc_t>();
+      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> work(V);
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = first + r;
+          emit_grad_frame<scalar_t, acc_t>(x + x_at(r), out + out_at(r), V, i, geo, obs ? obs[i] : -1, k, W,
+                                           w[geo.row(i)], lse_p + r, table_p + r * W, special_p + r, soft_p + r * W,
+                                           soft_k_p + r, work.data());
+        }
+      });
+    });
+  }
+  if (!window) {
+    const int64_t Bx = logits.size(0), Tx = logits.size(1);
+    return {lse.view({Bx, Tx}), table.view({Bx, Tx, W}), special.view({Bx, Tx}), soft_target.view({Bx, Tx, W}),
+            soft_special.view({Bx, Tx})};
+  }
+  return {lse, table, special, soft_target, soft_special};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emissions_grad_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& input_lengths,
+    const at::Tensor& target_lengths, const c10::optional<at::Tensor>& observed, int64_t special_id,
+    int64_t max_shift, int64_t band_width, const at::Tensor& row_scale, const at::Tensor& grad) {
+  TORCH_CHECK(logits.dim() == 3 && (logits.stride(2) == 1 || logits.size(2) == 1),
+              "emissions_grad: logits must be [B, T, V], V contiguous");
+  return emissions_grad_frames("emissions_grad", logits, grad, false, 0, logits.size(1), targets, input_lengths,
+                               target_lengths, observed, special_id, max_shift, band_width, row_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emissions_grad_window_cpu(
+    const at::Tensor& logits, int64_t frame_offset, int64_t T, const at::Tensor& targets,
+    const at::Tensor& input_lengths, const at::Tensor& target_lengths, const c10::optional<at::Tensor>& observed,
+    int64_t special_id, int64_t max_shift, int64_t band_width, const at::Tensor& row_scale, const at::Tensor& grad) {
+  check_window("emissions_grad_window", logits, frame_offset, T, input_lengths);
+  return emissions_grad_frames("emissions_grad_window", logits, grad, true, frame_offset, T, targets, input_lengths,
+                               target_lengths, observed, special_id, max_shift, band_width, row_scale);
+}
+
+// The per-frame inputs of the two-pass backward (band softmax, posteriors) over n frames, in acc.
+struct BandInputs {
+  at::Tensor soft_target, soft_special, post_target, post_special, g, w, nll;
+  BandInputs(const char* op, int64_t n, int64_t B, at::ScalarType acc, const at::Tensor& soft_target_in,
+             const at::Tensor& soft_special_in, const at::Tensor& post_target_in, const at::Tensor& post_special_in,
+             const at::Tensor& grad_rows, const at::Tensor& row_scale, const at::Tensor& nll_in)
+      : soft_target(soft_target_in.reshape({n, -1}).to(acc).contiguous()),
+        soft_special(soft_special_in.reshape({n}).to(acc).contiguous()),
+        post_target(post_target_in.reshape({n, -1}).to(acc).contiguous()),
+        post_special(post_special_in.reshape({n}).to(acc).contiguous()), g(per_row(grad_rows, B, acc, op, "grad_rows")),
+        w(per_row(row_scale, B, acc, op, "row_scale")), nll(per_row(nll_in, B, acc, op, "nll")) {
+    TORCH_CHECK(soft_target.size(1) == post_target.size(1), op,
+                ": soft_target and post_target must have the same band width");
+  }
+};
+
+void gradient_finish_cpu(const at::Tensor& grad_rows, const at::Tensor& row_scale, const at::Tensor& nll_in,
+                         const at::Tensor& targets, const at::Tensor& input_lengths, const at::Tensor& target_lengths,
+                         const c10::optional<at::Tensor>& observed, const at::Tensor& soft_target,
+                         const at::Tensor& soft_special, const at::Tensor& post_target, const at::Tensor& post_special,
+                         int64_t special_id, int64_t max_shift, bool zero_infinity, const at::Tensor& grad) {
+  TORCH_CHECK(grad.dim() == 3 && (grad.stride(2) == 1 || grad.size(2) == 1),
+              "gradient_finish: grad must be [B, T, V], V contiguous");
+  const int64_t B = grad.size(0), T = grad.size(1), V = grad.size(2), n = B * T;
+  check_batch("gradient_finish", targets, input_lengths, target_lengths, B);
+  TORCH_CHECK(soft_target.numel() == post_target.numel() && post_target.numel() % std::max<int64_t>(n, 1) == 0 &&
+                  soft_special.numel() == n && post_special.numel() == n,
+              "gradient_finish: the band tables must be [B, T, W] and [B, T] (the forward ran the two-pass path)");
+  if (n == 0 || V == 0) return;
+  const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const TwoPassInputs in(targets, input_lengths, target_lengths, observed, V);
+  const BandInputs band("gradient_finish", n, B, acc, soft_target, soft_special, post_target, post_special, grad_rows,
+                        row_scale, nll_in);
+  const int64_t W = band.post_target.size(1), k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "mdlm_ctc_gradient_finish", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    const RowAddress out_at = RowAddress::of(grad, false, T);
+    const FrameGeometry geo = in.geometry(T, max_shift);
+    const int64_t* obs = in.observed_ptr();
+    const acc_t *g = band.g.data_ptr<acc_t>(), *w = band.w.data_ptr<acc_t>(), *nll = band.nll.data_ptr<acc_t>();
+    const acc_t *st = band.soft_target.data_ptr<acc_t>(), *sk = band.soft_special.data_ptr<acc_t>();
+    const acc_t *pt = band.post_target.data_ptr<acc_t>(), *pk = band.post_special.data_ptr<acc_t>();
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> work(V);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = geo.row(i);
+        finish_frame<scalar_t, acc_t>(out + out_at(i), V, i, geo, obs != nullptr && obs[i] >= 0, g[b], g[b] * w[b],
+                                      nll[b] == std::numeric_limits<acc_t>::infinity(), zero_infinity, sk[i], pk[i],
+                                      st + i * W, pt + i * W, W, k, work.data());
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> band_values_window_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& row_scale, const at::Tensor& nll_in, int64_t frame_offset,
+    int64_t T, int64_t vocab_size, const at::Tensor& targets, const at::Tensor& input_lengths,
+    const at::Tensor& target_lengths, const c10::optional<at::Tensor>& observed, const at::Tensor& soft_target,
+    const at::Tensor& soft_special, const at::Tensor& post_target, const at::Tensor& post_special, int64_t special_id,
+    int64_t max_shift) {
+  const int64_t B = input_lengths.size(0), n = soft_special.numel();
+  check_batch("band_values_window", targets, input_lengths, target_lengths, B);
+  TORCH_CHECK(vocab_size >= 1, "band_values_window: vocab_size must be >= 1");
+  TORCH_CHECK(T >= 1 && frame_offset >= 0 && frame_offset + n <= B * T, "band_values_window: the window of frames [",
+              frame_offset, ", ", frame_offset + n, ") is outside the B*T = ", B * T, " frames");
+  TORCH_CHECK(soft_target.dim() == 2 && soft_target.size(0) == n && post_target.sizes() == soft_target.sizes() &&
+                  post_special.numel() == n,
+              "band_values_window: soft_target, post_target [n, W] and soft_special, post_special [n] must match");
+  const auto acc = soft_target.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const TwoPassInputs in(targets, input_lengths, target_lengths, observed, vocab_size);
+  const BandInputs band("band_values_window", n, B, acc, soft_target, soft_special, post_target, post_special,
+                        grad_rows, row_scale, nll_in);
+  const int64_t W = soft_target.size(1), k = std::min<int64_t>(std::max<int64_t>(special_id, 0), vocab_size - 1);
+  at::Tensor values = at::zeros({n, W}, soft_target.options().dtype(acc));
+  at::Tensor special = at::zeros({n}, soft_target.options().dtype(acc));
+  if (n == 0) return {values, special};
+  AT_DISPATCH_FLOATING_TYPES(acc, "mdlm_ctc_band_values_window", [&] {
+    using acc_t = scalar_t;
+    const FrameGeometry geo = in.geometry(T, max_shift);
+    const int64_t* obs = in.observed_ptr();
+    const acc_t *g = band.g.data_ptr<acc_t>(), *w = band.w.data_ptr<acc_t>(), *nll = band.nll.data_ptr<acc_t>();
+    const acc_t *st = band.soft_target.data_ptr<acc_t>(), *sk = band.soft_special.data_ptr<acc_t>();
+    const acc_t *pt = band.post_target.data_ptr<acc_t>(), *pk = band.post_special.data_ptr<acc_t>();
+    acc_t *values_p = values.data_ptr<acc_t>(), *special_p = special.data_ptr<acc_t>();
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> work(vocab_size);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t i = frame_offset + r, b = geo.row(i);
+        if (!geo.active(i) || (obs != nullptr && obs[i] >= 0) || nll[b] == std::numeric_limits<acc_t>::infinity())
+          continue;  // not a live frame: its values are unspecified (left 0)
+        const int64_t width = geo.band_count(i, W);
+        const int64_t* y = geo.tokens_from(i);
+        band_totals(y, width, k, sk[r], pk[r], st + r * W, pt + r * W, work.data());
+        const acc_t gw = g[b] * w[b];
+        for (int64_t j = 0; j < width; ++j) values_p[r * W + j] = gw * work[y[j]];
+        special_p[r] = gw * work[k];
+      }
+    });
+  });
+  return {values, special};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mdlm_ctc_C, CPU, m) {
@@ -564,6 +894,10 @@ TORCH_LIBRARY_IMPL(mdlm_ctc_C, CPU, m) {
   m.impl("emissions_window", &emissions_window_cpu);
   m.impl("gradient_window", &gradient_window_cpu);
   m.impl("pooled_empty", &pooled_empty_cpu);
+  m.impl("emissions_grad", &emissions_grad_cpu);
+  m.impl("emissions_grad_window", &emissions_grad_window_cpu);
+  m.impl("gradient_finish", &gradient_finish_cpu);
+  m.impl("band_values_window", &band_values_window_cpu);
 }
 
 }  // namespace mdlm_ctc

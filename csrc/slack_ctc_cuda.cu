@@ -301,23 +301,7 @@ at::Tensor lattice_band_cuda(const at::Tensor& table, const at::Tensor& special,
       launch_recurrence<acc_t, kStandard>(rp, W, B, dirs, device.index(), stream);
 
     if (need_grad && T > 0) {
-      PosteriorParams<acc_t> pp{};
-      pp.table = table.data_ptr<acc_t>();
-      pp.special = special.data_ptr<acc_t>();
-      pp.input_lengths = rp.input_lengths;
-      pp.target_lengths = rp.target_lengths;
-      pp.nll = rp.nll;
-      pp.status = rp.status;
-      for (int a = 0; a < 2; ++a) {
-        pp.alpha[a] = rp.store[0][a];
-        pp.beta[a] = rp.store[1][a];
-      }
-      pp.B = B;
-      pp.T = T;
-      pp.W = W;
-      pp.U_max = U_max;
-      pp.store_stride = W + 1;
-      pp.max_shift = shift;
+      const PosteriorParams<acc_t> pp = posterior_params(rp, table.data_ptr<acc_t>(), special.data_ptr<acc_t>(), B);
       const int64_t blocks = (B * T + kPosteriorWarps - 1) / kPosteriorWarps;
       TORCH_CHECK(blocks <= int64_t(0x7fffffff), "lattice_band (CUDA): too many frames");
       if (mode == kPreserve)

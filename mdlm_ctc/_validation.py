@@ -255,6 +255,18 @@ def check_slack_ctc_args(logits, targets, target_lengths, slack_id, input_length
     return args
 
 
+def check_weight(weight, batch, device, ref_name="logits", name="weight"):
+    """The per-row loss weight (``weight`` of ``slack_ctc_loss``, ``row_weight`` of the fused head): None or a
+    floating ``[B]`` tensor on the logits' device."""
+    if weight is None:
+        return None
+    check_tensor(weight, name, floating=True)
+    if _shape(weight) != (batch,):
+        raise ValueError(f"`{name}` must have shape ({batch},) (one weight per batch row); got {_shape(weight)}")
+    check_same_device(weight, name, device, ref_name)
+    return weight
+
+
 def check_ctc_loss_args(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity):
     """Checks and normalises PyTorch ``ctc_loss`` arguments into batch-first :class:`LatticeArgs`.
 
@@ -269,6 +281,9 @@ def check_ctc_loss_args(log_probs, targets, input_lengths, target_lengths, blank
     T, B, C = log_probs.shape
     if C == 0:
         raise ValueError(f"`log_probs` must have a non-empty class dimension; got shape {_shape(log_probs)}")
+    if T == 0 or B == 0:  # as torch.nn.functional.ctc_loss ("log_probs tensor must not be empty")
+        raise ValueError(f"`log_probs` must not be empty (time and batch >= 1, as torch.nn.functional.ctc_loss "
+                         f"requires); got shape {_shape(log_probs if not unbatched else log_probs[:, 0])}")
     device = log_probs.device
     check_tensor(targets, "targets", integer=True)
     check_same_device(targets, "targets", device, "log_probs")

@@ -1,6 +1,7 @@
 """Which implementations exist on this machine, and which one a call uses.
 
-Backends (every one implements the same three-stage contract, see ``csrc/ops.cpp``):
+Backends (every one implements the same stage contract, see ``csrc/ops.cpp``: the vocabulary pass, the
+lattice, the gradient, and the two-pass path's vocabulary pass and backward, :func:`two_pass_stages`):
 
 * ``reference``: pure PyTorch (``mdlm_ctc/reference.py``), any device, float64-capable; slow.
 * ``cpu``: the C++ kernels of ``mdlm_ctc._C`` (OpenMP), CPU tensors.
@@ -13,8 +14,9 @@ The fused LM head (``mdlm_ctc/linear.py``) runs stages 1 and 3 over windows of t
 (and, for the gradient, of the vocabulary): :func:`window_stages`.
 
 Capabilities are probed lazily, on the first call that needs them: importing the package never
-touches CUDA. ``backend="auto"`` picks ``cpu`` for CPU tensors and, for CUDA tensors, the fastest
-GPU backend present (see :func:`resolve`), falling back to ``reference``.
+touches CUDA. ``backend="auto"`` picks ``cpu`` for CPU tensors and, for CUDA tensors, the GPU backend
+whose lattice is faster for the call's shape (see :func:`resolve` and ``mdlm_ctc/lattice_cost.py``),
+falling back to ``reference``.
 """
 
 from __future__ import annotations
@@ -106,25 +108,34 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return names
 
 
-@torch.compiler.assume_constant_result  # probed once at trace time, never traced into
-def resolve(backend: str, device: torch.device) -> str:
+def resolve(backend: str, device: torch.device, shape: tuple | None = None) -> str:
     """The backend a call with ``backend=...`` on ``device`` runs; a clear error if it cannot run there.
 
-    ``"auto"`` on CPU tensors: ``cpu``, else ``reference``. On CUDA tensors (the GPU rule):
-    ``triton`` if present, else ``cuda``, else ``reference``, for every shape class. Both GPU
-    backends share the Triton vocabulary and gradient passes and differ only in the lattice, whose
-    time is small next to the vocabulary pass at LLM vocabularies (SPEC §6 G1), so the rule only matters
-    for the lattice-bound classes G2 (full-width band, B=8, T=2048) and G3 (B=2, T=8192). The rule is
-    provisional: no GPU timing of the CUDA lattice existed when it was written. The GPU benchmark
-    (benchmarks/bench_slack_ctc.py, rows G1-G3) decides; if it shows the CUDA lattice faster for a
-    class, the rule becomes "cuda for that class" here, keyed on shapes known on the host (B, T, the
-    table width), never on device values.
+    ``"auto"`` on CPU tensors: ``cpu``, else ``reference``. On CUDA tensors (the GPU rule): when both GPU
+    backends are present and ``shape`` = (B, T, table width, collapse mode) is known on the host, the one
+    whose lattice ``mdlm_ctc.lattice_cost.gpu_lattice`` says is faster for that shape: measured times
+    where the GPU benchmark has filled ``lattice_cost.MEASURED_LATTICE_US`` for the shape's class, else the
+    cost models calibrated on both lattices' sm_90 instruction counts (no GPU has timed either yet: at the
+    SPEC §6 shapes they predict ``triton`` for G1 and G3, whose bands are narrow and long rows gain from
+    Triton's time-chunked scan, and ``cuda`` for G2's full-width bands). Both backends share the
+    vocabulary and gradient passes, so only the lattice differs. Without a shape, and while
+    ``torch.compile`` traces (whose sizes may be symbolic): ``triton``, else ``cuda`` (pass ``backend=`` to
+    choose there). Otherwise the one present, else ``reference``. The rule reads host values only (the SM
+    count at call time, never at import).
     """
+    name = _resolve(backend, device)
+    if backend == "auto" and name == "triton" and shape is not None and not torch.compiler.is_compiling():
+        return _gpu_lattice(device, *(int(v) for v in shape))
+    return name
+
+
+@torch.compiler.assume_constant_result  # probed once at trace time, never traced into
+def _resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         present = available_backends(device)
         if device.type == "cpu":
             return "cpu" if "cpu" in present else "reference"
-        for name in ("triton", "cuda"):  # the GPU rule of the docstring
+        for name in ("triton", "cuda"):  # the GPU rule without a shape
             if name in present:
                 return name
         return "reference"
@@ -141,6 +152,26 @@ def resolve(backend: str, device: torch.device) -> str:
         raise ValueError(f"`backend`={backend!r} is not available for tensors on {device}{reason}; "
                          f"available there: {', '.join(present)}")
     return backend
+
+
+def _gpu_lattice(device: torch.device, B: int, T: int, W: int, mode: int) -> str:
+    """``cuda`` or ``triton`` for a shape (``lattice_cost.gpu_lattice``) where both are present."""
+    if "cuda" not in available_backends(device):
+        return "triton"
+    return _gpu_lattice_cached(device, B, T, W, mode)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gpu_lattice_cached(device: torch.device, B: int, T: int, W: int, mode: int) -> str:
+    from . import lattice_cost
+
+    return lattice_cost.gpu_lattice(B, T, W, mode, _sm_count(device))[0]
+
+
+def _sm_count(device: torch.device) -> int:
+    from .triton_kernels.emissions import sm_count
+
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def stages(backend: str):
@@ -162,6 +193,51 @@ def stages(backend: str):
         lattice = torch.ops.mdlm_ctc_C.lattice_band if backend == "cuda" else slack_ctc.lattice_band
         return emissions.emissions, lattice, grad.gradient
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def two_pass_stages(backend: str):
+    """``(emissions_grad, gradient_finish)`` of a backend: the two-pass path's vocabulary pass (stage 1 that
+    also writes the scaled softmax into the gradient buffer) and its backward (in place on that buffer);
+    the contract is in ``csrc/ops.cpp``, the op layer in ``mdlm_ctc/_ops.py``."""
+    if backend == "reference":
+        from . import reference
+
+        return reference.emissions_grad_reference, reference.gradient_finish_reference
+    if backend == "cpu":
+        ops = torch.ops.mdlm_ctc_C
+        return ops.emissions_grad, ops.gradient_finish
+    if backend in ("triton", "cuda"):
+        from .triton_kernels import emissions, grad
+
+        return emissions.emissions_grad, grad.gradient_finish
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def window_two_pass_stages(backend: str):
+    """``(emissions_grad_window, band_values_window)`` of a backend, for the fused LM head's gradient in the
+    forward (``mdlm_ctc/linear.py``): the two-pass vocabulary pass over a window of frames, and the exact
+    gradient at the band's tokens that its backward subtracts sparsely (``csrc/ops.cpp``)."""
+    if backend == "reference":
+        from . import reference
+
+        return reference.emissions_grad_window_reference, reference.band_values_window_reference
+    if backend == "cpu":
+        extension_loaded()
+        ops = torch.ops.mdlm_ctc_C
+        return ops.emissions_grad_window, ops.band_values_window
+    if backend in ("triton", "cuda"):
+        from .triton_kernels import emissions, grad
+
+        return emissions.emissions_grad_window, grad.band_values_window
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor like ``logits``: the two-pass path's gradient, written in the
+    forward. On the CPU from the kernels' buffer pool (as :func:`work_buffer`)."""
+    if logits.device.type == "cpu" and _has_pooled_empty():
+        return torch.ops.mdlm_ctc_C.pooled_empty(logits, list(logits.shape))
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def window_stages(backend: str):

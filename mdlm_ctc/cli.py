@@ -25,10 +25,11 @@ from .mdlm.config import SECTIONS, TrainConfig, add_config_arguments, config_fro
 _DESCRIPTION = """\
 Fine-tune masked diffusion LMs with the slack-CTC loss of mdlm-ctc against the matched LLaDA
 cross-entropy baseline, sample them, and measure what changes (exact match, edit distance,
-robustness to positional shifts). Start with `mdlm-ctc compare`: with no options it trains a tiny CE
-base model on the embedded synthetic data, fine-tunes it with CE and with slack-CTC on three seeds
-(CPU, about ten minutes on 2 cores), evaluates every model under the paper's shift probe and writes
-runs/default/report.md."""
+robustness to positional shifts). Start with `mdlm-ctc compare`: with no options it takes the tiny CE
+base model shipped with the package (trained on the embedded synthetic data), fine-tunes it with CE
+and with slack-CTC on three seeds, evaluates every model on 1,000 held-out examples under the paper's
+shift probe and the gap test (CPU, about a quarter of an hour on 2 quiet cores) and writes
+runs/default/report.md. The command runs with OMP_WAIT_POLICY=PASSIVE unless the variable is set."""
 
 _LOOP_DEPENDENCIES = ("transformers", "tokenizers", "safetensors", "yaml", "tqdm", "matplotlib")
 
@@ -68,7 +69,11 @@ _COMMANDS = {
     "sample": dict(
         help="sample from a model folder (--prompt, or the first --num-samples evaluation prompts)",
         description="Generate with LLaDA's low-confidence remasking sampler; prints the decoded answer "
-                    "(slack deleted, cut at EOS) and, with --show-canvas, the raw canvas.",
+                    "(slack deleted, cut at EOS) and, with --show-canvas, the raw canvas. A --prompt is written "
+                    "like the training prompts: for the embedded model a task and its input, symbols separated by "
+                    "spaces (copy : a c b, reverse : a c b, expand : 1 0 *3 5, insert x 1 : a c b, dedup : a a c); "
+                    "the fixed-width field of _ it was trained on is added, and a word it never saw is an error. "
+                    "Without --prompt it samples the first --num-samples evaluation prompts.",
         exclude={"baseline", "max_eval_examples", "shift_fractions", "bootstrap_samples", "confidence"},
         sections=("run", "model", "data", "sample", "eval")),
     "plan": dict(
@@ -186,7 +191,7 @@ def _cmd_sample(cfg) -> int:
         torch.set_num_threads(cfg.run.threads)
     hf, tokenizer, special = load_model_dir(cfg.eval.checkpoint, cfg, device)
     if cfg.eval.prompt is not None:
-        examples = [Example(prompt=cfg.eval.prompt, response="")]
+        examples = [Example(prompt=_hand_prompt(cfg, tokenizer), response="")]
     else:
         _, examples, _ = load_datasets(cfg, need_train=False)
         examples = examples[: cfg.eval.num_samples]
@@ -211,6 +216,29 @@ def _cmd_sample(cfg) -> int:
     return 0
 
 
+def _hand_prompt(cfg, tokenizer) -> str:
+    """``--prompt`` as the model was trained to read it; a clear error for a word the tokenizer does not know."""
+    from .mdlm.data import FILLER
+    from .mdlm.model import read_meta
+    from .mdlm.prompts import prompt_help, synthetic_prompt, unknown_words
+
+    prompt = cfg.eval.prompt
+    width = read_meta(cfg.eval.checkpoint).get("synthetic_max_len", cfg.data.synthetic_max_len)  # as trained
+    if cfg.data.train_file is None and FILLER in tokenizer.get_vocab():  # the embedded tasks: their fixed-width field
+        written = synthetic_prompt(prompt, width)
+        if written != prompt:
+            print(f"note: prompt written in the training format: {written}")
+        prompt = written
+    unknown = unknown_words(prompt, tokenizer)
+    if unknown:
+        known = sorted(w for w in tokenizer.get_vocab() if not (w.startswith("<") and w.endswith(">")))
+        hint = prompt_help(width) if cfg.data.train_file is None else \
+            "write it with the words of the training data"
+        raise ValueError(f"`prompt` has words the model's tokenizer does not know: {', '.join(unknown)}; {hint}"
+                         + (f". Known words: {' '.join(known)}" if len(known) <= 80 else ""))
+    return prompt
+
+
 def _cmd_plan(cfg) -> int:
     from .mdlm.plan import plan_job
 
@@ -230,14 +258,45 @@ def _cmd_merge(cfg) -> int:
     return 0
 
 
+def _passive_openmp(argv) -> None:
+    """Run this command again with ``OMP_WAIT_POLICY=PASSIVE`` when the variable is unset.
+
+    torch's OpenMP threads spin while they wait for work; when more threads want the cores than there
+    are (other jobs on the machine), the spinning threads take the time the working ones need, and
+    every training step of the embedded model became ~30x slower (3-6 s against ~0.1 s). A passive
+    wait policy lets idle threads sleep. It changes how threads wait, not what they compute, so results
+    do not change. OpenMP reads the variable when torch loads it, before this function can run, hence
+    the new process. Set ``OMP_WAIT_POLICY`` yourself (e.g. ACTIVE) to keep your own policy; a command
+    called in-process (``main([...])``), ``--help`` and a single thread are left alone.
+    """
+    if argv is not None or "OMP_WAIT_POLICY" in os.environ or any(a in ("-h", "--help") for a in sys.argv[1:]):
+        return
+    import torch
+
+    if torch.get_num_threads() <= 1 or len(sys.argv) < 2:
+        return
+    script = sys.argv[0]
+    if script.endswith("__main__.py"):  # python -m mdlm_ctc
+        command = [sys.executable, "-m", "mdlm_ctc", *sys.argv[1:]]
+    elif os.path.isfile(script):        # the mdlm-ctc console script
+        command = [sys.executable, script, *sys.argv[1:]]
+    else:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+
+
 def main(argv=None) -> int:
+    _passive_openmp(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, check_files=args.command != "plan")  # a plan reads no data
         return {"compare": _cmd_compare, "ablate": _cmd_ablate, "train": _cmd_train, "eval": _cmd_eval,
                 "sample": _cmd_sample, "plan": _cmd_plan, "merge": _cmd_merge}[args.command](cfg)
     except ImportError as err:
@@ -246,7 +305,8 @@ def main(argv=None) -> int:
         print(f"mdlm-ctc {args.command}: error: the fine-tuning loop needs {err.name!r}, which is not installed; "
               f"install the loop's dependencies with: pip install 'mdlm-ctc[mdlm]'", file=sys.stderr)
         return 2
-    except ValueError as err:  # bad options and malformed data: a clear message, no traceback
+    except (ValueError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError) as err:
+        # bad options, malformed data, a path that cannot be written: a clear message, no traceback
         if os.environ.get("MDLM_CTC_TRACEBACK"):
             raise
         print(f"mdlm-ctc {args.command}: error: {err}", file=sys.stderr)

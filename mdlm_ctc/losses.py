@@ -9,33 +9,37 @@ from . import _ops, _validation, backends
 
 
 def _reduce(nll: Tensor, target_lengths: Tensor, reduction: str, zero_infinity: bool) -> Tensor:
-    if zero_infinity:
-        nll = torch.where(nll == float("inf"), torch.zeros_like(nll), nll)
-    if reduction == "none":
-        return nll
-    if reduction == "sum":
-        return nll.sum()
-    return (nll / target_lengths.clamp(min=1).to(nll.dtype)).mean()
+    """PyTorch's reductions of per-row losses (``mean``: each divided by its clamped target length, then
+    averaged over the batch; 0 over an empty batch, never NaN), for callers that hold ``nll`` themselves."""
+    code = _ops.REDUCTION_CODES[reduction]
+    scale = _ops.row_scale_of(target_lengths, None, code, nll.shape[0], nll.dtype)
+    return _ops.reduce_loss(nll, scale, None, code, zero_infinity)
 
 
-def _run(args: _validation.LatticeArgs, *, normalize: bool, zero_infinity: bool, backend: str,
-         inplace_backward: bool = False) -> Tensor:
+def _run(args: _validation.LatticeArgs, *, normalize: bool, zero_infinity: bool, backend: str, reduction: str,
+         weight: Tensor | None = None, inplace_backward: bool = False) -> Tensor:
+    """The reduced loss through the op layer (``mdlm_ctc/_ops.py``), on the two-pass or the three-pass path."""
     x = args.logits
     if x.stride(-1) != 1:
         x = x.contiguous()  # kernels read the vocabulary dimension contiguously
-    name = backends.resolve(backend, x.device)
+    name = backends.resolve(backend, x.device, (x.shape[0], x.shape[1], args.band_width, args.mode))
     need_grad = torch.is_grad_enabled() and x.requires_grad
-    nll, _, _, _ = _ops.lattice_forward(x, args.targets, args.input_lengths, args.target_lengths, args.observed,
-                                        args.special_id, args.mode, args.max_shift, args.band_width, need_grad,
-                                        normalize, zero_infinity, inplace_backward and need_grad, name)
-    return nll
+    B, T, V = x.shape
+    two_pass = need_grad and normalize and _ops.gradient_in_forward(name, x.device, V, args.band_width,
+                                                                    x.element_size())
+    inplace = inplace_backward and need_grad and not torch.compiler.is_compiling()
+    loss, *_ = _ops.loss_forward(x, args.targets, args.input_lengths, args.target_lengths, args.observed, weight,
+                                 args.special_id, args.mode, args.max_shift, args.band_width,
+                                 _ops.REDUCTION_CODES[reduction], need_grad, normalize, zero_infinity, two_pass,
+                                 inplace, name)
+    return loss
 
 
 def slack_ctc_loss(logits: Tensor, targets: Tensor, target_lengths: Tensor | None = None, *, slack_id: int,
                    input_lengths: Tensor | None = None, collapse: str = "preserve", max_shift: int | None = None,
                    observed: Tensor | None = None, reduction: str = "mean", zero_infinity: bool = False,
                    backend: str = "auto", validate: bool = True, inplace_backward: bool = False,
-                   band_bound: int | None = None) -> Tensor:
+                   band_bound: int | None = None, weight: Tensor | None = None) -> Tensor:
     """CTC loss from unnormalised logits, with the surface-preserving collapse by default.
 
     Args:
@@ -59,26 +63,42 @@ def slack_ctc_loss(logits: Tensor, targets: Tensor, target_lengths: Tensor | Non
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``;
             :func:`mdlm_ctc.available_backends` lists what this machine has.
         validate: check values (ids, lengths) with one host sync; skipped under ``torch.compile``.
-        inplace_backward: write the gradient over the logits buffer during backward, saving one
-            ``B×T×V`` buffer (Triton backend; the others copy). The logits' values are gone after
-            backward: only for logits nothing else reads again. Ignored under ``torch.compile``.
+        inplace_backward: write the gradient over the logits buffer instead of a new ``B×T×V`` one (no
+            extra memory at all). On the two-pass path (the default where the band is narrow next to the
+            vocabulary, see the README's "How it is built") the softmax is written over the logits *in the
+            forward*, so the logits' values are gone as soon as the loss returns: only for logits nothing
+            else reads again (their version counter is bumped, so an op that saved them for its own backward
+            fails loudly), and a second backward through a retained graph is refused. On the three-pass path
+            the gradient overwrites them during backward (Triton; the other backends copy). Ignored under
+            ``torch.compile``.
         band_bound: an upper bound on every row's band width ``min(U_b, T_b - U_b + 1)`` (and
             ``max_shift + 1``). Only used without the validation sync (``validate=False``, under
             ``torch.compile``), where the lengths are not read on the host: the posterior table is then
             ``band_bound`` wide instead of ``min(U, T)`` (G1: 257 instead of 1,792 columns), checked on
             the device (a device-side assert if a row is wider). Validated calls raise a ``ValueError``
             naming the row when a row is wider.
+        weight: optional ``[B]`` float tensor, a per-row multiplier of the loss applied before the reduction:
+            ``none`` returns ``weight * nll``, ``sum`` ``sum_b weight_b * nll_b``, ``mean``
+            ``mean_b(weight_b * nll_b / max(U_b, 1))``. Unlike multiplying the ``reduction="none"`` result
+            afterwards, the weight is known in the forward, where the two-pass path writes the gradient's
+            softmax part already scaled by it: the backward then needs no dense pass (only where the
+            upstream gradient is not exactly 1, e.g. under a gradient scaler). Differentiable (its gradient
+            is the row's share of the loss).
 
     Returns:
         The loss: float32 (float64 for float64 logits), ``[B]`` for ``reduction="none"`` else a scalar.
+        An empty batch (``B = 0``, e.g. a rank with no rows) gives 0 for ``mean`` and ``sum``, never NaN;
+        ``T = 0`` is accepted: a row with an empty target has loss 0 (the empty canvas), any other is
+        infeasible.
     """
     args = _validation.check_slack_ctc_args(logits, targets, target_lengths, slack_id, input_lengths, collapse,
                                             max_shift, observed, reduction, zero_infinity, backend, validate,
                                             band_bound=band_bound)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool; got {inplace_backward!r}")
-    nll = _run(args, normalize=True, zero_infinity=zero_infinity, backend=backend, inplace_backward=inplace_backward)
-    return _reduce(nll, args.target_lengths, reduction, zero_infinity)
+    weight = _validation.check_weight(weight, args.logits.shape[0], args.logits.device)
+    return _run(args, normalize=True, zero_infinity=zero_infinity, backend=backend, reduction=reduction,
+                weight=weight, inplace_backward=inplace_backward)
 
 
 class SlackCTCLoss(nn.Module):
@@ -97,11 +117,12 @@ class SlackCTCLoss(nn.Module):
         self.backend = backend
 
     def forward(self, logits: Tensor, targets: Tensor, target_lengths: Tensor | None = None,
-                input_lengths: Tensor | None = None, observed: Tensor | None = None) -> Tensor:
+                input_lengths: Tensor | None = None, observed: Tensor | None = None,
+                weight: Tensor | None = None) -> Tensor:
         return slack_ctc_loss(logits, targets, target_lengths, slack_id=self.slack_id, input_lengths=input_lengths,
                               collapse=self.collapse, max_shift=self.max_shift, observed=observed,
                               reduction=self.reduction, zero_infinity=self.zero_infinity, backend=self.backend,
-                              band_bound=self.band_bound)
+                              band_bound=self.band_bound, weight=weight)
 
     def extra_repr(self) -> str:
         return (f"slack_id={self.slack_id}, collapse={self.collapse!r}, max_shift={self.max_shift}, "
@@ -113,7 +134,8 @@ def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths, target_lengths, 
     """Drop-in for ``torch.nn.functional.ctc_loss``: same arguments, same values.
 
     ``log_probs`` is ``[T, B, C]`` (or unbatched ``[T, C]``); targets are padded ``[B, S]`` or
-    concatenated 1-D; lengths are tensors or lists. Also accepts bfloat16/float16 ``log_probs``.
+    concatenated 1-D; lengths are tensors or lists. Also accepts bfloat16/float16 ``log_probs``. An empty
+    batch or ``T = 0`` is refused with a ``ValueError``, as PyTorch refuses it.
 
     One difference, on purpose: the gradient is the true derivative of the loss with respect to
     ``log_probs`` (``-g * posterior``). PyTorch returns ``g * (exp(log_probs) - posterior)``, which is
@@ -122,8 +144,7 @@ def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths, target_lengths, 
     args, unbatched = _validation.check_ctc_loss_args(log_probs, targets, input_lengths, target_lengths, blank,
                                                       reduction, zero_infinity)
     _validation.check_choice(backend, "backend", _validation.BACKENDS)
-    nll = _run(args, normalize=False, zero_infinity=zero_infinity, backend=backend)
-    loss = _reduce(nll, args.target_lengths, reduction, zero_infinity)
+    loss = _run(args, normalize=False, zero_infinity=zero_infinity, backend=backend, reduction=reduction)
     if unbatched and reduction == "none":
         loss = loss[0]
     return loss

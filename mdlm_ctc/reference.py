@@ -16,7 +16,10 @@ Besides the loss (:func:`slack_ctc_reference`, differentiable by autograd), this
 the three stages of the backend contract that the fast kernels implement too (``csrc/ops.cpp``):
 :func:`emissions_reference` (logsumexp and the band emission table), :func:`lattice_band_reference`
 (alpha/beta, the loss and the posteriors, by the forward-backward algorithm) and
-:func:`gradient_reference` (``g * (softmax - posterior)``).
+:func:`gradient_reference` (``g * (softmax - posterior)``), and the two-pass path's stages
+(:func:`emissions_grad_reference`: the softmax written in the vocabulary pass; :func:`gradient_finish_reference`:
+its backward; the windowed ones of the fused LM head). The tests' oracle for every path is
+:func:`slack_ctc_reference` under autograd, which shares none of the stages.
 """
 
 from __future__ import annotations
@@ -364,6 +367,127 @@ def gradient_reference(grad_nll, logits, lse, targets, input_lengths, target_len
     return grad.masked_fill(~active[:, :, None], 0.0).to(logits.dtype)
 
 
+def band_links(targets, target_lengths, V):
+    """Per row: clamped ids ``tokens`` [B, U], and for every position the previous / next position
+    holding the same token (``prev_same``: -1 when none; ``next_same``: U + 1 when none), padding
+    excluded. Device ops only (one sort), no sync. A band slot at position p of frame t is its token's
+    last in the band (its "writer", which carries the token's summed posterior) iff next_same[p] + 1 >
+    column_hi(t + 1): the Triton gradient kernels and the fused LM head's sparse correction use it."""
+    B, U = targets.shape
+    tokens = targets.to(torch.int64).clamp(0, max(V - 1, 0)).contiguous()
+    position = torch.arange(U, device=targets.device)
+    key = torch.where(position[None, :] < target_lengths[:, None], tokens, V)  # padding sorts last as token V
+    sorted_tokens, sorted_positions = torch.sort(key, dim=1, stable=True)
+    next_sorted = torch.full_like(sorted_positions, U + 1)
+    prev_sorted = torch.full_like(sorted_positions, -1)
+    if U > 1:
+        same = sorted_tokens[:, 1:] == sorted_tokens[:, :-1]
+        next_sorted[:, :-1] = torch.where(same, sorted_positions[:, 1:], U + 1)
+        prev_sorted[:, 1:] = torch.where(same, sorted_positions[:, :-1], -1)
+    next_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, next_sorted)
+    prev_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, prev_sorted)
+    return tokens, prev_same, next_same
+
+
+# ---------------------------------------------------------------------------------------------
+# the two-pass stages: the gradient written in the vocabulary pass (csrc/ops.cpp, mdlm_ctc/_ops.py)
+# ---------------------------------------------------------------------------------------------
+
+def emissions_grad_reference(logits, targets, input_lengths, target_lengths, observed, special_id, max_shift,
+                             band_width, row_scale, grad):
+    """Stage 1 of the two-pass path: :func:`emissions_reference`'s ``(lse, table, special)``, and the
+    softmax written into ``grad`` ``[B, T, V]`` (which may be ``logits`` itself) scaled by the row's
+    weight, ``round(row_scale[b] * softmax)`` (0 past the input length and at observed frames). Also returns
+    the unrounded softmax at the band's columns and at the special token (``soft_target [B, T, W]``,
+    ``soft_special [B, T]``), which the backward needs where the posteriors are subtracted."""
+    B, T, V = logits.shape
+    lse, table, special = emissions_reference(logits, targets, input_lengths, target_lengths, observed, special_id,
+                                              max_shift, band_width, True)
+    soft, soft_target, soft_special = _band_softmax(logits.reshape(B * T, V), lse.reshape(B * T), 0, T, targets,
+                                                    input_lengths, target_lengths, observed, special_id, max_shift,
+                                                    band_width)
+    dense = _scaled_softmax(soft, row_scale, 0, T, input_lengths, observed)
+    grad.copy_(dense.view(B, T, V).to(grad.dtype))
+    return lse, table, special, soft_target.view(B, T, band_width), soft_special.view(B, T)
+
+
+def gradient_finish_reference(grad_rows, row_scale, nll, targets, input_lengths, target_lengths, observed,
+                              soft_target, soft_special, post_target, post_special, special_id, max_shift,
+                              zero_infinity, grad):
+    """Stage 3 of the two-pass path, in place on ``grad`` (``round(w * softmax)`` from
+    :func:`emissions_grad_reference`), with ``g = grad_rows[b]`` the upstream gradient of row b's loss and
+    ``w = row_scale[b]``: every element is scaled by g (a no-op where g is 1), the band's tokens and the
+    special token get ``(g * w) * (softmax - posterior)``, an infeasible row 0 (``zero_infinity``) or NaN,
+    and frames past the input length and observed frames 0."""
+    B, T, V = grad.shape
+    acc = acc_dtype(grad.dtype)
+    n = B * T
+    g = grad_rows.to(acc).reshape(B)
+    _, live, free, infeasible = _frame_state(0, n, T, input_lengths, observed, nll)
+    W = post_target.shape[-1]
+    exact, touched = _exact_band_values(g * row_scale.to(acc), 0, T, targets, input_lengths, target_lengths,
+                                        observed, nll, soft_target.reshape(n, W), soft_special.reshape(n),
+                                        post_target.reshape(n, W), post_special.reshape(n), special_id, max_shift, V)
+    out = grad.reshape(n, V).to(acc) * g[torch.arange(n, device=grad.device) // T][:, None]
+    out = torch.where(touched, exact, out)
+    out = torch.where((infeasible & free)[:, None], 0.0 if zero_infinity else float("nan"), out)
+    grad.copy_(out.masked_fill(~free[:, None], 0.0).view(B, T, V).to(grad.dtype))
+
+
+def _frame_state(frame_offset, n, T, input_lengths, observed, nll):
+    """Per flat frame ``frame_offset <= i < frame_offset + n``: (row, live, free, infeasible): free = active
+    and not observed, live = free on a row that is not infeasible."""
+    i = torch.arange(frame_offset, frame_offset + n, device=input_lengths.device)
+    row = i // T
+    free = (i % T) < input_lengths.long().clamp(0, T)[row]
+    if observed is not None:
+        free = free & (observed.reshape(-1)[frame_offset:frame_offset + n] < 0)
+    infeasible = (nll == float("inf"))[row] if nll is not None else torch.zeros_like(free)
+    return row, free & ~infeasible, free, infeasible
+
+
+def _band_softmax(logits, lse, frame_offset, T, targets, input_lengths, target_lengths, observed, special_id,
+                  max_shift, W):
+    """softmax of window frames ``[n, V]`` in the accumulation dtype (as :func:`gradient_reference` computes
+    it), and its values at the band's columns ``[n, W]`` and at the special token ``[n]`` (0 where the frame
+    is not free, or the column outside the band)."""
+    n, V = logits.shape
+    acc = acc_dtype(logits.dtype)
+    lse = lse.to(acc)
+    soft = torch.exp(logits.detach().to(acc) - lse[:, None]).masked_fill((lse == NEG_INF)[:, None], 0.0)
+    row, _, u, in_band = _window_columns(frame_offset, n, T, targets, input_lengths, target_lengths, max_shift, W,
+                                         logits.device)
+    _, _, free, _ = _frame_state(frame_offset, n, T, input_lengths, observed, None)
+    at = soft.gather(1, _window_tokens(targets, row, u, special_id, V))
+    return soft, at[:, 1:].masked_fill(~(in_band & free[:, None]), 0.0), at[:, 0].masked_fill(~free, 0.0)
+
+
+def _scaled_softmax(soft, row_scale, frame_offset, T, input_lengths, observed):
+    """``row_scale[b] * softmax`` per window frame, 0 where the frame is not free (acc dtype)."""
+    row, _, free, _ = _frame_state(frame_offset, soft.shape[0], T, input_lengths, observed, None)
+    return (row_scale.to(soft.dtype)[row][:, None] * soft).masked_fill(~free[:, None], 0.0)
+
+
+def _exact_band_values(gw, frame_offset, T, targets, input_lengths, target_lengths, observed, nll, soft_target,
+                       soft_special, post_target, post_special, special_id, max_shift, V):
+    """``(values [n, V], touched [n, V])``: at every token of a live frame's band and at its special token,
+    ``gw[b] * (softmax - posterior)`` with the posteriors of a repeated token summed, and where those are."""
+    n, W = soft_target.shape
+    row, live, _, _ = _frame_state(frame_offset, n, T, input_lengths, observed, nll)
+    _, _, u, in_band = _window_columns(frame_offset, n, T, targets, input_lengths, target_lengths, max_shift, W,
+                                       soft_target.device)
+    tokens = _window_tokens(targets, row, u, special_id, V)
+    valid = torch.cat([live[:, None], in_band & live[:, None]], 1)
+    index = torch.where(valid, tokens, V)  # column V collects what is not in a live band and is dropped
+    soft = torch.cat([soft_special[:, None], soft_target], 1)
+    post = torch.cat([post_special[:, None], post_target], 1).to(soft.dtype)
+    softmax = soft.new_zeros(n, V + 1).scatter_(1, index, soft)  # repeats carry one value: any order
+    posterior = soft.new_zeros(n, V + 1).scatter_add_(1, index, post)
+    touched = torch.zeros(n, V + 1, dtype=torch.bool, device=soft.device).scatter_(1, index, True)
+    values = gw.to(soft.dtype)[row][:, None] * (softmax - posterior)
+    return values[:, :V], touched[:, :V]
+
+
 # ---------------------------------------------------------------------------------------------
 # the windowed stages: a window of flat frames i = b*T + t (and of the vocabulary for the gradient)
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +562,40 @@ def gradient_window_reference(grad_nll, logits, frame_offset, frames_per_row, vo
     if observed is not None:
         active = active & (observed.reshape(-1)[frame_offset:frame_offset + n] < 0)
     out.copy_(grad.masked_fill(~active[:, None], 0.0).to(out.dtype))
+
+
+def emissions_grad_window_reference(logits, frame_offset, frames_per_row, targets, input_lengths, target_lengths,
+                                    observed, special_id, max_shift, band_width, row_scale, grad):
+    """:func:`emissions_grad_reference` over a window of frames (the fused LM head's chunks): the outputs of
+    :func:`emissions_window_reference` and ``soft_target [n, W]``, ``soft_special [n]``; writes the window's
+    ``round(row_scale * softmax)`` into ``grad`` ``[n, V]`` (may be ``logits``)."""
+    n, V = logits.shape
+    T = frames_per_row
+    lse, table, special = emissions_window_reference(logits, frame_offset, T, targets, input_lengths,
+                                                     target_lengths, observed, special_id, max_shift, band_width,
+                                                     True)
+    soft, soft_target, soft_special = _band_softmax(logits, lse, frame_offset, T, targets, input_lengths,
+                                                    target_lengths, observed, special_id, max_shift, band_width)
+    grad.copy_(_scaled_softmax(soft, row_scale, frame_offset, T, input_lengths, observed).to(grad.dtype))
+    return lse, table, special, soft_target, soft_special
+
+
+def band_values_window_reference(grad_rows, row_scale, nll, frame_offset, frames_per_row, vocab_size, targets,
+                                 input_lengths, target_lengths, observed, soft_target, soft_special, post_target,
+                                 post_special, special_id, max_shift):
+    """The exact gradient at the band's tokens of a window of frames (what the fused LM head subtracts
+    sparsely): ``(values [n, W], special [n])`` in the accumulation dtype, ``(g * w) * (softmax - posterior)``
+    of each slot's token (repeats summed; every slot holding a token carries its total), and of the special
+    token. Frames that are not live (past the input length, observed, on an infeasible row) are unspecified."""
+    n, W = soft_target.shape
+    gw = grad_rows.to(soft_target.dtype).reshape(-1) * row_scale.to(soft_target.dtype)
+    values, _ = _exact_band_values(gw, frame_offset, frames_per_row, targets, input_lengths, target_lengths, observed,
+                                   nll, soft_target, soft_special, post_target, post_special, special_id, max_shift,
+                                   vocab_size)
+    row, _, u, _ = _window_columns(frame_offset, n, frames_per_row, targets, input_lengths, target_lengths, max_shift,
+                                   W, soft_target.device)
+    at = values.gather(1, _window_tokens(targets, row, u, special_id, vocab_size))
+    return at[:, 1:], at[:, 0]
 
 
 def viterbi_reference(logits, targets, input_lengths, target_lengths, observed, special_id, mode, max_shift,

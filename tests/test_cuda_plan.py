@@ -50,12 +50,11 @@ def h200_resident(cluster, threads, smem, vt, stages, context):
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+def lib():
     compiler, why = cuda_emulator.compiler_or_skip_reason()
     if compiler is None:
         pytest.skip(why)
-    return cuda_emulator.build(tmp_path_factory.mktemp("cuda_plan") / "plan.so",
-                               defines=("MDLM_EMU_VT=1", "MDLM_EMU_STAGES=2", "MDLM_EMU_FLOAT_ONLY"))
+    return cuda_emulator.build(units=cuda_emulator.SMALL)
 
 
 def plan(lib, W, mode, acc_bytes, B, dirs, *, U_max=None, sms=H200_SMS, smem=H200_SMEM, cluster_launch=True,

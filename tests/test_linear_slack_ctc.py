@@ -105,6 +105,78 @@ def test_matches_materialised_float64(collapse, max_shift, with_observed, chunk_
                    f"{collapse}, max_shift={max_shift}, observed={with_observed}, chunk={chunk_size}")
 
 
+@pytest.mark.parametrize("collapse,max_shift,with_observed", OPTIONS[::2] + OPTIONS[3:4])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_gradient_in_forward_matches_materialised_float64(collapse, max_shift, with_observed, chunk_size,
+                                                          monkeypatch):
+    """The gradient accumulated in the forward (3 GEMMs, sparse posterior correction in the backward) equals
+    the materialised gradient: scalar reductions with ``row_weight``, an upstream gradient that is not 1, an
+    infeasible row (NaN gradients, PyTorch's convention: its dH rows, all of dW and db), repeats, observed
+    frames; and ``reduction="none"`` / ``zero_infinity`` (which take the recompute path)."""
+    monkeypatch.setenv("MDLM_CTC_GRADIENT_IN_FORWARD", "1")
+    hidden, weight, bias, targets = make_case()
+    row_weight = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
+    base = dict(ragged_kwargs(with_observed, targets), collapse=collapse, max_shift=max_shift)
+    for reduction, zero_infinity, upstream in (("mean", False, 1.0), ("sum", False, 1.7), ("mean", True, 1.0),
+                                               ("none", False, None)):
+        kwargs = dict(base, reduction=reduction, zero_infinity=zero_infinity)
+        inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        loss = linear_slack_ctc_loss(inputs[0], inputs[1], targets, bias=inputs[2], slack_id=SLACK,
+                                     chunk_size=chunk_size, row_weight=row_weight, **kwargs)
+        expected_inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        expected = mdlm_ctc.slack_ctc_loss(torch.nn.functional.linear(*expected_inputs), targets, slack_id=SLACK,
+                                           weight=row_weight, **kwargs)
+        up = torch.linspace(0.5, 1.5, 3, dtype=torch.float64) if upstream is None else torch.tensor(upstream,
+                                                                                                 dtype=torch.float64)
+        grads = torch.autograd.grad(loss, inputs, up)
+        expected_grads = torch.autograd.grad(expected, expected_inputs, up)
+        what = f"{collapse} {max_shift} {with_observed} chunk={chunk_size} {reduction} zero_infinity={zero_infinity}"
+        assert_close_report(loss, expected, what=f"{what}: loss", **F64)
+        for name, a, b in zip(("hidden", "weight", "bias"), grads, expected_grads):
+            assert_close_report(a, b, what=f"{what}: d{name}", **F64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gradient_in_forward_low_precision_and_second_backward(dtype, monkeypatch):
+    """bf16 under the precision-relative rule, partial gradients, and a second backward through a retained
+    graph (which recomputes: the accumulators were consumed by the first)."""
+    monkeypatch.setenv("MDLM_CTC_GRADIENT_IN_FORWARD", "1")
+    hidden, weight, bias, targets = make_case(B=2, T=20, D=16, V=40, U=12, seed=8)
+    kwargs = dict(target_lengths=torch.tensor([12, 9]), input_lengths=torch.tensor([20, 17]))
+    exact = run_materialised(hidden, weight, bias, targets, **kwargs)
+    low = [x.to(dtype) for x in (hidden, weight, bias)]
+    same_dtype = run_materialised(*low, targets, **kwargs)
+    fused = run_fused(*low, targets, chunk_size=7, **kwargs)
+    for name, a, b, c in zip(("hidden", "weight", "bias"), fused[1], same_dtype[1], exact[1]):
+        assert a.dtype == dtype
+        assert_low_precision_close(a, b, c, what=f"{dtype} d{name}")
+    frozen_head = run_fused(*low, targets, grad=(True, False, False), chunk_size=7, **kwargs)
+    assert frozen_head[1][1] is None and torch.equal(frozen_head[1][0], fused[1][0])
+    inputs = [x.clone().requires_grad_(True) for x in low]
+    loss = linear_slack_ctc_loss(inputs[0], inputs[1], targets, bias=inputs[2], slack_id=SLACK, chunk_size=7,
+                                 **kwargs)
+    first = torch.autograd.grad(loss, inputs, retain_graph=True)
+    second = torch.autograd.grad(loss, inputs)
+    for a, b, c in zip(second, first, exact[1]):
+        assert_low_precision_close(a, b, c, what="second backward", tiny=1e-4)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(linear_slack_ctc_loss(inputs[0], inputs[1], targets, bias=inputs[2], slack_id=SLACK,
+                                                  chunk_size=7, **kwargs), inputs, create_graph=True)
+
+
+def test_gradient_in_forward_choice():
+    """Taken for MDLM bands at LLM vocabularies, when it saves a GEMM at acceptable memory; never for
+    reduction="none" or zero_infinity; the environment switch overrides the cost."""
+    choice = linear.gradient_in_forward_choice
+    os.environ.pop("MDLM_CTC_GRADIENT_IN_FORWARD", None)
+    assert choice(4096, 32000, 256, 257, 1024, 2, 2, False)          # cpu-bf16 at chunk 1,024
+    assert not choice(4096, 32000, 256, 257, 1024, 2, 0, False)      # reduction="none"
+    assert not choice(4096, 32000, 256, 257, 1024, 2, 2, True)       # zero_infinity
+    assert not choice(16384, 126464, 4096, 257, 1024, 2, 2, False)   # G4: a [V, D] fp32 accumulator > a chunk
+    assert choice(16384, 126464, 4096, 257, 8192, 2, 2, False)       # ... unless the chunk is as large
+    assert not choice(4096, 1000, 256, 257, 1024, 4, 2, False)       # a band as wide as the vocabulary
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 40])
 @pytest.mark.parametrize("collapse", ["preserve", "standard"])
 def test_vocabulary_outer_backward(monkeypatch, collapse, chunk_size):
@@ -281,10 +353,14 @@ def cpu_peak_bytes(step):
     return common.cpu_allocator_peak_bytes(step)
 
 
-def test_peak_memory_is_bounded_by_the_chunk():
+@pytest.mark.parametrize("gradient_in_forward", ["0", "1"])
+def test_peak_memory_is_bounded_by_the_chunk(gradient_in_forward, monkeypatch):
     """The CPU allocator's peak during forward + backward is one chunk of logits + the returned gradients
     + the fp32 band tables, within 5% (measured: 1.01x at chunk 8 and 1.005x at chunk 32); the backend
-    stages run in place on the one logits buffer, with no fp32 copy and no chunk-sized temporary."""
+    stages run in place on the one logits buffer, with no fp32 copy and no chunk-sized temporary. With the
+    gradient in the forward the band softmax tables are kept too (a second set of tables), and the sparse
+    correction's temporaries are bounded by one chunk of logits."""
+    monkeypatch.setenv("MDLM_CTC_GRADIENT_IN_FORWARD", gradient_in_forward)
     B, T, D, V, U = 2, 64, 16, 4096, 40
     hidden, weight, bias, targets = make_case(B=B, T=T, D=D, V=V, U=U, seed=11, dtype=torch.float32)
     h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight, bias))
@@ -306,6 +382,8 @@ def test_peak_memory_is_bounded_by_the_chunk():
         peaks[chunk] = cpu_peak_bytes(step(chunk))
         chunk_logits = chunk * V * itemsize
         budget = outputs + tables + chunk_logits
+        if gradient_in_forward == "1":
+            budget += tables + chunk_logits  # the band softmax; the correction's temporaries
         assert peaks[chunk] <= 1.05 * budget, (chunk, peaks[chunk], budget)
     assert peaks[8] < materialised_logits / 4, "the fused loss should never approach the materialised logits"
     assert peaks[8] < peaks[32], "a smaller chunk must lower the peak"
@@ -350,26 +428,35 @@ def test_argument_errors():
         call(targets=targets + 13)
 
 
-@pytest.mark.parametrize("chunk_size, keep_logits", [(5, False), (5, True), (64, True)])
-def test_opcheck(chunk_size, keep_logits):
+@pytest.mark.parametrize("chunk_size, keep_logits, in_forward", [(5, False, False), (5, True, False), (64, True, False),
+                                                                 (5, False, True), (64, False, True)])
+def test_opcheck(chunk_size, keep_logits, in_forward):
     hidden, weight, bias, targets = make_case()
     kwargs = ragged_kwargs(True, targets)
+    backend = "cpu" if "cpu" in mdlm_ctc.available_backends("cpu") else "reference"
+    row_weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True), targets,
-            kwargs["input_lengths"], kwargs["target_lengths"], kwargs["observed"], SLACK, 0, -1, 4, True, True,
-            chunk_size, keep_logits, "cpu" if "cpu" in mdlm_ctc.available_backends("cpu") else "reference")
-    # Kept logits are the backward's workspace: an eager backward overwrites them with dz, so an output
-    # comparison after a backward (test_aot_dispatch_*) cannot hold; under torch.compile nothing is kept
-    # (test_compile_fullgraph, and the traced backward recomputes).
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor") if keep_logits else None
+            kwargs["input_lengths"], kwargs["target_lengths"], kwargs["observed"], row_weight, SLACK, 0, -1, 4, 2,
+            True, not in_forward, chunk_size, keep_logits, in_forward, True, True, True, backend)
+    # Kept logits are the backward's workspace, and the gradient-in-forward accumulators its output: an eager
+    # backward overwrites them, so an output comparison after a backward (test_aot_dispatch_*) cannot hold;
+    # under torch.compile nothing is kept and the accumulators are saved tensors (test_compile_fullgraph).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor") if keep_logits or in_forward else None
     torch.library.opcheck(linear.linear_lattice_forward, args, **({} if utils is None else dict(test_utils=utils)))
-    nll, lse, post_target, post_special, kept = linear.linear_lattice_forward(*[
-        a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    (loss, nll, scale, lse, post_target, post_special, kept, soft_target, soft_special, grad_hidden, grad_weight,
+     grad_bias) = linear.linear_lattice_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
     N, V = hidden.shape[0] * hidden.shape[1], weight.shape[0]
-    assert kept.shape == ((N, V) if keep_logits and N <= chunk_size else (0, V))
+    assert kept.shape == ((N, V) if keep_logits and N <= chunk_size and not in_forward else (0, V))
+    assert grad_weight.shape == ((V, hidden.shape[2]) if in_forward else (0,))
     torch.library.opcheck(linear.linear_lattice_backward,
                           (torch.ones(3, dtype=torch.float64), hidden.detach(), weight.detach(), bias.detach(), lse,
                            targets, args[4], args[5], args[6], post_target, post_special, nll, SLACK, 0, -1,
-                           True, True, True, True, chunk_size, args[-1]))
+                           True, True, True, True, chunk_size, backend))
+    if in_forward:
+        torch.library.opcheck(linear.linear_gradient_correction,
+                              (grad_hidden, grad_weight, grad_bias, torch.tensor(1.5, dtype=torch.float64),
+                               hidden.detach(), weight.detach(), targets, args[4], args[5], args[6], soft_target,
+                               soft_special, post_target, post_special, nll, scale, SLACK, -1, chunk_size, backend))
 
 
 def test_default_chunk_size_is_a_byte_budget():
@@ -440,7 +527,9 @@ def test_kept_logits_equal_recomputed(dtype):
 
 
 @pytest.mark.parametrize("chunk_size", [4, 64])  # 64 >= B*T: eager keeps the logits, compiled recomputes
-def test_compile_fullgraph(chunk_size):
+@pytest.mark.parametrize("in_forward", ["0", "1"])
+def test_compile_fullgraph(chunk_size, in_forward, monkeypatch):
+    monkeypatch.setenv("MDLM_CTC_GRADIENT_IN_FORWARD", in_forward)
     torch._dynamo.reset()
     hidden, weight, bias, targets = make_case(seed=12, dtype=torch.float32)
 
@@ -525,6 +614,67 @@ def test_window_stages_match_whole_stages(backend, dtype, max_shift):
                             what=f"{backend} gradient_window zero_infinity={zero_infinity}", **ulp)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_two_pass_window_stages_match_the_reference(backend, dtype):
+    """The gradient-in-forward stages over windows of 4 frames (crossing rows): ``emissions_grad_window``
+    reassembles the reference's whole-tensor ``emissions_grad`` (softmax written in place over the window,
+    band softmax tables), and ``band_values_window`` gives the reference's exact values at every writer (each
+    token's last slot in a live frame's band) and at the special token."""
+    if backend == "cpu" and "cpu" not in mdlm_ctc.available_backends("cpu"):
+        pytest.skip("cpu not built")
+    if backend == "triton" and ("triton" not in mdlm_ctc.available_backends("cpu") or dtype != torch.float32):
+        pytest.skip("Triton: interpreted on the CPU, float32 here (bf16 in test_slack_ctc_two_pass.py)")
+    from mdlm_ctc import backends, reference
+
+    logits, targets, T_b, U_b, observed = _stage_case(dtype)
+    B, T, V = logits.shape
+    W, max_shift = 4, -1
+    row_scale = torch.tensor([0.5, 2.0, 1.0], dtype=reference.acc_dtype(dtype))
+    emissions_grad_window, band_values_window = backends.window_two_pass_stages(backend)
+    whole_grad = torch.empty_like(logits)
+    want = reference.emissions_grad_reference(logits, targets, T_b, U_b, observed, SLACK, max_shift, W, row_scale,
+                                              whole_grad)
+    flat = logits.reshape(B * T, V).clone()
+    windows = [emissions_grad_window(flat[i:i + 4], i, T, targets, T_b, U_b, observed, SLACK, max_shift, W, row_scale,
+                                     flat[i:i + 4]) for i in range(0, B * T, 4)]
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
+    for name, whole, part in zip(("lse", "table", "special", "soft_target", "soft_special"), want, zip(*windows)):
+        assert_close_report(torch.cat(part).view(whole.shape), whole, what=f"{backend} {name}", **tol)
+    one_rounding = tol if dtype != torch.bfloat16 else dict(atol=1e-6, rtol=2 ** -8)
+    assert_close_report(flat.view(B, T, V).double(), whole_grad.double(), what=f"{backend} scaled softmax in place",
+                        **one_rounding)
+
+    lse, table, special, soft_target, soft_special = want
+    nll = reference.lattice_band_reference(table, special, targets, T_b, U_b, 0, max_shift, True)
+    grad_rows = torch.tensor([1.0, 0.5, 3.0], dtype=row_scale.dtype)
+    n = B * T
+    args = (T_b, U_b, observed)
+    ref_values, ref_special = reference.band_values_window_reference(
+        grad_rows, row_scale, nll, 0, T, V, targets, *args, soft_target.reshape(n, W), soft_special.reshape(n),
+        table.reshape(n, W), special.reshape(n), SLACK, max_shift)
+    parts = [band_values_window(grad_rows, row_scale, nll, i, T, V, targets, *args,
+                                soft_target.reshape(n, W)[i:i + 4], soft_special.reshape(n)[i:i + 4],
+                                table.reshape(n, W)[i:i + 4], special.reshape(n)[i:i + 4], SLACK, max_shift)
+             for i in range(0, n, 4)]
+    values, special_values = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    frames = torch.arange(n)
+    row, t = frames // T, frames % T
+    live = (t < T_b[row]) & (observed.reshape(-1) < 0) & (nll[row] != float("inf"))
+    tokens, _, next_same = reference.band_links(targets, U_b, V)
+    c_lo = reference.column_lo(t + 1, T_b[row], U_b[row])
+    c_hi = torch.minimum(t + 1, U_b[row])
+    position = c_lo[:, None] - 1 + torch.arange(W)
+    at = position.clamp(0, targets.shape[1] - 1)
+    writer = (position <= c_hi[:, None] - 1) & live[:, None] & (next_same[row[:, None], at] + 1 > c_hi[:, None])
+    k_in_band = ((position <= c_hi[:, None] - 1) & (tokens[row[:, None], at] == SLACK)).any(1)
+    assert writer.any() and (writer.sum(1) < (position <= c_hi[:, None] - 1).sum(1)).any(), "repeats in a band"
+    vtol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
+    assert_close_report(values[writer], ref_values[writer], what=f"{backend} band values at writers", **vtol)
+    assert_close_report(special_values[live & ~k_in_band], ref_special[live & ~k_in_band],
+                        what=f"{backend} special values", **vtol)
+
+
 def test_window_outside_the_frames_is_refused():
     if "cpu" not in mdlm_ctc.available_backends("cpu"):
         pytest.skip("cpu not built")
@@ -564,22 +714,27 @@ triton_interpreted = pytest.mark.skipif(
 
 
 @triton_interpreted
-@pytest.mark.parametrize("collapse,max_shift,with_observed,zero_infinity,chunk_size", [
-    ("preserve", None, True, True, 5),
-    ("preserve", 1, False, False, 4),
-    ("preserve", 0, True, True, 9),
-    ("standard", None, True, True, 8),
+@pytest.mark.parametrize("collapse,max_shift,with_observed,zero_infinity,chunk_size,reduction", [
+    ("preserve", None, True, True, 5, "none"),
+    ("preserve", 1, False, False, 4, "none"),
+    ("preserve", 0, True, True, 9, "none"),
+    ("standard", None, True, True, 8, "none"),
+    ("preserve", 1, True, False, 4, "sum"),  # the gradient in the forward (forced below)
 ])
-def test_triton_backend_end_to_end(collapse, max_shift, with_observed, zero_infinity, chunk_size):
+def test_triton_backend_end_to_end(collapse, max_shift, with_observed, zero_infinity, chunk_size, reduction,
+                                   monkeypatch):
     """backend="triton" (what CUDA tensors get): the Triton windowed stages (chunks that cut rows) and the
-    Triton lattice, against the materialised loss on the cpu backend."""
+    Triton lattice, against the materialised loss on the cpu backend; with a scalar reduction the gradient is
+    accumulated in the forward (the Triton two-pass window stages)."""
+    if reduction != "none":
+        monkeypatch.setenv("MDLM_CTC_GRADIENT_IN_FORWARD", "1")
     hidden, weight, bias, targets = make_case(seed=14, dtype=torch.float32)
-    kwargs = dict(ragged_kwargs(with_observed, targets), collapse=collapse, max_shift=max_shift, reduction="none",
+    kwargs = dict(ragged_kwargs(with_observed, targets), collapse=collapse, max_shift=max_shift, reduction=reduction,
                   zero_infinity=zero_infinity)
     fused = run_fused(hidden, weight, bias, targets, chunk_size=chunk_size, backend="triton", **kwargs)
     expected = run_materialised(hidden, weight, bias, targets, **kwargs)
     if not zero_infinity:  # the infeasible row: inf loss, NaN gradients on its frames
-        assert torch.isinf(fused[0][2]) and fused[1][0][2, :3].isnan().all()
+        assert torch.isinf(fused[0][2] if reduction == "none" else fused[0]) and fused[1][0][2, :3].isnan().all()
     assert_matches(fused, expected, f"triton backend, {collapse}, max_shift={max_shift}",
                    tol=dict(atol=2e-5, rtol=2e-5))
 

@@ -89,11 +89,14 @@ def test_fine_tunes_start_from_the_base_and_differ_only_where_they_should(compar
 
 def test_compare_reuses_the_base_and_finished_runs(compared, capsys):
     root, _ = compared
-    assert main(["compare", "--output-dir", str(root.parent), "--name", "job", *TINY, "--resume",
-                 "--shift-fractions", "0"]) == 0
+    before = json.loads((root / "summary.json").read_text())["stats"]
+    assert main(["compare", "--output-dir", str(root.parent), "--name", "job", *TINY, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "reusing" in out and str(root / "base") in out
     assert "training it again" not in out
+    # the same models, sampler and examples: the evaluations are read back, and give the same statistics
+    assert out.count("evaluation reused") == 6 and "[ctc/seed2] evaluation reused" in out
+    assert json.loads((root / "summary.json").read_text())["stats"] == before
 
 
 def test_a_changed_base_setting_retrains_the_base(tmp_path, capsys):
@@ -134,7 +137,12 @@ def test_eval_and_sample_commands(compared, capsys):
     assert main(["sample", "--checkpoint", str(ctc), "--prompt", "copy : a b c", "--show-canvas",
                  "--gen-length", "16", "--sample-steps", "8", "--block-length", "8", "--shift-fraction", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "prompt:    copy : a b c" in out and "canvas:" in out and "content tokens displaced" in out
+    assert "prompt:    copy : a b c _ _ _\n" in out and "canvas:" in out and "content tokens displaced" in out
+    assert "note: prompt written in the training format: copy : a b c _ _ _" in out  # the width it was trained on
+    assert main(["sample", "--checkpoint", str(ctc), "--prompt", "copy : a b zebra"]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # (transformers' loading bar comes first on stderr)
+    assert line.startswith("mdlm-ctc sample: error: ") and "does not know: zebra" in line and "copy : a c b" in line
 
 
 def test_ablate_writes_its_table_and_compare_reports_it(compared, capsys):

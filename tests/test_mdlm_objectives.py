@@ -195,6 +195,47 @@ def test_probe_insertion_is_the_shift_probes_canvas(setup, monkeypatch):
     assert float(none) == 0.0 and float(probe) > 0.0
 
 
+def test_probe_visible_shows_the_displaced_token(setup, monkeypatch):
+    """``probe_visible``: the probe's canvas with the displaced token always visible and its old position masked,
+    whatever the forward process masks (the state the sampler's probe creates)."""
+    cfg, _, hf, special, rows = setup
+    real = O.draw_noise
+
+    def all_masked(batch, eps):
+        noise = real(batch, eps)
+        noise.masked[:] = torch.arange(batch.input_ids.shape[1])[None, :] >= batch.prompt_lengths[:, None]
+        return noise
+
+    monkeypatch.setattr(O, "draw_noise", all_masked)
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, ids, want="logits"):
+            seen["ids"] = ids.clone()
+            return self.net(ids, want=want)
+
+    batch = _batch(rows, special)
+    net = Spy(M.DiffusionLM(hf))
+    for insertion in ("probe", "probe_visible"):
+        obj = Config.from_dict(dict(TINY, max_length=16, ctc_canvas="eos", slack_budget=2, slack_insertion=insertion,
+                                    slack_rate=1.0)).objective
+        O.compute_loss(net, batch, objective="ctc", special=special, obj_cfg=obj, denoms=O.denominators(rows, 16))
+        _, inserted = O.clean_ctc_canvas(batch, *O.ctc_targets(batch, special.eos_id, obj), all_masked(batch, 1e-3),
+                                         slack_id=special.slack_id, insertion=insertion, rate=1.0, return_inserted=True)
+        for b, r in enumerate(rows):
+            where = inserted[b].nonzero().flatten().tolist()
+            visible = [j for j in range(len(r.prompt_ids), 16) if seen["ids"][b, j] != special.mask_id]
+            if insertion == "probe" or not where:
+                assert visible == []
+            else:
+                k = where[0]
+                assert visible == [k + 1] and seen["ids"][b, k + 1] == r.answer_ids[k - len(r.prompt_ids)]
+
+
 def test_random_slack_counts_fit_the_room():
     g = torch.Generator().manual_seed(0)
     for room in (0, 1, 3, 10):

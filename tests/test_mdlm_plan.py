@@ -74,20 +74,23 @@ def test_plan_is_within_25_percent_of_the_measured_cpu_peak(tmp_path, options):
     assert 0.75 * measured <= planned <= 1.25 * measured, (planned / 2 ** 20, measured / 2 ** 20)
 
 
-def test_lora_trainable_count_matches_peft(tmp_path):
-    from mdlm_ctc.mdlm.lora import apply_lora, target_module_list
+@pytest.mark.parametrize("targets", ["q_proj,v_proj,down_proj", "all-linear",
+                                     "self_attn.o_proj,model.layers.1.mlp.up_proj"])
+def test_lora_trainable_count_matches_peft(tmp_path, targets):
+    """The plan's count (from the config alone) is peft's own count of what it trains."""
+    from mdlm_ctc.mdlm.lora import apply_lora, linear_layers
 
     cfg = Config.from_dict({"output_dir": str(tmp_path), "device": "cpu", "synthetic_train_size": 300,
-                            "synthetic_eval_size": 10, "lora": True, "lora_rank": 8,
-                            "lora_target_modules": "q_proj,v_proj,down_proj"})
+                            "synthetic_eval_size": 10, "lora": True, "lora_rank": 8, "lora_target_modules": targets})
     prepared = prepare(cfg, cfg.run_dir(), log=lambda *a: None)
     hf, _, special = load_model_dir(prepared.init_source, cfg, torch.device("cpu"))
-    apply_lora(hf, cfg, special.slack_id)
-    actual = sum(p.numel() for p in hf.parameters() if p.requires_grad)
     shape = model_shape(cfg)
+    assert shape.linear_layers() == linear_layers(hf)  # the plan's module table is the model's
+    peft_model = apply_lora(hf, cfg, special.slack_id)
+    trainable, _ = peft_model.get_nb_trainable_parameters()
     assert shape.params == sum(p.numel() for n, p in hf.named_parameters() if "lora_" not in n
                                and "trainable_tokens" not in n)
-    assert lora_params(shape, 8, target_module_list(cfg.train.lora_target_modules)) == actual
+    assert lora_params(shape, 8, targets) == trainable
 
 
 @pytest.fixture

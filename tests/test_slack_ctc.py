@@ -3,6 +3,7 @@ exhaustive enumeration of canvases, the autograd of the readable reference, posi
 max_shift=0, float64 gradcheck and property-based fuzzing."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -14,6 +15,13 @@ from mdlm_ctc import slack_ctc_loss, slack_ctc_reference
 from oracles import assert_close_report, assert_low_precision_close, brute_force_nll
 
 BACKENDS = [b for b in ("reference", "cpu") if b in mdlm_ctc.available_backends("cpu")]
+
+
+@pytest.fixture(params=["1", "0"], ids=["two_pass", "three_pass"])
+def path(request, monkeypatch):
+    """Both gradient paths (mdlm_ctc/_ops.py): the tiny vocabularies here would otherwise take three passes."""
+    monkeypatch.setenv("MDLM_CTC_GRADIENT_IN_FORWARD", request.param)
+    return request.param
 
 
 def loss_and_grad(logits, targets, backend, **kwargs):
@@ -63,7 +71,7 @@ BRUTE_CASES = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("collapse,max_shift,with_observed", BRUTE_CASES)
-def test_matches_brute_force(backend, collapse, max_shift, with_observed):
+def test_matches_brute_force(backend, collapse, max_shift, with_observed, path):
     B, T, V, U = 4, 5, 3, 3
     logits, targets = random_case(B, T, V, U, slack_id=0, seed=1)
     targets[1, :3] = torch.tensor([2, 2, 1])  # repeats
@@ -267,7 +275,7 @@ def test_single_token_vocabulary_and_empty_time_with_odd_strides(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("collapse", ["preserve", "standard"])
-def test_infeasible_rows_inf_and_zero_infinity(backend, collapse):
+def test_infeasible_rows_inf_and_zero_infinity(backend, collapse, path):
     logits, targets = random_case(3, 4, 5, 4, seed=13)
     targets[2] = torch.tensor([1, 1, 2, 3])  # standard needs T >= U + repeats
     input_lengths = torch.tensor([4, 3, 4])  # row 1: U > T
@@ -326,7 +334,7 @@ def test_nan_logit_gives_nan_loss(backend):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("collapse", ["preserve", "standard"])
-def test_low_precision_inputs(dtype, collapse):
+def test_low_precision_inputs(dtype, collapse, path):
     if "cpu" not in BACKENDS:
         pytest.skip("needs the cpu backend")
     logits, targets = random_case(3, 40, 30, 25, seed=16)
@@ -341,7 +349,7 @@ def test_low_precision_inputs(dtype, collapse):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backward_is_deterministic(backend):
+def test_backward_is_deterministic(backend, path):
     logits, targets = random_case(4, 60, 20, 30, seed=17)
     logits = logits.float()
     grads = [loss_and_grad(logits, targets, backend, slack_id=0, collapse=c)[1] for c in ("preserve", "standard")
@@ -351,7 +359,7 @@ def test_backward_is_deterministic(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("collapse,max_shift", [("preserve", None), ("preserve", 1), ("standard", None)])
-def test_gradcheck_float64(backend, collapse, max_shift):
+def test_gradcheck_float64(backend, collapse, max_shift, path):
     logits, targets = random_case(2, 6, 4, 3, seed=18)
     x = logits.requires_grad_(True)
     input_lengths = torch.tensor([6, 5])
@@ -422,11 +430,16 @@ def test_fuzz_cpu_against_reference(case):
     kwargs = dict(slack_id=case["slack_id"], input_lengths=torch.tensor(case["input_lengths"]),
                   target_lengths=torch.tensor(case["target_lengths"]), collapse=case["collapse"],
                   max_shift=case["max_shift"], observed=observed)
-    loss, grad = loss_and_grad(logits, targets, "cpu", **kwargs)
     ref_loss, ref_grad = reference_loss_and_grad(logits, targets, **kwargs)
-    assert_close_report(loss, ref_loss, atol=1e-9, rtol=1e-9, what="loss")
     feasible = ref_loss.isfinite()
-    assert_close_report(grad[feasible], ref_grad[feasible], atol=1e-9, rtol=1e-7, what="gradient")
+    for setting in ("1", "0"):  # both gradient paths
+        os.environ["MDLM_CTC_GRADIENT_IN_FORWARD"] = setting
+        try:
+            loss, grad = loss_and_grad(logits, targets, "cpu", **kwargs)
+        finally:
+            os.environ.pop("MDLM_CTC_GRADIENT_IN_FORWARD")
+        assert_close_report(loss, ref_loss, atol=1e-9, rtol=1e-9, what="loss")
+        assert_close_report(grad[feasible], ref_grad[feasible], atol=1e-9, rtol=1e-7, what=f"gradient, path {setting}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

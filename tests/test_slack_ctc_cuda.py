@@ -152,11 +152,11 @@ def test_cuda_sources_compile(source, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def emulator():
     compiler, why = cuda_emulator.compiler_or_skip_reason()
     if compiler is None:
         pytest.skip(why)
-    return cuda_emulator.build(tmp_path_factory.mktemp("cuda_emulator") / "lattice_cuda_emulator.so")
+    return cuda_emulator.build(units=cuda_emulator.FULL)
 
 
 def emulate(lib, *args, **kwargs):

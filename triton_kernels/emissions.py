@@ -41,6 +41,18 @@ target ids are gathered from the row after the loop: the row (253 KB in bf16 at 
 just streamed through L2, so the gathers are L2 hits, and W is small next to V (W <= 257 at G1;
 ~2k at worst).
 
+The two-pass path (``emissions_grad``, ``emissions_grad_window``; constexpr WRITE_GRAD): after the
+logsumexp and the band's gathers, the same program sweeps its row once more and writes
+``row_scale[b] * exp2(x log2(e) - lse log2(e))`` (the gradient kernel's expression: the same bits) into
+the gradient buffer, or over the logits themselves (IN_PLACE: a barrier after the gathers, and before
+each tile's store), and keeps the unrounded softmax at the band's slots and at the special token
+(``soft_target`` [n, W], ``soft_special`` [n]). The second sweep runs tiles last to first: the end of
+the row was streamed last, so it is the likeliest still in L2. Whether it hits L2 depends on how many
+rows are in flight (132 SMs x resident programs x 253 KB at G1 is more than L2): the traffic model
+(README, "How it is built") counts one HBM read of the logits and one write of the gradient, and the
+GPU benchmark (``bench_slack_ctc.py``, providers ``triton-two-pass`` / ``triton-three-pass``) is what
+will say how much of the re-read comes from L2. Unmeasured here: no GPU has run it.
+
 Host-side helpers shared by the launchers (autotune switch, interpreter test, device guard, the
 windows' checks) live at the end of this file.
 """
@@ -55,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logspace import LN2, LOG2E, NAN, NEG_INF, POS_INF, finite_or_zero
+from .logspace import LN2, LOG2E, NAN, NEG_INF, POS_INF, finite_or_zero, to_output_dtype
 
 
 @triton.jit
@@ -89,14 +101,15 @@ def frame_of(row, frame_offset, T, base_ptr, stride_b, stride_t, WINDOW: tl.cons
 def _emissions_kernel(
     # pointers
     logits_ptr, targets_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
-    lse_ptr, table_ptr, special_ptr,
+    lse_ptr, table_ptr, special_ptr, grad_ptr, row_scale_ptr, soft_target_ptr, soft_special_ptr,
     # sizes
     T, V, U_max, W, special_id, max_shift, frame_offset,
     # strides
-    stride_logits_b, stride_logits_t, stride_targets_b, stride_observed_b, stride_observed_t,
+    stride_logits_b, stride_logits_t, stride_targets_b, stride_observed_b, stride_observed_t, stride_grad_b,
+    stride_grad_t,
     # meta
-    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, WINDOW: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    IN_PLACE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # the output row
     b, t, x_row = frame_of(row, frame_offset, T, logits_ptr, stride_logits_b, stride_logits_t, WINDOW)
@@ -143,6 +156,9 @@ def _emissions_kernel(
     width = tl.where(active, width, 0)
     targets_row = targets_ptr + b * stride_targets_b + (c_lo - 1)
     table_row = table_ptr + row * W
+    soft_row = soft_target_ptr + row * W
+    scaled_lse = finite_or_zero(lse) * LOG2E  # softmax = exp2(x log2(e) - lse log2(e)), as grad.py computes it
+    live = active & free
     offs_w = tl.arange(0, BLOCK_W)
     nan_count = tl.zeros([], dtype=tl.int32)
     for j0 in range(0, W, BLOCK_W):
@@ -159,6 +175,9 @@ def _emissions_kernel(
         e = tl.where(in_band, e, 0.0)
         nan_count += tl.sum((e != e).to(tl.int32), axis=0)
         tl.store(table_row + j, e, mask=j < W)
+        if WRITE_GRAD:  # the unrounded softmax at the band's slots, for the backward's exact values
+            soft = tl.where(lse == NEG_INF, 0.0, tl.exp2(x * LOG2E - scaled_lse))
+            tl.store(soft_row + j, tl.where(in_band & live, soft, 0.0), mask=j < W)
 
     # ---- the special token, carrying the frame's NaN mark -------------------------------------
     k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
@@ -172,6 +191,29 @@ def _emissions_kernel(
     e_k = tl.where(active, e_k, 0.0)
     tl.store(lse_ptr + row, lse)
     tl.store(special_ptr + row, e_k)
+
+    # ---- the two-pass path: row_scale[b] * softmax written over the row, in the same sweep ------
+    if WRITE_GRAD:
+        soft_k = tl.where(lse == NEG_INF, 0.0, tl.exp2(x_k * LOG2E - scaled_lse))
+        tl.store(soft_special_ptr + row, tl.where(live, soft_k, 0.0))
+        w = tl.load(row_scale_ptr + b).to(tl.float32)
+        if WINDOW:
+            out_row = grad_ptr + row * stride_grad_t
+        else:
+            out_row = grad_ptr + b * stride_grad_b + t * stride_grad_t
+        tl.debug_barrier()  # every gather of the row is done before the row is overwritten (IN_PLACE)
+        offs = tl.arange(0, 2 * BLOCK_V)
+        n_tiles = tl.cdiv(V, 2 * BLOCK_V)
+        for i in range(0, n_tiles):
+            # last tile first: the end of the row was read last, so it is the likeliest still in L2
+            v = (n_tiles - 1 - i) * (2 * BLOCK_V) + offs
+            in_vocab = v < V
+            x = tl.load(x_row + v, mask=in_vocab & live, other=NEG_INF).to(tl.float32)
+            dense = w * tl.where(lse == NEG_INF, 0.0, tl.exp2(x * LOG2E - scaled_lse))
+            dense = tl.where(live, dense, 0.0)
+            if IN_PLACE:
+                tl.debug_barrier()  # every lane has read its logits before the tile is overwritten
+            tl.store(out_row + v, to_output_dtype(dense, grad_ptr.dtype.element_ty), mask=in_vocab)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,29 +285,81 @@ def emissions_window(logits, frame_offset: int, frames_per_row: int, targets, in
 
 
 def _launch_emissions(logits, stride_b, stride_t, n, frame_offset, T, V, targets, input_lengths, target_lengths,
-                      observed, special_id, max_shift, W, normalize):
+                      observed, special_id, max_shift, W, normalize, grad=None, grad_strides=(0, 0), row_scale=None):
     """``_emissions_kernel`` over n output rows: the whole tensor (``frame_offset=None``) or a window of the
-    rows given (the module docstring's "Windows"); returns ``(lse [n], table [n, W], special [n])``."""
+    rows given (the module docstring's "Windows"); returns ``(lse [n], table [n, W], special [n])``, and with
+    ``grad`` (the two-pass path: ``row_scale * softmax`` written there, in the same sweep) also
+    ``(soft_target [n, W], soft_special [n])``."""
     device = logits.device
     lse = torch.empty((n,), dtype=torch.float32, device=device)
     table = torch.empty((n, W), dtype=torch.float32, device=device)
     special = torch.empty((n,), dtype=torch.float32, device=device)
+    write_grad = grad is not None
+    soft_target = torch.empty((n, W) if write_grad else (0,), dtype=torch.float32, device=device)
+    soft_special = torch.empty((n,) if write_grad else (0,), dtype=torch.float32, device=device)
+    outputs = (lse, table, special) + ((soft_target, soft_special) if write_grad else ())
     if n == 0 or V == 0:
-        return lse.zero_(), table.zero_(), special.zero_()
+        return tuple(x.zero_() for x in outputs)
     targets = targets.contiguous()
     input_lengths = input_lengths.to(torch.int64).contiguous()
     target_lengths = target_lengths.to(torch.int64).contiguous()
     has_observed = observed is not None
     observed_arg = observed if has_observed else input_lengths  # a dummy pointer when absent
     stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
+    in_place = write_grad and aliases(grad, logits)
+    row_scale = (row_scale.to(torch.float32).contiguous() if write_grad else lse)  # lse: a dummy pointer
     args = (logits, targets, input_lengths, target_lengths, observed_arg, lse, table, special,
+            grad if write_grad else lse, row_scale, soft_target, soft_special,
             T, V, targets.shape[1], W, int(special_id), int(max_shift), frame_offset or 0,
-            stride_b, stride_t, targets.stride(0), stride_ob, stride_ot)
+            stride_b, stride_t, targets.stride(0), stride_ob, stride_ot, *grad_strides)
     with device_guard(device):
         _emissions_kernel[(n,)](*args, HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize),
-                                WINDOW=frame_offset is not None,
+                                WINDOW=frame_offset is not None, WRITE_GRAD=write_grad, IN_PLACE=in_place,
                                 **emissions_config(V, W, logits.element_size(), small=small_blocks()))
-    return lse, table, special
+    return outputs
+
+
+def emissions_grad(logits, targets, input_lengths, target_lengths, observed, special_id: int, max_shift: int,
+                   band_width: int, row_scale, grad):
+    """Stage 1 of the two-pass path (``csrc/ops.cpp``): :func:`emissions`' outputs, and in the same sweep over
+    each row ``round(row_scale[b] * softmax)`` written into ``grad`` ``[B, T, V]`` (which may be ``logits``);
+    returns ``(lse, table, special, soft_target [B, T, W], soft_special [B, T])``."""
+    if logits.dtype == torch.float64:
+        from mdlm_ctc.reference import emissions_grad_reference
+
+        return emissions_grad_reference(logits, targets, input_lengths, target_lengths, observed, special_id,
+                                        max_shift, band_width, row_scale, grad)
+    B, T, V = logits.shape
+    W = int(band_width)
+    check_grad_buffer("emissions_grad", grad, logits)
+    outputs = _launch_emissions(logits, logits.stride(0), logits.stride(1), B * T, None, T, V, targets, input_lengths,
+                                target_lengths, observed, special_id, max_shift, W, True, grad,
+                                (grad.stride(0), grad.stride(1)), row_scale)
+    lse, table, special, soft_target, soft_special = outputs
+    return lse.view(B, T), table.view(B, T, W), special.view(B, T), soft_target.view(B, T, W), soft_special.view(B, T)
+
+
+def emissions_grad_window(logits, frame_offset: int, frames_per_row: int, targets, input_lengths, target_lengths,
+                          observed, special_id: int, max_shift: int, band_width: int, row_scale, grad):
+    """:func:`emissions_grad` over a window of frames (:func:`emissions_window`'s layout; the fused LM head's
+    gradient in the forward): ``grad`` ``[n, V]`` may be ``logits``."""
+    if logits.dtype == torch.float64:
+        from mdlm_ctc.reference import emissions_grad_window_reference
+
+        return emissions_grad_window_reference(logits, frame_offset, frames_per_row, targets, input_lengths,
+                                               target_lengths, observed, special_id, max_shift, band_width,
+                                               row_scale, grad)
+    n, V = check_window("emissions_grad_window", logits, frame_offset, frames_per_row, input_lengths)
+    W = int(band_width)
+    if W < 1:
+        raise ValueError(f"emissions_grad_window: `band_width` must be >= 1; got {band_width}")
+    check_grad_buffer("emissions_grad_window", grad, logits)
+    T = int(frames_per_row)
+    first, stop = window_rows(frame_offset, n, T)
+    rows = slice(first, stop)
+    return _launch_emissions(logits, 0, logits.stride(0), n, int(frame_offset) - first * T, T, V, targets[rows],
+                             input_lengths[rows], target_lengths[rows], None if observed is None else observed[rows],
+                             special_id, max_shift, W, True, grad, (0, grad.stride(0)), row_scale[rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +387,23 @@ def check_window(op: str, logits, frame_offset, frames_per_row, input_lengths) -
         raise ValueError(f"{op}: the window of frames [{offset}, {offset + n}) (`frame_offset`, `logits`) is "
                          f"outside the B*T = {B * T} frames")
     return n, logits.shape[1]
+
+
+def check_grad_buffer(op: str, grad, logits) -> None:
+    """The two-pass gradient buffer: logits' shape and dtype, the vocabulary contiguous; if it is the logits'
+    memory, the same strides (the in-place mode)."""
+    if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device:
+        raise ValueError(f"{op}: `grad` must be {tuple(logits.shape)} {logits.dtype} on {logits.device}; got "
+                         f"{tuple(grad.shape)} {grad.dtype} on {grad.device}")
+    if grad.numel() > 0 and grad.shape[-1] > 1 and (grad.stride(-1) != 1 or logits.stride(-1) != 1):
+        raise ValueError(f"{op}: `grad` and `logits` must be contiguous in the vocabulary dimension")
+    if aliases(grad, logits) and grad.stride() != logits.stride():
+        raise ValueError(f"{op}: `grad` aliases the logits with different strides")
+
+
+def aliases(out, logits) -> bool:
+    """``out`` is the logits' buffer (the in-place modes)."""
+    return out.numel() > 0 and (out is logits or (out.device.type != "meta" and out.data_ptr() == logits.data_ptr()))
 
 
 def interpreted() -> bool:

@@ -46,6 +46,15 @@ Two kernels, one program per (b, t) row each (grid B*T, n for a window), no atom
      BLOCK_V or num_warps: autotuning this kernel cannot change a bit (tested, every config).
 Cost: kernel 2 is the roofline part (one read of the logits, one write of the gradient); kernel 1
 touches W band slots per frame (and W log2 W gather lanes), small next to V.
+
+The two-pass path's backward (``gradient_finish``, in place on the buffer where the vocabulary pass
+wrote ``row_scale * softmax``; csrc/ops.cpp): kernel 1 with TWO_PASS reads the softmax of the band's
+slots and of the special token from the vocabulary pass's tables (the logits may be gone) and scales by
+``g * row_scale``; then ``_finish_kernel`` (one program per frame) runs its dense loop only where the
+row's upstream gradient g is not exactly 1 or the row is infeasible (a frame with nothing to rescale
+costs its exact values only: W + 1 stores), then writes the exact values over the row as kernel 2 does
+(``_write_exact``). ``band_values_window`` is kernel 1 alone over a window (the fused LM head's sparse
+correction).
 """
 
 from __future__ import annotations
@@ -54,23 +63,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .emissions import (autotune_enabled, check_window, device_guard, frame_of, small_blocks, vocab_block,
+from mdlm_ctc.reference import band_links
+
+from .emissions import (aliases, autotune_enabled, check_window, device_guard, frame_of, small_blocks, vocab_block,
                         window_rows)
-from .logspace import LOG2E, NAN, NEG_INF, POS_INF
-
-
-@triton.jit
-def _to_output_dtype(value, DTYPE: tl.constexpr):
-    """fp32 -> the output dtype, rounding to nearest even. bfloat16 is rounded here with integer ops:
-    the GPU's cast rounds to nearest too, but the interpreter's truncates, and the tests compare
-    bf16 gradients to within one rounding of the float64 reference."""
-    if DTYPE == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(value != value, 0x7FC0, rounded)  # a NaN stays a (quiet) NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return value.to(DTYPE)
+from .logspace import LOG2E, NAN, NEG_INF, POS_INF, to_output_dtype
 
 
 @triton.jit
@@ -109,13 +106,14 @@ def _band_values_kernel(
     # pointers
     logits_ptr, lse_ptr, grad_nll_ptr, nll_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr,
     post_target_ptr, post_special_ptr, tokens_ptr, prev_same_ptr, next_same_ptr, parked_ptr, parked_special_ptr,
+    soft_target_ptr, soft_special_ptr,
     # sizes
     T, V, U_max, W, special_id, max_shift, frame_offset, vocab_offset, V_window,
     # strides
     stride_logits_b, stride_logits_t, stride_observed_b, stride_observed_t,
     # meta
-    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_B: tl.constexpr,
-    JUMPS: tl.constexpr,
+    HAS_OBSERVED: tl.constexpr, NORMALIZE: tl.constexpr, WINDOW: tl.constexpr, TWO_PASS: tl.constexpr,
+    BLOCK_B: tl.constexpr, JUMPS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # the output row
     b, t, x_row = frame_of(row, frame_offset, T, logits_ptr, stride_logits_b, stride_logits_t, WINDOW)
@@ -123,7 +121,10 @@ def _band_values_kernel(
         b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
         stride_observed_b, stride_observed_t, W, HAS_OBSERVED)
     g = tl.load(grad_nll_ptr + b).to(tl.float32)
-    lse = tl.load(lse_ptr + row)
+    if TWO_PASS:  # the softmax comes from the vocabulary pass's band tables: the logits may be gone
+        lse = tl.zeros([], dtype=tl.float32)
+    else:
+        lse = tl.load(lse_ptr + row)
     scaled_lse = tl.where(lse == NEG_INF, 0.0, lse) * LOG2E
     k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
     post_k = tl.load(post_special_ptr + row)
@@ -156,7 +157,9 @@ def _band_values_kernel(
         # the chain's part before this tile: the total parked at its last member there (never a writer)
         total += tl.load(parked_row + entry, mask=in_band & (entry >= 0), other=0.0)
         writer = in_band & (tl.load(next_row + p, mask=in_band, other=0) + 1 > c_hi)
-        if WINDOW:  # the softmax where the logits are: tokens in the vocabulary window
+        if TWO_PASS:
+            soft = tl.load(soft_target_ptr + row * W + j, mask=writer, other=0.0)
+        elif WINDOW:  # the softmax where the logits are: tokens in the vocabulary window
             column = token - vocab_offset
             soft = _softmax_at(x_row, column, writer & (column >= 0) & (column < V_window), lse, scaled_lse, V_window,
                                NORMALIZE)
@@ -165,7 +168,9 @@ def _band_values_kernel(
         exact = g * (soft - (total + tl.where(token == k, post_k, 0.0)))
         tl.store(parked_row + j, tl.where(writer, exact, total), mask=in_band)
         tl.debug_barrier()  # this tile's totals are visible to the next tile's entry loads
-    if WINDOW:
+    if TWO_PASS:
+        soft_k = tl.load(soft_special_ptr + row)
+    elif WINDOW:
         column_k = k - vocab_offset
         soft_k = _softmax_at(x_row, column_k, live & (column_k >= 0) & (column_k < V_window), lse, scaled_lse,
                              V_window, NORMALIZE)
@@ -218,10 +223,18 @@ def _dense_kernel(
         dense = tl.where(live, dense, fill)
         if IN_PLACE:
             tl.debug_barrier()  # every lane has read its logits before the tile is overwritten
-        tl.store(out_row + v, _to_output_dtype(dense, out_ptr.dtype.element_ty), mask=in_vocab)
+        tl.store(out_row + v, to_output_dtype(dense, out_ptr.dtype.element_ty), mask=in_vocab)
     tl.debug_barrier()  # the dense values land before the exact ones that replace them
+    _write_exact(out_row, row, b, live, c_lo, c_hi, width, special_id, V, U_max, W, vocab_offset, V_window,
+                 tokens_ptr, next_same_ptr, parked_ptr, parked_special_ptr, WINDOW, BLOCK_J)
 
-    # ---- the exact values over the dense ones: the special token, then the band's writers ----------
+
+@triton.jit
+def _write_exact(out_row, row, b, live, c_lo, c_hi, width, special_id, V, U_max, W, vocab_offset, V_window,
+                 tokens_ptr, next_same_ptr, parked_ptr, parked_special_ptr, WINDOW: tl.constexpr,
+                 BLOCK_J: tl.constexpr):
+    """The exact values of ``_band_values_kernel`` over a row's dense ones: the special token, then the
+    band's writers (each token has exactly one)."""
     k = tl.minimum(tl.maximum(special_id, 0), V - 1).to(tl.int64)
     value_k = tl.load(parked_special_ptr + row)
     if WINDOW:
@@ -229,7 +242,7 @@ def _dense_kernel(
         live_k = live & (k >= 0) & (k < V_window)
     else:
         live_k = live
-    tl.store(out_row + k, _to_output_dtype(value_k, out_ptr.dtype.element_ty), mask=live_k)
+    tl.store(out_row + k, to_output_dtype(value_k, out_row.dtype.element_ty), mask=live_k)
     tl.debug_barrier()  # a writer of the special token (invalid input: k inside the band) comes last
     offs_j = tl.arange(0, BLOCK_J)
     tokens_row = tokens_ptr + b * U_max
@@ -245,7 +258,46 @@ def _dense_kernel(
             token = token - vocab_offset
             writer = writer & (token >= 0) & (token < V_window)
         value = tl.load(parked_row + j, mask=writer, other=0.0)
-        tl.store(out_row + token, _to_output_dtype(value, out_ptr.dtype.element_ty), mask=writer)
+        tl.store(out_row + token, to_output_dtype(value, out_row.dtype.element_ty), mask=writer)
+
+
+@triton.jit
+def _finish_kernel(
+    # pointers
+    out_ptr, grad_rows_ptr, nll_ptr, input_lengths_ptr, target_lengths_ptr, observed_ptr, tokens_ptr, next_same_ptr,
+    parked_ptr, parked_special_ptr,
+    # sizes
+    T, V, U_max, W, special_id, max_shift,
+    # strides
+    stride_out_b, stride_out_t, stride_observed_b, stride_observed_t,
+    # meta
+    HAS_OBSERVED: tl.constexpr, ZERO_INFINITY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """The two-pass backward of one frame, in place on the gradient buffer (``row_scale * softmax`` from the
+    vocabulary pass): the dense pass runs only where the row's upstream gradient g is not exactly 1 or the
+    row is infeasible (decided here, on the device: a program with nothing to scale returns after its
+    exact values); then the exact values of ``_band_values_kernel`` at the band's writers and at k."""
+    row = tl.program_id(0).to(tl.int64)
+    b, t, out_row = frame_of(row, 0, T, out_ptr, stride_out_b, stride_out_t, False)
+    active, live, infeasible, c_lo, c_hi, width = _row_state(
+        b, t, T, U_max, max_shift, input_lengths_ptr, target_lengths_ptr, observed_ptr, nll_ptr,
+        stride_observed_b, stride_observed_t, W, HAS_OBSERVED)
+    g = tl.load(grad_rows_ptr + b).to(tl.float32)
+    if ZERO_INFINITY:
+        fill = 0.0
+    else:
+        fill = tl.where(active & infeasible, NAN, 0.0)
+    n_v = tl.where(active & ((g != 1.0) | infeasible), V, 0)  # nothing to do in the dense part otherwise
+    offs_v = tl.arange(0, BLOCK_V)
+    for v0 in range(0, n_v, BLOCK_V):
+        v = v0 + offs_v
+        in_vocab = v < V
+        current = tl.load(out_row + v, mask=in_vocab, other=0.0).to(tl.float32)
+        tl.store(out_row + v, to_output_dtype(tl.where(live, g * current, fill), out_ptr.dtype.element_ty),
+                 mask=in_vocab)
+    tl.debug_barrier()  # the scaled values land before the exact ones that replace them
+    _write_exact(out_row, row, b, live, c_lo, c_hi, width, special_id, V, U_max, W, 0, V, tokens_ptr, next_same_ptr,
+                 parked_ptr, parked_special_ptr, False, BLOCK_J)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,37 +321,12 @@ def dense_config(V: int, element_size: int, *, small: bool = False) -> dict:
     return dict(BLOCK_V=block_v, BLOCK_J=4 if small else 128, num_warps=num_warps)
 
 
-def _band_links(targets, target_lengths, V):
-    """Per row: clamped ids ``tokens`` [B, U], and for every position the previous / next position
-    holding the same token (``prev_same``: -1 when none; ``next_same``: U + 1 when none), padding
-    excluded. Device ops only (one sort), no sync."""
-    B, U = targets.shape
-    tokens = targets.to(torch.int64).clamp(0, max(V - 1, 0)).contiguous()
-    position = torch.arange(U, device=targets.device)
-    key = torch.where(position[None, :] < target_lengths[:, None], tokens, V)  # padding sorts last as token V
-    sorted_tokens, sorted_positions = torch.sort(key, dim=1, stable=True)
-    next_sorted = torch.full_like(sorted_positions, U + 1)
-    prev_sorted = torch.full_like(sorted_positions, -1)
-    if U > 1:
-        same = sorted_tokens[:, 1:] == sorted_tokens[:, :-1]
-        next_sorted[:, :-1] = torch.where(same, sorted_positions[:, 1:], U + 1)
-        prev_sorted[:, 1:] = torch.where(same, sorted_positions[:, :-1], -1)
-    next_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, next_sorted)
-    prev_same = torch.empty_like(sorted_positions).scatter_(1, sorted_positions, prev_sorted)
-    return tokens, prev_same, next_same
-
-
 def _dense_autotune_configs():
     return [triton.Config({"BLOCK_V": bv, "BLOCK_J": 128}, num_warps=nw) for bv, nw in DENSE_AUTOTUNE_CONFIGS]
 
 
 # keyed on V and the dtypes: the band width W changes from batch to batch and only sizes the writers' loop
 _dense_kernel_tuned = triton.autotune(configs=_dense_autotune_configs(), key=["V"])(_dense_kernel)
-
-
-def _aliases(out, logits) -> bool:
-    """``out`` is the logits' buffer (the in-place mode)."""
-    return out.numel() > 0 and (out is logits or (out.device.type != "meta" and out.data_ptr() == logits.data_ptr()))
 
 
 def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, observed, post_target, post_special, nll,
@@ -318,7 +345,7 @@ def gradient(grad_nll, logits, lse, targets, input_lengths, target_lengths, obse
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     elif out.numel() > 0 and out.stride(2) != 1:
         raise ValueError(f"gradient: `out` must be contiguous in the vocabulary dimension; got strides {out.stride()}")
-    in_place = _aliases(out, logits)
+    in_place = aliases(out, logits)
     if in_place and out.stride() != logits.stride():
         raise ValueError("gradient: `out` aliases the logits with different strides")
     if logits.dtype == torch.float64:
@@ -367,7 +394,7 @@ def gradient_window(grad_nll, logits, frame_offset: int, frames_per_row: int, vo
         raise ValueError(f"gradient_window: `out` must be {tuple(logits.shape)} {logits.dtype} on {logits.device} "
                          f"with the vocabulary contiguous; got {tuple(out.shape)} {out.dtype} on {out.device}, "
                          f"strides {out.stride()}")
-    in_place = _aliases(out, logits)
+    in_place = aliases(out, logits)
     if in_place and out.stride() != logits.stride():
         raise ValueError("gradient_window: `out` aliases the logits with different strides")
     if out.numel() == 0:
@@ -385,40 +412,133 @@ def gradient_window(grad_nll, logits, frame_offset: int, frames_per_row: int, vo
     return None
 
 
-def _launch_gradient(out, logits, logits_strides, out_strides, n, frame_offset, T, vocab_offset, V_window, V, grad_nll,
-                     lse, targets, input_lengths, target_lengths, observed, W, post_target, post_special, nll,
-                     special_id, max_shift, zero_infinity, normalize, in_place, *, dense_block=None, tune=False):
-    """The two kernels over n output rows: the whole tensor (``frame_offset=None``), or a window of the rows
-    given (emissions.py, "Windows") and the vocabulary columns [vocab_offset, vocab_offset + V_window) of V.
+def gradient_finish(grad_rows, row_scale, nll, targets, input_lengths, target_lengths, observed, soft_target,
+                    soft_special, post_target, post_special, special_id: int, max_shift: int, zero_infinity: bool,
+                    grad) -> None:
+    """The two-pass path's backward (``csrc/ops.cpp``), in place on ``grad`` ``[B, T, V]`` (``row_scale *
+    softmax`` from :func:`emissions.emissions_grad`): ``_band_values_kernel`` with the softmax from the band
+    tables (``TWO_PASS``) and ``gw = grad_rows * row_scale``, then ``_finish_kernel``, whose dense loop runs
+    only for rows whose upstream gradient is not exactly 1 or that are infeasible. No host sync."""
+    if grad.dtype == torch.float64:
+        from mdlm_ctc.reference import gradient_finish_reference
+
+        return gradient_finish_reference(grad_rows, row_scale, nll, targets, input_lengths, target_lengths, observed,
+                                         soft_target, soft_special, post_target, post_special, special_id, max_shift,
+                                         zero_infinity, grad)
+    B, T, V = grad.shape
+    if grad.numel() == 0:
+        return None
+    if grad.stride(2) != 1 and V > 1:
+        raise ValueError(f"gradient_finish: `grad` must be contiguous in the vocabulary dimension; got strides "
+                         f"{grad.stride()}")
+    n, W = B * T, post_target.shape[-1]
+    g = grad_rows.to(torch.float32).reshape(B).contiguous()
+    gw = g * row_scale.to(torch.float32).reshape(B)
+    band = _launch_band_values(grad, (0, 0), n, None, T, 0, V, V, gw, None, targets, input_lengths, target_lengths,
+                               observed, W, post_target.reshape(n, W), post_special.reshape(n), nll, special_id,
+                               max_shift, True, soft=(soft_target.reshape(n, W), soft_special.reshape(n)))
+    small = small_blocks()
+    with device_guard(grad.device):
+        _finish_kernel[(n,)](grad, g, band.nll, band.input_lengths, band.target_lengths, band.observed, band.tokens,
+                             band.next_same, band.parked, band.parked_special, T, V, band.U_max, W, int(special_id),
+                             int(max_shift), grad.stride(0), grad.stride(1), *band.observed_strides,
+                             HAS_OBSERVED=observed is not None, ZERO_INFINITY=bool(zero_infinity),
+                             **dense_config(V, grad.element_size(), small=small))
+    return None
+
+
+def band_values_window(grad_rows, row_scale, nll, frame_offset: int, frames_per_row: int, vocab_size: int, targets,
+                       input_lengths, target_lengths, observed, soft_target, soft_special, post_target, post_special,
+                       special_id: int, max_shift: int):
+    """The exact gradient at the band's tokens of a window of frames (``csrc/ops.cpp``; the fused LM head's
+    sparse correction): ``(values [n, W], special [n])``, fp32, exact at each token's last slot in the band
+    (its writer) of live frames; ``_band_values_kernel`` with the softmax from the band tables."""
+    if soft_target.dtype == torch.float64:
+        from mdlm_ctc.reference import band_values_window_reference
+
+        return band_values_window_reference(grad_rows, row_scale, nll, frame_offset, frames_per_row, vocab_size,
+                                            targets, input_lengths, target_lengths, observed, soft_target,
+                                            soft_special, post_target, post_special, special_id, max_shift)
+    n, W = soft_target.shape
+    T = int(frames_per_row)
+    B = input_lengths.shape[0]
+    if int(frame_offset) < 0 or int(frame_offset) + n > B * T:
+        raise ValueError(f"band_values_window: the window of frames [{frame_offset}, {int(frame_offset) + n}) is "
+                         f"outside the B*T = {B * T} frames")
+    if n == 0:
+        return soft_target.new_zeros((0, W)), soft_special.new_zeros((0,))
+    first, stop = window_rows(frame_offset, n, T)
+    rows = slice(first, stop)
+    gw = grad_rows.to(torch.float32).reshape(B) * row_scale.to(torch.float32).reshape(B)
+    band = _launch_band_values(soft_target, (0, 0), n, int(frame_offset) - first * T, T, 0, int(vocab_size),
+                               int(vocab_size), gw[rows], None, targets[rows], input_lengths[rows],
+                               target_lengths[rows], None if observed is None else observed[rows], W, post_target,
+                               post_special, nll.reshape(-1)[rows], special_id, max_shift, True,
+                               soft=(soft_target, soft_special))
+    return band.parked, band.parked_special
+
+
+class _BandValues:
+    """What ``_band_values_kernel`` wrote and the prepared inputs the kernels after it read."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _launch_band_values(logits, logits_strides, n, frame_offset, T, vocab_offset, V_window, V, grad_nll, lse, targets,
+                        input_lengths, target_lengths, observed, W, post_target, post_special, nll, special_id,
+                        max_shift, normalize, *, soft=None):
+    """``_band_values_kernel`` over n output rows (the whole tensor, ``frame_offset=None``, or a window of the
+    rows given); with ``soft`` (the two-pass band tables) the softmax is read there instead of the logits.
     Per-frame inputs are indexed by output row, per-row ones by the rows given."""
     device = logits.device
     B = input_lengths.shape[0]
     U_max = targets.shape[1]
     input_lengths = input_lengths.to(torch.int64).contiguous()
     target_lengths = target_lengths.to(torch.int64).contiguous()
-    tokens, prev_same, next_same = _band_links(targets, target_lengths.clamp(0, U_max), V)
+    tokens, prev_same, next_same = band_links(targets, target_lengths.clamp(0, U_max), V)
     f32 = dict(dtype=torch.float32)
-    lse = lse.to(**f32).contiguous()
+    lse = post_special if lse is None else lse.to(**f32).contiguous()  # a dummy pointer in the two-pass mode
     grad_nll = grad_nll.to(**f32).reshape(B).contiguous()
     nll = nll.to(**f32).contiguous()
     post_target = post_target.to(**f32).contiguous()
     post_special = post_special.to(**f32).contiguous()
+    two_pass = soft is not None
+    soft_target, soft_special = ((soft[0].to(**f32).contiguous(), soft[1].to(**f32).contiguous()) if two_pass
+                                 else (post_target, post_special))  # dummies without
     parked = torch.empty((n, W), device=device, **f32)
     parked_special = torch.empty((n,), device=device, **f32)
     has_observed = observed is not None
     observed_arg = observed if has_observed else input_lengths
-    stride_ob, stride_ot = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
-    small = small_blocks()
+    observed_strides = (observed_arg.stride(0), observed_arg.stride(1)) if has_observed else (0, 0)
     sizes = (T, V, U_max, W, int(special_id), int(max_shift), frame_offset or 0, vocab_offset, V_window)
-    flags = dict(HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize), WINDOW=frame_offset is not None)
     with device_guard(device):
         _band_values_kernel[(n,)](
             logits, lse, grad_nll, nll, input_lengths, target_lengths, observed_arg, post_target, post_special,
-            tokens, prev_same, next_same, parked, parked_special, *sizes, *logits_strides, stride_ob, stride_ot,
-            **flags, **band_values_config(W, small=small))
-        dense_args = (out, logits, lse, grad_nll, nll, input_lengths, target_lengths, observed_arg, tokens, next_same,
-                      parked, parked_special, *sizes, *logits_strides, *out_strides, stride_ob, stride_ot)
-        flags.update(ZERO_INFINITY=bool(zero_infinity), IN_PLACE=in_place)
+            tokens, prev_same, next_same, parked, parked_special, soft_target, soft_special, *sizes, *logits_strides,
+            *observed_strides, HAS_OBSERVED=has_observed, NORMALIZE=bool(normalize),
+            WINDOW=frame_offset is not None, TWO_PASS=two_pass, **band_values_config(W, small=small_blocks()))
+    return _BandValues(input_lengths=input_lengths, target_lengths=target_lengths, tokens=tokens, next_same=next_same,
+                       lse=lse, grad_nll=grad_nll, nll=nll, parked=parked, parked_special=parked_special,
+                       observed=observed_arg, observed_strides=observed_strides, sizes=sizes, U_max=U_max)
+
+
+def _launch_gradient(out, logits, logits_strides, out_strides, n, frame_offset, T, vocab_offset, V_window, V, grad_nll,
+                     lse, targets, input_lengths, target_lengths, observed, W, post_target, post_special, nll,
+                     special_id, max_shift, zero_infinity, normalize, in_place, *, dense_block=None, tune=False):
+    """The two kernels over n output rows: the whole tensor (``frame_offset=None``), or a window of the rows
+    given (emissions.py, "Windows") and the vocabulary columns [vocab_offset, vocab_offset + V_window) of V.
+    Per-frame inputs are indexed by output row, per-row ones by the rows given."""
+    band = _launch_band_values(logits, logits_strides, n, frame_offset, T, vocab_offset, V_window, V, grad_nll, lse,
+                               targets, input_lengths, target_lengths, observed, W, post_target, post_special, nll,
+                               special_id, max_shift, normalize)
+    small = small_blocks()
+    dense_args = (out, logits, band.lse, band.grad_nll, band.nll, band.input_lengths, band.target_lengths,
+                  band.observed, band.tokens, band.next_same, band.parked, band.parked_special, *band.sizes,
+                  *logits_strides, *out_strides, *band.observed_strides)
+    flags = dict(HAS_OBSERVED=observed is not None, NORMALIZE=bool(normalize), WINDOW=frame_offset is not None,
+                 ZERO_INFINITY=bool(zero_infinity), IN_PLACE=in_place)
+    with device_guard(logits.device):
         if dense_block is not None:
             block_v, num_warps = dense_block
             _dense_kernel[(n,)](*dense_args, **flags, BLOCK_V=block_v, BLOCK_J=4 if small else 128,

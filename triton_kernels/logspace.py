@@ -59,3 +59,17 @@ def logsumexp_axis1(x):
     total = tl.sum(tl.exp(x - hi_safe[:, None]), axis=1)
     # total = 0 exactly when every term is -inf: log(0) = -inf and hi_safe = 0
     return hi_safe + tl.log(total)
+
+
+@triton.jit
+def to_output_dtype(value, DTYPE: tl.constexpr):
+    """fp32 -> the output dtype, rounding to nearest even. bfloat16 is rounded here with integer ops:
+    the GPU's cast rounds to nearest too, but the interpreter's truncates, and the tests compare
+    bf16 gradients to within one rounding of the float64 reference."""
+    if DTYPE == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(value != value, 0x7FC0, rounded)  # a NaN stays a (quiet) NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return value.to(DTYPE)

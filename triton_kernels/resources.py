@@ -39,7 +39,7 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 H200_SMS = 132
 
-VOCAB_KERNELS = ("_emissions_kernel", "_dense_kernel")
+VOCAB_KERNELS = ("_emissions_kernel", "_dense_kernel", "_finish_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,8 @@ class Workload:
     observed: bool = False
     in_place: bool = False
     linear: bool = False           # a fused LM head shape: its windowed stages at the default chunk and tile
-    note: str = ""
+    gradient: str = "auto"         # "auto": the path the op layer's cost model picks; "two" / "three" passes
+    note: str = ""                 # (fused head: "two" is the gradient in the forward, "three" the recompute)
 
     def width(self) -> int:
         if self.W is not None:
@@ -67,7 +68,9 @@ def spec_workloads() -> list[Workload]:
     """The SPEC §6 shapes (G1-G4), as the launchers see them."""
     P, S = 0, 1
     return [
-        Workload("G1", 8, 2048, 1792, 126464, P, note="preserve, bf16"),
+        Workload("G1", 8, 2048, 1792, 126464, P, note="preserve, bf16; two passes (the cost model's choice)"),
+        Workload("G1 three-pass", 8, 2048, 1792, 126464, P, gradient="three",
+                 note="the same shape on the three-pass path, side by side"),
         Workload("G1 observed, in place", 8, 2048, 1792, 126464, P, observed=True, in_place=True,
                  note="the MDLM loop's call (observed tokens), gradient over the logits"),
         Workload("G1 no band bound", 8, 2048, 1792, 126464, P, W=1792,
@@ -80,7 +83,24 @@ def spec_workloads() -> list[Workload]:
                       "rows as G1"),
         Workload("G4 observed", 8, 2048, 1792, 126464, P, linear=True, observed=True,
                  note="the MDLM loop's fused call (observed tokens)"),
+        Workload("G4 gradient in forward", 8, 2048, 1792, 126464, P, linear=True, gradient="two",
+                 note="the fused head's gradient in the forward: the two-pass vocabulary pass over a chunk, in "
+                      "place, and the exact band values of the sparse correction (the recompute path is the G4 "
+                      "default: its [V, D] fp32 accumulator would exceed a 1,024-frame chunk)"),
     ]
+
+
+SWEEP_CHUNKS = (0, 7, 15, 31, 63)
+"""The chunk lengths benchmarks/bench_slack_ctc.py's sweep (``--suite sweep``) times at the lattice shapes of
+:func:`sweep_workloads`, whatever the collapse (0: one chunk): configs the launcher's cost model may never
+pick (standard at L = 63), so the static checks compile them too."""
+
+
+def sweep_workloads() -> list[Workload]:
+    """The lattice shapes of the benchmark's chunk-length sweep (its V is irrelevant: the lattice alone)."""
+    P, S = 0, 1
+    return [Workload("sweep G1", 8, 2048, 1792, 1024, P), Workload("sweep G2", 8, 2048, 1024, 1024, S),
+            Workload("sweep G3", 2, 8192, 7680, 1024, P)]
 
 
 def cap_workloads() -> list[Workload]:
@@ -130,6 +150,7 @@ def _recording(launches):
     from . import emissions, grad, slack_ctc
 
     patched = [(emissions, "_emissions_kernel"), (grad, "_band_values_kernel"), (grad, "_dense_kernel"),
+               (grad, "_finish_kernel"),
                (slack_ctc, "_transfer_kernel"), (slack_ctc, "_boundary_kernel"), (slack_ctc, "_sweep_kernel"),
                (slack_ctc, "_loss_kernel"), (slack_ctc, "_posterior_kernel")]
     saved = [(module, name, getattr(module, name)) for module, name in patched]
@@ -162,12 +183,22 @@ def record(workload: Workload, *, n_sm: int = H200_SMS, chunk_lens=None, dense_b
         targets = torch.empty((B, U), dtype=torch.int64, **meta)
         lengths = torch.empty((B,), dtype=torch.int64, **meta)
         observed = torch.empty((B, T), dtype=torch.int64, **meta) if w.observed else None
-        lse, table, special = emissions.emissions(logits, targets, lengths, lengths, observed, 0, -1, W, True)
+        g = torch.empty((B,), dtype=torch.float32, **meta)
+        two_pass = two_pass_of(w)
+        if two_pass:  # the softmax written in the vocabulary pass; the backward's finish in place on it
+            buffer = logits if w.in_place else torch.empty_like(logits)
+            lse, table, special, soft_target, soft_special = emissions.emissions_grad(
+                logits, targets, lengths, lengths, observed, 0, -1, W, g, buffer)
+        else:
+            lse, table, special = emissions.emissions(logits, targets, lengths, lengths, observed, 0, -1, W, True)
         S = W + 1 if w.mode == slack_ctc.PRESERVE else 2 * W + 1
         for chunk_len in chunk_lens if chunk_lens is not None else [slack_ctc.choose_chunk_len(B, T, S, w.mode, n_sm)]:
             nll = slack_ctc.lattice_band(table, special, targets, lengths, lengths, w.mode, -1, True,
                                          chunk_len=chunk_len)
-        g = torch.empty((B,), dtype=torch.float32, **meta)
+        if two_pass:
+            grad.gradient_finish(g, g, nll, targets, lengths, lengths, observed, soft_target, soft_special, table,
+                                 special, 0, -1, False, buffer)
+            return launches
         args = (g, logits, lse, targets, lengths, lengths, observed, table, special, nll, 0, -1, False, True)
         grad.gradient(*args, out=logits if w.in_place else None)
         for block in dense_blocks or ():
@@ -175,6 +206,23 @@ def record(workload: Workload, *, n_sm: int = H200_SMS, chunk_lens=None, dense_b
             grad.gradient(*args, dense_block=block)
             del launches[before]  # the band-values launch repeats; keep the dense one
     return launches
+
+
+def two_pass_of(workload: Workload) -> bool:
+    """The path a workload records: its ``gradient`` field, or (``auto``) the op layer's cost model on a GPU
+    (``mdlm_ctc._ops.gradient_in_forward``; the fused head's choice, ``linear.gradient_in_forward_choice``, at
+    ``LINEAR_CHUNK``)."""
+    if workload.gradient != "auto":
+        return workload.gradient == "two"
+    w = workload
+    itemsize = torch.empty((), dtype=w.dtype).element_size()
+    if w.linear:
+        from mdlm_ctc import linear
+
+        return linear.gradient_in_forward_choice(w.B * w.T, w.V, 4096, w.width(), LINEAR_CHUNK, itemsize, 2, False)
+    from mdlm_ctc import _ops
+
+    return _ops.gradient_in_forward("triton", torch.device("cuda"), w.V, w.width(), itemsize)
 
 
 LINEAR_CHUNK = 1024
@@ -196,13 +244,24 @@ def _record_linear(w: Workload, meta: dict) -> None:
     lengths = torch.empty((B,), dtype=torch.int64, **meta)
     observed = torch.empty((B, T), dtype=torch.int64, **meta) if w.observed else None
     n = min(chunk, N - chunk)
-    emissions.emissions_window(torch.empty((n, V), dtype=w.dtype, **meta), chunk, T, targets, lengths, lengths,
-                               observed, 0, -1, W, True)
+    chunk_logits = torch.empty((n, V), dtype=w.dtype, **meta)
+    two_pass = two_pass_of(w)
+    if two_pass:  # the gradient in the forward: the softmax written over the chunk's logits
+        emissions.emissions_grad_window(chunk_logits, chunk, T, targets, lengths, lengths, observed, 0, -1, W,
+                                        torch.empty((B,), dtype=torch.float32, **meta), chunk_logits)
+    else:
+        emissions.emissions_window(chunk_logits, chunk, T, targets, lengths, lengths, observed, 0, -1, W, True)
     S = W + 1 if w.mode == slack_ctc.PRESERVE else 2 * W + 1
     table = torch.empty((B, T, W), dtype=torch.float32, **meta)
     special = torch.empty((B, T), dtype=torch.float32, **meta)
     nll = slack_ctc.lattice_band(table, special, targets, lengths, lengths, w.mode, -1, True,
                                  chunk_len=slack_ctc.choose_chunk_len(B, T, S, w.mode, H200_SMS))
+    if two_pass:  # the sparse correction's exact values, over a block batch of frames
+        per_frame = torch.empty((n,), dtype=torch.float32, **meta)
+        band = torch.empty((n, W), dtype=torch.float32, **meta)
+        grad.band_values_window(torch.empty((B,), dtype=torch.float32, **meta), per_frame[:B], nll, chunk, T, V,
+                                targets, lengths, lengths, observed, band, per_frame, band, per_frame, 0, -1)
+        return
     _, frames, width = linear._tiling(N, V, chunk)
     dz = torch.empty((frames, min(width, V - width)), dtype=w.dtype, **meta)
     post_target = torch.empty((frames, W), dtype=torch.float32, **meta)
@@ -241,11 +300,23 @@ def lattice_launches(T: int = 8192) -> list[tuple[Workload, Launch]]:
     return out
 
 
+LATTICE_KERNELS = ("_transfer_kernel", "_boundary_kernel", "_sweep_kernel", "_loss_kernel", "_posterior_kernel")
+
+
+def benchmark_launches() -> list[tuple[Workload, Launch]]:
+    """The lattice launches of the benchmark's chunk-length sweep (every shape of :func:`sweep_workloads` at
+    every length of SWEEP_CHUNKS); the benchmark's other rows run the launchers' own choices."""
+    out = []
+    for w in sweep_workloads():
+        out += [(w, launch) for launch in record(w, chunk_lens=SWEEP_CHUNKS) if launch.name in LATTICE_KERNELS]
+    return out
+
+
 def choosable_launches() -> list[tuple[Workload, Launch]]:
-    """Every config the launchers can choose: the SPEC shapes with the cost model's chunk length, the
-    dense kernel's autotune list (at G1 and, since any logits dtype is autotuned, at every cap shape),
-    the caps of every block size for every chunk length candidate (and for the windowed vocabulary and
-    gradient passes of the fused LM head), and every lattice-kernel config."""
+    """Every config the launchers or the benchmarks can compile: the SPEC shapes with the cost model's chunk
+    length, the dense kernel's autotune list (at G1 and, since any logits dtype is autotuned, at every cap
+    shape), the caps of every block size for every chunk length candidate (and for the windowed vocabulary
+    and gradient passes of the fused LM head), every lattice-kernel config, and the benchmark's sweep."""
     from . import grad, slack_ctc
 
     out = []
@@ -256,10 +327,15 @@ def choosable_launches() -> list[tuple[Workload, Launch]]:
             if launch.name == "_dense_kernel"]
     for w in cap_workloads():
         chunks = (0,) + (slack_ctc.PRESERVE_CHUNKS if w.mode == slack_ctc.PRESERVE else slack_ctc.STANDARD_CHUNKS)
-        out += [(w, launch) for launch in record(w, chunk_lens=chunks, dense_blocks=grad.DENSE_AUTOTUNE_CONFIGS)]
-        out += [(w, launch) for launch in record(dataclasses.replace(w, linear=True))
-                if launch.name in ("_emissions_kernel", "_band_values_kernel", "_dense_kernel")]
-    return out + lattice_launches()
+        three = dataclasses.replace(w, gradient="three")
+        out += [(w, launch) for launch in record(three, chunk_lens=chunks, dense_blocks=grad.DENSE_AUTOTUNE_CONFIGS)]
+        for path in ("two", "three"):
+            out += [(w, launch) for in_place in ((False, True) if path == "two" else ())
+                    for launch in record(dataclasses.replace(w, gradient=path, in_place=in_place))
+                    if launch.name in ("_emissions_kernel", "_band_values_kernel", "_finish_kernel")]
+            out += [(w, launch) for launch in record(dataclasses.replace(w, linear=True, gradient=path))
+                    if launch.name in ("_emissions_kernel", "_band_values_kernel", "_dense_kernel")]
+    return out + lattice_launches() + benchmark_launches()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,16 +60,17 @@ state. That is the common case: preserve tables have S = W + 1 states, standard 
 often a power of two (G2: S = 2,049 is one sweep tile of 2,048 + 8 instead of 4,096 lanes, and
 2 boundary tiles of 1,024 + 8 per chunk instead of 3, the third holding one state). ``tile_plan``
 picks the smallest power-of-two BLOCK with the fewest tiles under each kernel's cap (sweep: 4,096
-states preserve, 2,048 standard; boundary: [BLOCK_X, BLOCK_D] within 16,384 lanes; posterior sums:
-1,024). The tiles of one step are independent (they read frame t-1, write frame t), so where the
+states preserve, 2,048 standard; boundary: [BLOCK_X, BLOCK_D] within 16,384 lanes, 4,096 from
+BLOCK_D = 128; posterior sums: 1,024). The tiles of one step are independent (they read frame t-1, write frame t), so where the
 extra states go does not change any result.
 
-`choose_chunk_len` makes the chunking call with the cost model below [est.], which prices every
-dependent step as the kernels run it, for a row whose band fills the table at every frame: a sweep
-step is ``n_tiles`` tiles of BLOCK_S, and the boundary kernel (grid (B, 2)) runs ``n_tiles`` dependent
-tiles of BLOCK_X per chunk, each waiting on its global loads, so its depth is n_chunks x tiles.
-``row_depth`` counts the same tiles from a row's own band at every frame. benchmarks/results/
-static_triton.md lists the plan, its tiles, its sequential depth and the estimate per SPEC §6 shape.
+`choose_chunk_len` makes the chunking call with the cost model below (instruction counts read from the
+kernels' cubins; rates [est.]), which prices every dependent step as the kernels run it, for a row whose
+band fills the table at every frame: a sweep step is ``n_tiles`` tiles of BLOCK_S, and the boundary
+kernel (grid (B, 2)) runs ``n_tiles`` dependent tiles of BLOCK_X per chunk, each waiting on its global
+loads, so its depth is n_chunks x tiles. ``row_depth`` counts the same tiles from a row's own band at
+every frame. benchmarks/results/static_triton.md lists the plan, its tiles, its sequential depth, the
+calibration and the predictions per SPEC §6 shape.
 MDLM_CTC_LATTICE_CHUNK=<L> (0 = one chunk) overrides it.
 
 Rejected alternative: splitting one row's band across CTAs that exchange edge states every step
@@ -80,11 +81,16 @@ step costs more than the step itself unless the pipeline runs many steps ahead.
 Extra memory: alpha and beta 2 * B * (T+1) * S * 4 bytes, transfer ~B * T * S * 4 * D/L bytes
 (G1: ~50 MB in all, 1.2% of the bf16 logits; G2 standard: ~0.55 GB, 13%).
 
-Measurements: none on a GPU yet. This session had no GPU; everything here was verified under
-TRITON_INTERPRET=1 against the reference (tests/test_slack_ctc_triton.py, with chunking forced to
-L = 2, 3 at tiny T) and compiled for sm_90 to check that it lowers. The cost-model constants
-(STEP_US, the SFU rate) are estimates from background/kernels.md §6; the benchmark must sweep
-MDLM_CTC_LATTICE_CHUNK over {0, 7, 15, 31, 63} at the G1/G2/G3 shapes and fix them.
+Measurements: none on a GPU yet. Everything here was verified under TRITON_INTERPRET=1 against the
+reference (tests/test_slack_ctc_triton.py, with chunking forced to L = 2, 3 at tiny T) and compiled for
+sm_90 to check that it lowers. The cost model prices the instructions the compiler emitted: SASS counts
+per tile and per step read from the sm_90 cubins of every config (SASS_TILE, SASS_STEP, fitted by
+benchmarks/static_triton.py --calibrate; 61 and 100 instructions per element of a transfer tile, preserve
+and standard). An earlier model priced only the special-function work and put G2 standard at 0.85 ms;
+from the instruction counts it predicts ~4.3 ms (transfer ~1.7 ms, boundary ~2.1 ms), which is why
+``backend="auto"`` runs the CUDA lattice there (``mdlm_ctc/lattice_cost.py``). The issue rate and
+STEP_US are estimates; the GPU check (benchmarks/gpu_run.py) records every measured lattice row beside
+its prediction, and its sweep of L over {0, 7, 15, 31, 63} at the G1/G2/G3 shapes is what fixes them.
 
 Numerics: the chunked and single-chunk paths agree to fp32 rounding (the scan only reassociates
 log-sum-exps); both are deterministic run to run. float64 tables are handed to
@@ -630,10 +636,25 @@ def _posterior_kernel(
 # launcher
 # ---------------------------------------------------------------------------------------------
 
-# Cost model for the chunk length [est.; to be fixed by the H200 benchmark, see the header].
-STEP_US = 0.3             # one dependent, barrier-separated lattice step (store, bar.sync, L2 load)
-SFU_OPS_PER_US_PER_SM = 16 * 1980  # ex2/lg2 per microsecond per SM (16 per clock at ~1.98 GHz)
-LAUNCH_US = 4.0           # one extra kernel launch
+# Cost model of the lattice (chunk length, predictions), calibrated on the kernels' sm_90 instruction counts
+# [est. until the H200 sweep: the SASS counts are read from the cubins, the issue rate and latencies are not
+# measured]. SASS_TILE: instructions one warp issues per tile of a step, a + b * (elements per thread, at
+# least 1) + c where the tile takes a tail; SASS_STEP: instructions per dependent step beyond its tiles
+# (boundary: per chunk; sweep: per frame); SASS_POSTERIOR: per posterior program, a + b * elements per
+# thread. Least-squares fits over every config ``lattice_configs`` can give (benchmarks/static_triton.py
+# --calibrate; the report's calibration table compares them with the counts at the SPEC §6 shapes).
+SASS_TILE = {("transfer", 0): (53, 61, 0), ("transfer", 1): (40, 100, 0),
+             ("boundary", 0): (74, 35, 70), ("boundary", 1): (93, 49, 1),
+             ("sweep", 0): (6, 78, 63), ("sweep", 1): (-15, 170, 141)}
+SASS_STEP = {("boundary", 0): 169, ("boundary", 1): 209, ("sweep", 0): 131, ("sweep", 1): 199}
+SASS_WIDE_D = {("boundary", 1): 2.0}  # the per-element term from BLOCK_D = 128 (chunk lengths only the sweep or
+# MDLM_CTC_LATTICE_CHUNK reach): the standard boundary tile counted 1,333-1,844 at 16 elements per thread
+SASS_POSTERIOR = (500, 60)
+CLOCK_GHZ = 1.98          # sm_90 boost clock (H100 SXM, H200)
+SCHEDULERS = 4            # warp schedulers per SM, one instruction issued per clock each
+STEP_US = 0.3             # [est.] a dependent step's store, bar.sync and L2 load of the row it wrote
+LAUNCH_US = 4.0           # [est.] one extra kernel launch
+BANDWIDTH_TBS = 4.8       # H200: the posterior pass reads alpha and beta
 PRESERVE_CHUNKS = (15, 31, 63)  # transfer widths D = L + 1 = 16, 32, 64
 STANDARD_CHUNKS = (7, 15, 31)   # D = 2L + 1 = 15, 31, 63
 
@@ -674,9 +695,13 @@ def _sweep_plan(S: int, mode: int, *, small: bool = False) -> tuple[int, int]:
 
 
 def _boundary_plan(S: int, block_d: int, *, small: bool = False) -> tuple[int, int]:
-    """(BLOCK_X, TAIL) of the boundary kernel: the [BLOCK_X, BLOCK_D] tile within 16,384 lanes (no spill at
-    any chunk length, see benchmarks/results/static_triton.md), planned by ``tile_plan``."""
-    return tile_plan(S, max(1, (4 if small else BOUNDARY_LANES) // block_d), SMALL_TAIL if small else TAIL)
+    """(BLOCK_X, TAIL) of the boundary kernel: the [BLOCK_X, BLOCK_D] tile within 16,384 lanes, 4,096 where
+    BLOCK_D >= 128 (chunk lengths the cost model never picks, but the benchmark's sweep and
+    MDLM_CTC_LATTICE_CHUNK can: standard at L = 63 is D = 127, which spilled 1,504 B at 16,384 lanes and
+    takes 252 registers at 8,192; 202 at 4,096), planned by ``tile_plan``; no spill at any chunk length the
+    launcher or the sweep can use (benchmarks/results/static_triton.md)."""
+    lanes = 4 if small else (BOUNDARY_LANES if block_d <= 64 else BOUNDARY_LANES // 4)
+    return tile_plan(S, max(1, lanes // block_d), SMALL_TAIL if small else TAIL)
 
 
 def _step_tiles(S: int, mode: int, chunk_len: int) -> tuple[int, int]:
@@ -688,24 +713,70 @@ def _step_tiles(S: int, mode: int, chunk_len: int) -> tuple[int, int]:
     return sweep, n_tiles(S, *_boundary_plan(S, block_d))
 
 
-def _estimate_us(B: int, T: int, S: int, mode: int, chunk_len: int, n_sm: int) -> float:
-    """Estimated lattice time (alpha + beta; the posterior pass is the same either way).
+def sass_per_tile(kernel: str, mode: int, elements: float, tail: bool, block_d: int = 0) -> float:
+    """The cost model's SASS instructions one warp issues per tile of ``kernel`` (``transfer``, ``boundary``,
+    ``sweep``) with ``elements`` lanes per thread (fitted, see SASS_TILE; ``block_d``: the boundary tile's)."""
+    a, b, c = SASS_TILE[kernel, mode]
+    if block_d >= 128:
+        b *= SASS_WIDE_D.get((kernel, mode), 1.0)
+    return a + b * max(elements, 1.0) + (c if tail else 0)
 
-    Every dependent step is priced as the kernels run it, for a row whose band fills the table (S
-    states) at every frame: a sweep step is ``n_tiles`` tiles of BLOCK_S, and the boundary kernel
-    (grid (B, 2)) runs ``n_tiles`` dependent tiles of BLOCK_X per chunk, each waiting on its global
-    loads, so its depth is n_chunks x tiles, not n_chunks."""
-    sfu = 2 if mode == PRESERVE else 3  # SFU ops per state and step
-    rate = SFU_OPS_PER_US_PER_SM
-    sweep_tiles, boundary_tiles = _step_tiles(S, mode, chunk_len)
+
+def _warp_cycles(instructions: float, warps: int) -> float:
+    """Cycles one SM takes to issue ``instructions`` in each of ``warps`` warps of one CTA."""
+    return -(-warps // SCHEDULERS) * instructions
+
+
+def _estimate_us(B: int, T: int, S: int, mode: int, chunk_len: int, n_sm: int, clock_ghz: float = CLOCK_GHZ) -> float:
+    """Estimated time of alpha and beta (microseconds) for a row whose band fills the table (S states) at
+    every frame, as the kernels run it (the posterior pass, the same either way, is :func:`posterior_us`).
+
+    A dependent step costs the issue of its tiles' instructions by the CTA's warps on the SM's schedulers
+    plus STEP_US; a fully parallel phase costs its instructions at the whole GPU's issue rate (at least its
+    own critical path). One chunk: T sweep steps, alpha and beta side by side. Chunked: the transfer kernel
+    (B x n_chunks x S/TILE_I programs of L steps, two barriers each), the boundary kernel (one CTA per row and
+    direction: n_chunks chunks of ``n_tiles`` dependent tiles) and the sweep (L - 1 interior steps of every
+    chunk, all chunks at once)."""
+    cycles_us = clock_ghz * 1e3
+    issue_rate = n_sm * SCHEDULERS * cycles_us  # warp-instructions per microsecond, whole GPU
+    W = S - 1 if mode == PRESERVE else (S - 1) // 2
+    configs = lattice_configs(T, max(W, 1), mode, chunk_len)
+    sweep = configs["_sweep_kernel"]
+    sweep_tiles = n_tiles(S, sweep["BLOCK_S"], sweep["TAIL"])
+    sweep_instr = (sweep_tiles * sass_per_tile("sweep", mode, sweep["BLOCK_S"] / (32 * sweep["num_warps"]),
+                                               sweep["TAIL"] > 0) + SASS_STEP["sweep", mode])
+    sweep_step = _warp_cycles(sweep_instr, sweep["num_warps"]) / cycles_us + STEP_US
+    waves = -(-2 * B // n_sm)  # one CTA per row and direction
     if chunk_len == 0:
-        return T * (sweep_tiles * STEP_US + S * sfu / rate)
-    D = _transfer_width(mode, chunk_len)
-    n_chunks = -(-T // chunk_len)
-    transfer = max(B * T * S * D * sfu / (rate * n_sm), chunk_len * 2 * STEP_US)
-    boundary = n_chunks * (boundary_tiles * STEP_US + S * D / rate)
-    sweep = max(chunk_len * (sweep_tiles * STEP_US + S * sfu / rate), B * T * S * sfu / (rate * n_sm))
-    return transfer + boundary + sweep + 2 * LAUNCH_US
+        return waves * T * sweep_step
+    L = chunk_len
+    n_chunks = -(-T // L)
+    transfer = configs["_transfer_kernel"]
+    t_instr = sass_per_tile("transfer", mode, transfer["TILE_I"] * transfer["BLOCK_D"] / (32 * transfer["num_warps"]),
+                            False)
+    programs = B * n_chunks * -(-S // transfer["TILE_I"])
+    transfer_us = max(programs * L * transfer["num_warps"] * t_instr / issue_rate,
+                      L * (_warp_cycles(t_instr, transfer["num_warps"]) / cycles_us + 2 * STEP_US))
+    boundary = configs["_boundary_kernel"]
+    b_tiles = n_tiles(S, boundary["BLOCK_X"], boundary["TAIL"])
+    b_instr = b_tiles * sass_per_tile("boundary", mode, boundary["BLOCK_X"] * boundary["BLOCK_D"] /
+                                      (32 * boundary["num_warps"]), boundary["TAIL"] > 0, boundary["BLOCK_D"]) + \
+        SASS_STEP["boundary", mode]
+    boundary_us = waves * n_chunks * (_warp_cycles(b_instr, boundary["num_warps"]) / cycles_us + b_tiles * STEP_US)
+    sweep_us = max((L - 1) * sweep_step, B * n_chunks * 2 * (L - 1) * sweep["num_warps"] * sweep_instr / issue_rate)
+    return transfer_us + boundary_us + sweep_us + 2 * LAUNCH_US
+
+
+def posterior_us(B: int, T: int, W: int, mode: int, n_sm: int, clock_ghz: float = CLOCK_GHZ,
+                 bandwidth_tbs: float = BANDWIDTH_TBS) -> float:
+    """Estimated time of the posterior pass (B x T programs, fully parallel): its instructions at the GPU's
+    issue rate or its reads of alpha and beta at the bandwidth, whichever is longer."""
+    S = W + 1 if mode == PRESERVE else 2 * W + 1
+    posterior = lattice_configs(T, W, mode, 0)["_posterior_kernel"]
+    a, b = SASS_POSTERIOR
+    instructions = a + b * max(posterior["BLOCK_S"] / (32 * posterior["num_warps"]), 1.0)
+    issue = B * T * posterior["num_warps"] * instructions / (n_sm * SCHEDULERS * clock_ghz * 1e3)
+    return max(issue, 2 * B * T * S * 4 / (bandwidth_tbs * 1e6))
 
 
 def sequential_depth(T: int, S: int, mode: int, chunk_len: int) -> int:

@@ -1,25 +1,32 @@
 """``mdlm-ctc ablate``: the CTC design variants, fine-tuned from the main job's base, on the validation split.
 
 Every variant is fine-tuned once per seed of ``finetune_seeds`` from the base model of the run folder
-(the same ``<run>/base`` that ``compare`` uses, built here if missing), with every hyper-parameter of
-the comparison except the objective settings it names, and evaluated on the **validation split**
-(``data.load_validation``: prompts in neither the training nor the evaluation set). The default of
-``ObjectiveConfig`` is the variant that :data:`RULE` picks here; the evaluation set is never looked at.
-The table goes to ``<run>/ablation/ablation.md`` and ``ablation.json``, and into ``compare``'s report.
+(the same ``<run>/base`` that ``compare`` uses: the shipped base with the default settings), with every
+hyper-parameter of the comparison except the objective settings it names, and evaluated on the
+**validation split** (``data.load_validation``: prompts in neither the training nor the evaluation set),
+with the gap test when ``gap_test`` is on. The default of ``ObjectiveConfig`` is the variant that
+:data:`RULE` picks here; the evaluation set is never looked at. ``variants search`` (the default) runs
+:data:`SEARCH`, the design search on the shipped base; ``all`` adds the earlier one-seed ablation's
+rows. The table goes to ``<run>/ablation/ablation.md`` and ``ablation.json``, and into ``compare``'s
+report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 
+from . import base as base_mod
+from .compare import (_file_label, _jsonable, build_base, evaluate_folder, finetune_config, run_folder_lock,
+                      train_once)
 from .config import Config, copy_config
 from .data import load_datasets, load_validation
-from .evaluate import compare_seeded
+from .evaluate import compare_seeded, gap_stats
+from .report import ablation_markdown
+from .train import prepare
 
 @dataclass(frozen=True)
 class Variant:
@@ -34,6 +41,7 @@ class Variant:
 
 _SHIFT10 = {"ctc_canvas": "eos", "slack_budget": 2, "slack_insertion": "random", "slack_rate": 0.1}
 _PROBE30 = {"ctc_canvas": "eos", "slack_budget": 2, "slack_insertion": "probe", "slack_rate": 0.3}
+_PROBE = "of rows show the shift probe's canvas (one token displaced right, its old position masked)"
 
 VARIANTS: dict[str, Variant] = {
     "ce": Variant("ce", {}, "LLaDA SFT (the baseline)"),
@@ -48,9 +56,15 @@ VARIANTS: dict[str, Variant] = {
                               "eos canvas, 2 slots, visible canvas shifted before each token with probability 0.05"),
     "eos-b2-shift10": Variant("ctc", dict(_SHIFT10),
                               "eos canvas, 2 slots, visible canvas shifted before each token with probability 0.1"),
-    "eos-b2-probe30": Variant("ctc", dict(_PROBE30),
-                              "eos canvas, 2 slots, 30% of rows show the shift probe's canvas (one token displaced "
-                              "right, its old position masked)"),
+    "eos-b2-probe10": Variant("ctc", dict(_PROBE30, slack_rate=0.1), f"eos canvas, 2 slots, 10% {_PROBE}"),
+    "eos-b2-probe20": Variant("ctc", dict(_PROBE30, slack_rate=0.2), f"eos canvas, 2 slots, 20% {_PROBE}"),
+    "eos-b2-probe30": Variant("ctc", dict(_PROBE30), f"eos canvas, 2 slots, 30% {_PROBE}"),
+    "eos-b2-probe30-visible": Variant("ctc", dict(_PROBE30, slack_insertion="probe_visible"),
+                                      f"eos canvas, 2 slots, 30% {_PROBE}, the displaced token always visible (the "
+                                      f"sampler's state: the gap test's suggestion)"),
+    "mix-b2-probe30": Variant("ce+ctc", dict(_PROBE30, ctc_weight=0.5),
+                              "0.5 CE + 0.5 CTC on the probe canvas of eos-b2-probe30 (CE's target at the gap is "
+                              "the slack)"),
     "eos-b2-probe60": Variant("ctc", {"ctc_canvas": "eos", "slack_budget": 2, "slack_insertion": "probe",
                                       "slack_rate": 0.6},
                               "eos canvas, 2 slots, 60% of rows show the shift probe's canvas"),
@@ -66,6 +80,10 @@ VARIANTS: dict[str, Variant] = {
                                       sample={"eos_fill": True}, reuses="eos-b2-probe30"),
 }
 _CE_CONTROLS = ("ce", "ce-on-shift10")
+# the design search (issue 21): the default before it, the probe canvas at three rates, with the displaced token
+# always visible, and with a CE term
+SEARCH = ("ce", "eos-b2", "eos-b2-probe10", "eos-b2-probe20", "eos-b2-probe30", "eos-b2-probe30-visible",
+          "mix-b2-probe30")
 
 MARGIN = 0.02
 RULE = (f"among the CTC variants whose validation exact match without shift is at least `ce`'s minus {MARGIN:g}, "
@@ -76,10 +94,13 @@ RULE = (f"among the CTC variants whose validation exact match without shift is a
 def variant_names(cfg: Config) -> list[str]:
     if cfg.compare.variants.strip() == "all":
         return list(VARIANTS)
+    if cfg.compare.variants.strip() == "search":
+        return list(SEARCH)
     names = [s.strip() for s in cfg.compare.variants.split(",") if s.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
-        raise ValueError(f"`variants` must be 'all' or names among {', '.join(VARIANTS)}; got {cfg.compare.variants!r}")
+        raise ValueError(f"`variants` must be 'search', 'all' or names among {', '.join(VARIANTS)}; got "
+                         f"{cfg.compare.variants!r}")
     for name in list(names):
         reused = VARIANTS[name].reuses
         if reused and reused not in names:
@@ -107,41 +128,15 @@ def choose(stats: dict, names: list[str]) -> str:
     return max(ctc, key=exact)
 
 
-def base_identity(folder: str) -> dict:
-    """What identifies a base model: the SHA-256 of its weights and the thread count that built it here."""
-    import torch
-
-    from .compare import source_identity
-
-    return {"sha256": source_identity(folder), "threads": torch.get_num_threads()}
-
-
-def _commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "?"
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 def run_ablation(cfg: Config, log=print) -> dict:
     """Fine-tune and evaluate every variant on the validation split; write ``<run>/ablation/``."""
-    from .compare import run_folder_lock
-
     with run_folder_lock(cfg.run_dir()):
         return _run_ablation(cfg, log)
 
 
 def _run_ablation(cfg: Config, log=print) -> dict:
-    import dataclasses
-
-    from .compare import _file_label, _jsonable, build_base, evaluate_folder, finetune_config, train_once
-    from .report import ablation_markdown
-    from .train import prepare
-
     t0 = time.time()
-    commit = _commit()  # the code that runs, not whatever is checked out when it ends
+    commit = base_mod.commit()  # the code that runs, not whatever is checked out when it ends
     names = variant_names(cfg)
     root = cfg.run_dir()
     out_dir = os.path.join(root, "ablation")
@@ -149,7 +144,7 @@ def _run_ablation(cfg: Config, log=print) -> dict:
     prepared = prepare(cfg, root, log=log)
     train_ex, eval_ex, _ = load_datasets(cfg)
     val, val_source = load_validation(cfg, train_ex, eval_ex)
-    source, _ = build_base(cfg, prepared, root, log=log)
+    source, base_summary = build_base(cfg, prepared, root, log=log)
     ft_prepared = dataclasses.replace(prepared, init_source=source)
     seeds = cfg.finetune_seed_list()
     results = {}
@@ -166,18 +161,26 @@ def _run_ablation(cfg: Config, log=print) -> dict:
                 run_cfg = finetune_config(cfg, variant.objective, seed, variant.overrides, source)
                 train_once(run_cfg, ft_prepared, run_dir, variant.objective, log=log)
             results.setdefault(name, {})[seed] = evaluate_folder(eval_cfg, os.path.join(run_dir, "final"), val,
-                                                                 out_dir, f"{name}/seed{seed}", log)
-    stats = compare_seeded(results, cfg.shift_fraction_list(), "ce", samples=cfg.eval.bootstrap_samples,
-                           confidence=cfg.eval.confidence, seed=cfg.run.seed)
+                                                                 out_dir, f"{name}/seed{seed}", log,
+                                                                 gap=cfg.eval.gap_test)
+    kw = dict(samples=cfg.eval.bootstrap_samples, confidence=cfg.eval.confidence, seed=cfg.run.seed)
+    stats = compare_seeded(results, cfg.shift_fraction_list(), "ce", **kw)
+    gap = None
+    if cfg.eval.gap_test:
+        gap = gap_stats({n: {sd: r["gap"] for sd, r in by.items()} for n, by in results.items()}, results,
+                        cfg.shift_fraction_list()[0], "ce", **kw)
     chosen = choose(stats, names)
     ablation = {
         "fractions": cfg.shift_fraction_list(), "seeds": seeds, "examples": len(val), "source": val_source,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "commit": commit, "rule": RULE,
-        "chosen": chosen, "seconds": round(time.time() - t0, 1), "base": base_identity(source),
+        "machine": base_mod.machine(), "commit": commit, "rule": RULE,
+        "chosen": chosen, "seconds": round(time.time() - t0, 1), "base": base_mod.base_identity(source, base_summary),
         "variants": {name: {"objective": VARIANTS[name].objective, "overrides": VARIANTS[name].overrides,
                             "sample": VARIANTS[name].sample, "description": VARIANTS[name].description,
                             "stats": stats["families"][name],
-                            "win_rate": stats["pairs"].get(name, {}).get(stats["fractions"][0], {}).get("win_rate")}
+                            "win_rate": stats["pairs"].get(name, {}).get(stats["fractions"][0], {}).get("win_rate"),
+                            "exact_diff": stats["pairs"].get(name, {}).get(stats["fractions"][0], {}).get("exact_diff"),
+                            "gap": None if gap is None else gap["families"][name],
+                            "gap_pair": None if gap is None else gap["pairs"].get(name)}
                      for name in names},
     }
     ablation = json.loads(json.dumps(_jsonable(ablation)))

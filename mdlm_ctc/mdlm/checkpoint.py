@@ -132,6 +132,12 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def source_identity(source: str) -> str:
+    """The initial weights a run starts from: the SHA-256 of a folder's ``model.safetensors``, else the name."""
+    path = os.path.join(source, "model.safetensors")
+    return sha256_of(path) if os.path.isfile(path) else source
+
+
 def _fsync_file(path: str) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -379,12 +385,16 @@ def load_checkpoint(path: str, hf_model, optimizer, scheduler, *, sharded_model=
         from safetensors.torch import load_file
 
         if trainable_only:
+            from .lora import trainable_state_dict
+
             weights = load_file(os.path.join(path, ADAPTER_STATE_FILE))
-            expected = {n for n, p in hf_model.named_parameters() if p.requires_grad}
+            expected = set(trainable_state_dict(hf_model))
             if set(weights) != expected:
                 raise ValueError(f"checkpoint {path} does not match the adapted model (its trainable tensors "
                                  f"differ: {sorted(set(weights) ^ expected)[:3]})")
-            hf_model.load_state_dict(weights, strict=False)
+            unexpected = hf_model.load_state_dict(weights, strict=False).unexpected_keys
+            if unexpected:  # never silently: strict=False only skips the frozen base
+                raise ValueError(f"checkpoint {path}: {unexpected[:3]} did not load into the adapted model")
         else:
             weights = load_file(os.path.join(path, "model.safetensors"))
             missing, unexpected = hf_model.load_state_dict(weights, strict=False)

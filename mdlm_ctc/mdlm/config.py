@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 OBJECTIVES = ("ce", "ctc", "ce+ctc")
-EMBEDDED_BASE_STEPS = 1500
+EMBEDDED_BASE_STEPS = 3000
 
 
 def _opt(default, help, choices=None):
@@ -57,6 +57,9 @@ class ModelConfig:
                                     "padding); default: the tokenizer's EOS")
     slack_token: str = _opt("<slack>", "the slack token; added to the tokenizer (embedding row initialised "
                             "to the mean embedding) when the vocabulary lacks it")
+    answer_end: str = _opt("auto", "token(s) between the answer and its EOS padding: 'auto' (what the chat template "
+                           "ends an assistant turn with, unless EOS: LLaDA-8B-Instruct's <|eot_id|>; nothing "
+                           "for the embedded model), 'none', or a token; the sampler's answer stops there too")
     attn_implementation: str = _opt("sdpa", "attention kernel for models built or loaded by transformers",
                                     ("sdpa", "eager"))
     load_dtype: str = _opt("auto", "dtype of the weights: 'auto' (float32 on CPU, the checkpoint's dtype on "
@@ -97,8 +100,8 @@ class DataConfig:
     too_long: str = _opt("drop", "examples whose prompt + answer + EOS exceed max_length: 'drop' (counted) or "
                          "'error'", ("drop", "error"))
     synthetic_train_size: int = _opt(20000, "embedded data: training examples")
-    synthetic_eval_size: int = _opt(300, "embedded data: evaluation examples")
-    synthetic_val_size: int = _opt(300, "embedded data: validation examples (held out from training and "
+    synthetic_eval_size: int = _opt(1000, "embedded data: evaluation examples")
+    synthetic_val_size: int = _opt(1000, "embedded data: validation examples (held out from training and "
                                    "evaluation; `ablate` chooses settings on them)")
     synthetic_tasks: str = _opt("copy,reverse,expand,insert,dedup", "embedded data: comma-separated tasks "
                                 "(copy, reverse, expand = numbers with runs of equal digits, insert = insert "
@@ -123,7 +126,9 @@ class ObjectiveConfig:
                                 "geometric with slack_rate), 'probe' (with probability slack_rate per row, one "
                                 "slack before a random answer token, that position masked: the shift probe's "
                                 "canvas), 'best' (the model's Viterbi alignment on the fully masked canvas) or "
-                                "'none' (the target, then slack)", ("random", "probe", "best", "none"))
+                                "'none' (the target, then slack); 'probe_visible' is 'probe' with the displaced token "
+                                "always visible (the state the sampler's probe creates)",
+                                ("random", "probe", "probe_visible", "best", "none"))
     slack_rate: float = _opt(0.1, "slack_insertion=random: parameter of the geometric number of slack tokens "
                              "before each target token (mean rate / (1 - rate)), in [0, 1); probe: probability "
                              "per row, in [0, 1]")
@@ -171,9 +176,11 @@ class TrainConfig:
     lora_rank: int = _opt(32, "LoRA rank r")
     lora_alpha: float = _opt(64.0, "LoRA alpha (scaling alpha / r)")
     lora_dropout: float = _opt(0.05, "LoRA dropout")
-    lora_target_modules: str = _opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                                    "comma-separated names of the linear layers that get adapters (LLaDA: "
-                                    "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out), or 'all-linear'")
+    lora_target_modules: str = _opt("all-linear",
+                                    "linear layers that get adapters: 'all-linear' (every one but the LM head), or "
+                                    "comma-separated full module paths or their trailing names (Llama: q_proj,"
+                                    "...,down_proj; LLaDA: q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out); "
+                                    "the LM head is never adapted (its <slack> row trains)")
     gpu_memory_gb: float = _opt(80.0, "memory of one GPU (GiB) the plan checks the job against; 0 = do not check")
     world_size: int = _opt(0, "`plan`: processes (GPUs) to plan for; 0 = $WORLD_SIZE, else 1")
     merge_output: Optional[str] = _opt(None, "`merge`: folder for the merged full model; default: "
@@ -204,11 +211,15 @@ class EvalConfig:
     baseline: Optional[str] = _opt(None, "`eval`: a second model folder; pairwise win rates are reported "
                                    "against it")
     max_eval_examples: int = _opt(0, "evaluate at most this many examples; 0 = all")
-    shift_fractions: str = _opt("0,0.01,0.02,0.05,0.1", "shift-robustness curve: comma-separated shift fractions "
-                                "(the paper probes 1%, 2% and 5%)")
+    shift_fractions: str = _opt("0,0.01,0.05", "shift-robustness curve: comma-separated shift fractions (the "
+                                "paper probes 1%; the goal is read at 5%)")
+    gap_test: bool = _opt(True, "`compare`/`ablate`: also run the gap test (one displacement per example; the "
+                          "model's probability of <slack>, of a duplicate and of anything else at the gap)")
     bootstrap_samples: int = _opt(1000, "bootstrap resamples for the confidence intervals")
     confidence: float = _opt(0.95, "confidence level of the intervals")
-    prompt: Optional[str] = _opt(None, "`sample`: the prompt text; default: the first num_samples eval prompts")
+    prompt: Optional[str] = _opt(None, "`sample`: the prompt text, written like the training prompts (embedded "
+                                 "model: a task and its input, e.g. 'copy : a c b' or 'insert x 1 : a c b'); default: "
+                                 "the first num_samples eval prompts")
     num_samples: int = _opt(4, "`sample`: prompts to sample when --prompt is not given")
     show_canvas: bool = _opt(False, "`sample`: also print the raw canvas (slack, EOS)")
 
@@ -217,15 +228,18 @@ class EvalConfig:
 class CompareConfig:
     base_steps: int = _opt(-1, "`compare`/`ablate`: CE pre-training steps of the base model that every fine-tune "
                            "starts from (built once in <run>/base and reused while its settings are unchanged); "
-                           "0 fine-tunes the model as loaded; -1 = 1500 for the embedded model, 0 for a loaded one")
-    base_lr: float = _opt(2e-3, "peak learning rate of the base model's CE pre-training")
+                           "0 fine-tunes the model as loaded; -1 = 3000 for the embedded model, 0 for a loaded one")
+    base_lr: float = _opt(1e-3, "peak learning rate of the base model's CE pre-training")
     base_warmup_steps: int = _opt(100, "warmup steps of the base model's CE pre-training")
     finetune_seeds: str = _opt("1,2,3", "`compare`/`ablate`: seeds of the fine-tuning stage (data order, masking "
                                "noise); every objective is fine-tuned once per seed from the same base")
     control: bool = _opt(True, "`compare`: also fine-tune the CTC control with ctc_max_shift=0 (equal to CE by "
                          "construction on the eos canvas) on the first seed")
-    variants: str = _opt("all", "`ablate`: comma-separated variant names, or 'all' (the list is in "
-                         "mdlm_ctc/mdlm/ablation.py)")
+    variants: str = _opt("search", "`ablate`: comma-separated variant names, 'search' (the design search on the "
+                         "shipped base) or 'all' (the list is in mdlm_ctc/mdlm/ablation.py)")
+    base_source: str = _opt("auto", "`compare`/`ablate`: 'auto' (the base shipped with the package when this job's "
+                            "base settings are its settings, as with the defaults; else trained in the run folder), "
+                            "'shipped' (require it) or 'train' (always train it here)", ("auto", "shipped", "train"))
 
 
 SECTIONS = {
@@ -256,8 +270,9 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, base: "Config | None" = None) -> "Config":
-        """Nested ({section: {field: value}}) or flat ({field: value}) dict -> Config (then validated)."""
+    def from_dict(cls, data: dict, base: "Config | None" = None, check_files: bool = True) -> "Config":
+        """Nested ({section: {field: value}}) or flat ({field: value}) dict -> Config (then validated;
+        ``check_files=False`` leaves the data files unchecked: a memory plan reads none)."""
         cfg = copy_config(base) if base is not None else cls()
         if not isinstance(data, dict):
             raise ValueError(f"a configuration must be a mapping; got {type(data).__name__}")
@@ -275,11 +290,11 @@ class Config:
                 setattr(getattr(cfg, sec), key, _coerce(key, value, _FIELD_TYPES[sec][key]))
             else:
                 raise ValueError(f"unknown option `{key}`{_suggest(key, list(_FIELD_SECTION) + list(SECTIONS))}")
-        cfg.validate()
+        cfg.validate(check_files)
         return cfg
 
-    def validate(self) -> "Config":
-        validate(self)
+    def validate(self, check_files: bool = True) -> "Config":
+        validate(self, check_files)
         return self
 
     # --------------------------------------------------------------- derived values
@@ -430,7 +445,19 @@ def _need(ok: bool, name: str, value, requirement: str):
         raise ValueError(f"`{name}` must be {requirement}; got {value!r}")
 
 
-def validate(cfg: Config) -> None:
+def _folder_problem(path: str) -> str | None:
+    """Why ``path`` cannot be (or become) a folder: the first of it and its parents that is not a folder."""
+    here = os.path.abspath(path)
+    while True:
+        if os.path.exists(here):
+            return None if os.path.isdir(here) else f"{here!r} is a file, not a folder"
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+
+
+def validate(cfg: Config, check_files: bool = True) -> None:
     for sec in SECTIONS:
         section = getattr(cfg, sec)
         for f in fields(section):
@@ -441,6 +468,10 @@ def validate(cfg: Config) -> None:
     r, m, d, o, t, s, e = cfg.run, cfg.model, cfg.data, cfg.objective, cfg.train, cfg.sample, cfg.eval
     _need(bool(r.name) and "/" not in r.name and r.name not in (".", ".."), "name", r.name,
           "a non-empty folder name without '/'")
+    problem = _folder_problem(r.output_dir)
+    _need(problem is None, "output_dir", r.output_dir, f"a folder ({problem})")
+    problem = _folder_problem(cfg.run_dir())
+    _need(problem is None, "name", r.name, f"a folder name under output_dir ({problem})")
     _need(r.seed >= 0, "seed", r.seed, ">= 0")
     _need(r.threads >= 0, "threads", r.threads, ">= 0")
     _need(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "device", r.device,
@@ -455,6 +486,7 @@ def validate(cfg: Config) -> None:
           "such that the head dimension (tiny_hidden_size / tiny_heads) is even (rotary embeddings)")
     _need(m.tokenizer_vocab_size >= 16, "tokenizer_vocab_size", m.tokenizer_vocab_size, ">= 16")
     _need(bool(m.slack_token), "slack_token", m.slack_token, "a non-empty token string")
+    _need(bool(m.answer_end), "answer_end", m.answer_end, "'auto', 'none' or a token")
     _need(bool(m.model), "model", m.model, "'embedded' or a model folder / id")
     for name in ("mask_id", "eos_id", "slack_id"):
         _need(getattr(m, name) is None or getattr(m, name) >= 0, name, getattr(m, name), ">= 0 or none")
@@ -470,21 +502,10 @@ def validate(cfg: Config) -> None:
     tasks = cfg.synthetic_task_list()
     _need(bool(tasks) and all(x in SYNTHETIC_TASKS for x in tasks), "synthetic_tasks", d.synthetic_tasks,
           f"a comma-separated subset of {', '.join(SYNTHETIC_TASKS)}")
-    for path_name in ("train_file", "eval_file", "val_file"):
+    for path_name in ("train_file", "eval_file", "val_file") if check_files else ():
         path = getattr(d, path_name)
         _need(path is None or os.path.isfile(path), path_name, path, "an existing file")
-    objs = cfg.compare_objective_list()
-    _need(len(objs) >= 1 and all(x in OBJECTIVES for x in objs) and len(set(objs)) == len(objs),
-          "compare_objectives", o.compare_objectives, f"distinct comma-separated objectives among {OBJECTIVES}")
-    _need(0.0 <= o.ctc_weight <= 1.0, "ctc_weight", o.ctc_weight, "in [0, 1]")
-    _need(0.0 <= o.mask_eps < 1.0, "mask_eps", o.mask_eps, "in [0, 1)")
-    if o.slack_insertion == "probe":
-        _need(0.0 <= o.slack_rate <= 1.0, "slack_rate", o.slack_rate, "in [0, 1] (probe: a probability per row)")
-    else:
-        _need(0.0 <= o.slack_rate < 1.0, "slack_rate", o.slack_rate, "in [0, 1)")
-    _need(o.ctc_max_shift is None or o.ctc_max_shift >= 0, "ctc_max_shift", o.ctc_max_shift, ">= 0 or None")
-    _need(o.slack_budget >= 0, "slack_budget", o.slack_budget, ">= 0")
-    _need(o.slack_budget_ratio >= 0, "slack_budget_ratio", o.slack_budget_ratio, ">= 0")
+    validate_objective(o)
     _need(t.steps >= 1, "steps", t.steps, ">= 1")
     _need(t.batch_size >= 1, "batch_size", t.batch_size, ">= 1")
     _need(t.micro_batch_size >= 0, "micro_batch_size", t.micro_batch_size, ">= 0")
@@ -531,6 +552,38 @@ def validate(cfg: Config) -> None:
     _need(d.synthetic_val_size >= 1, "synthetic_val_size", d.synthetic_val_size, ">= 1")
 
 
+def validate_objective(o: ObjectiveConfig) -> ObjectiveConfig:
+    """Check the ``objective`` section alone (also what the trainer integrations call on an
+    ``ObjectiveConfig`` built in Python): types, choices and ranges; returns it unchanged."""
+    if not isinstance(o, ObjectiveConfig):
+        raise TypeError(f"`objective` must be an ObjectiveConfig; got {type(o).__name__}")
+    for f in fields(o):
+        value = getattr(o, f.name)
+        tp, optional = _base_type(_FIELD_TYPES["objective"][f.name])
+        if isinstance(value, bool):
+            ok = tp is bool
+        else:
+            ok = value is None and optional or isinstance(value, tp) or tp is float and isinstance(value, int)
+        if not ok:
+            raise TypeError(f"`{f.name}` must be {tp.__name__}{' or None' if optional else ''}; got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ValueError(f"`{f.name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    objs = [s.strip() for s in o.compare_objectives.split(",") if s.strip()]
+    _need(len(objs) >= 1 and all(x in OBJECTIVES for x in objs) and len(set(objs)) == len(objs),
+          "compare_objectives", o.compare_objectives, f"distinct comma-separated objectives among {OBJECTIVES}")
+    _need(0.0 <= o.ctc_weight <= 1.0, "ctc_weight", o.ctc_weight, "in [0, 1]")
+    _need(0.0 <= o.mask_eps < 1.0, "mask_eps", o.mask_eps, "in [0, 1)")
+    if o.slack_insertion in ("probe", "probe_visible"):
+        _need(0.0 <= o.slack_rate <= 1.0, "slack_rate", o.slack_rate, "in [0, 1] (probe: a probability per row)")
+    else:
+        _need(0.0 <= o.slack_rate < 1.0, "slack_rate", o.slack_rate, "in [0, 1)")
+    _need(o.ctc_max_shift is None or o.ctc_max_shift >= 0, "ctc_max_shift", o.ctc_max_shift, ">= 0 or None")
+    _need(o.slack_budget >= 0, "slack_budget", o.slack_budget, ">= 0")
+    _need(o.slack_budget_ratio >= 0, "slack_budget_ratio", o.slack_budget_ratio, ">= 0")
+    return o
+
+
 # ------------------------------------------------------------------------------ command-line flags
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -565,11 +618,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections=tuple(SECTION
                                    help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults <- --config file <- flags; validated."""
+def config_from_args(args: argparse.Namespace, check_files: bool = True) -> Config:
+    """Defaults <- --config file <- flags; validated (the data files only with ``check_files``)."""
     given = vars(args)
     base = Config()
     if "config" in given:
-        base = Config.from_dict(load_config_file(given["config"]), base)
+        base = Config.from_dict(load_config_file(given["config"]), base, check_files)
     flags = {k: v for k, v in given.items() if k in _FIELD_SECTION}
-    return Config.from_dict(flags, base)
+    return Config.from_dict(flags, base, check_files)

@@ -69,7 +69,8 @@ class Example:
 
 @dataclass
 class Encoded:
-    """An example as token ids: the prompt (never masked) and the answer (without EOS)."""
+    """An example as token ids: the prompt (never masked) and the answer (with its terminator, if any;
+    without EOS)."""
 
     prompt_ids: list[int]
     answer_ids: list[int]
@@ -280,17 +281,20 @@ def _prompt_ids(tokenizer, ex: Example, wrap_chat: bool) -> list[int]:
 
 
 def encode_examples(examples: list[Example], tokenizer, *, max_length: int, too_long: str = "drop",
-                    wrap_chat: bool = False, min_canvas: int = 1) -> tuple[list[Encoded], int]:
+                    wrap_chat: bool = False, min_canvas: int = 1,
+                    answer_end=()) -> tuple[list[Encoded], int]:
     """Tokenise; returns (encoded, number dropped for being too long).
 
-    A row needs ``len(prompt) + len(answer) + 1 <= max_length`` (the answer is followed by one EOS)
-    and at least ``min_canvas`` canvas positions after the prompt.
+    ``answer_end``: ids that close every answer before its EOS padding (``SpecialIds.answer_end``,
+    LLaDA-8B-Instruct's ``<|eot_id|>``); they become part of ``answer_ids``. A row needs
+    ``len(prompt) + len(answer) + 1 <= max_length`` (the answer is followed by one EOS) and at least
+    ``min_canvas`` canvas positions after the prompt.
     """
     out: list[Encoded] = []
     dropped = 0
     for i, ex in enumerate(examples):
         prompt = _prompt_ids(tokenizer, ex, wrap_chat)
-        answer = list(tokenizer(ex.response, add_special_tokens=False)["input_ids"])
+        answer = list(tokenizer(ex.response, add_special_tokens=False)["input_ids"]) + list(answer_end)
         need = len(prompt) + max(len(answer) + 1, min_canvas)
         if need > max_length:
             if too_long == "error":

@@ -61,24 +61,20 @@ def enable_activation_checkpointing(hf_model) -> str:
     """Recompute activations in backward; returns which mechanism is used.
 
     transformers' own switch when the model has one (``supports_gradient_checkpointing``); otherwise
-    torch's ``checkpoint_wrapper`` (non-reentrant) around every decoder layer, as FSDP recipes do: LLaDA's
-    remote code has no transformers switch. Apply it after LoRA and before ``fully_shard``; the wrapper
-    leaves state-dict keys unchanged.
+    torch's composable ``checkpoint`` (non-reentrant) on every decoder layer, which FSDP2's
+    ``fully_shard`` composes with: LLaDA's remote code has no transformers switch. It adds hooks and no
+    wrapper module, so module names, parameter names and state-dict keys stay the model's own (peft finds
+    its adapters by module name when it saves them, and a ``checkpoint_wrapper`` would hide them). Apply
+    it after LoRA and before ``fully_shard``.
     """
     if getattr(hf_model, "supports_gradient_checkpointing", False):
         hf_model.gradient_checkpointing_enable()
         return "transformers"
-    from functools import partial
+    from torch.distributed._composable import checkpoint
 
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
-                                                                             apply_activation_checkpointing,
-                                                                             checkpoint_wrapper)
-
-    layers = {id(layer) for layer in decoder_layers(hf_model)}
-    apply_activation_checkpointing(hf_model, check_fn=lambda module: id(module) in layers,
-                                   checkpoint_wrapper_fn=partial(checkpoint_wrapper,
-                                                                 checkpoint_impl=CheckpointImpl.NO_REENTRANT))
-    return "checkpoint_wrapper"
+    for layer in decoder_layers(hf_model):
+        checkpoint(layer)
+    return "composable checkpoint"
 
 
 def mixed_precision_policy(device: torch.device, precision: str):

@@ -6,7 +6,8 @@ against the tokenised reference answer:
 * ``exact``: the ids are identical;
 * ``edit``: token Levenshtein distance divided by ``max(len(prediction), len(reference), 1)`` (in [0, 1]);
 * ``length_error``: ``|len(prediction) - len(reference)|``;
-* ``slack_rate``: fraction of the raw canvas that is ``<slack>``; ``no_eos``: the canvas has no EOS;
+* ``slack_rate``: fraction of the raw canvas that is ``<slack>``; ``no_eos``: the canvas has no EOS (nor the
+  answer's terminator);
 * ``extra_repeats``: the prediction has more adjacent equal tokens than the reference (a token committed
   at two neighbouring positions: the duplication that a repeat-merging collapse would hide).
 
@@ -17,9 +18,29 @@ of the sampler's probe, with the drop from the unshifted accuracy and its paired
 not, or when neither is exact and A's edit distance is lower (the reverse is a loss, anything else a
 tie); win rate = (wins + ties / 2) / n, 0.5 meaning no difference, with a paired bootstrap interval
 (Arena-Hard's reporting shape with a programmatic judge).
+
+**The gap test** (:func:`gap_test`) isolates the mechanism the paper relies on. Each evaluation prompt is
+decoded once with a single displacement (``sampler``'s ``probe``): one committed content token (the k-th
+content commit, k uniform over the reference's length, seeded per example) is moved one position right
+and its old position masked again. At the next forward pass the sampler records the model's
+distribution at that gap: the probability of ``<slack>`` (deleted at the end: a model that learned the
+lattice answers the displacement this way, and the answer can still be right), of the displaced token
+(writing it again is a duplicate, what a position-wise CE model does) and of anything else; decoding then
+continues, and the token finally committed at the gap and the exact match are recorded. With greedy
+sampling, decoding up to the displacement is the undisturbed one, so the undisturbed exact match of the
+same example (shift fraction 0) pairs with it: their difference is the cost of one displacement.
+
+**Power.** :func:`detectable_difference` turns an interval into the smallest true difference the design
+detects with 80% power: (z_{1-a/2} + z_{0.8}) x SE, with SE = the interval's width / (2 z_{1-a/2}) (a
+two-sided test at the interval's level, a normal sampling distribution, the same spread under the
+alternative).
 """
 
 from __future__ import annotations
+
+import random
+import warnings
+from statistics import NormalDist
 
 import numpy as np
 
@@ -41,7 +62,7 @@ def levenshtein(a, b) -> int:
 
 
 def example_metrics(prediction: list[int], reference: list[int], canvas: list[int], slack_id: int,
-                    eos_id: int) -> dict:
+                    eos_id: int, stop_ids=()) -> dict:
     dist = levenshtein(prediction, reference)
 
     def adjacent_repeats(seq):
@@ -52,7 +73,7 @@ def example_metrics(prediction: list[int], reference: list[int], canvas: list[in
         "edit": dist / max(len(prediction), len(reference), 1),
         "length_error": float(abs(len(prediction) - len(reference))),
         "slack_rate": sum(t == slack_id for t in canvas) / max(len(canvas), 1),
-        "no_eos": float(eos_id not in canvas),
+        "no_eos": float(eos_id not in canvas and not set(stop_ids) & set(canvas)),
         "extra_repeats": float(adjacent_repeats(prediction) > adjacent_repeats(reference)),
     }
 
@@ -100,6 +121,15 @@ def paired_difference(a, b, samples: int = 1000, confidence: float = 0.95, seed:
 
 
 # ------------------------------------------------------------------------------ evaluating a model
+def detectable_difference(stat: dict, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true difference detected with probability ``power`` by a two-sided test at level
+    ``1 - confidence``, from the interval ``stat`` (``lo``, ``hi``) of an estimated difference (see the module
+    docstring for the assumptions)."""
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    se = (stat["hi"] - stat["lo"]) / (2 * z)
+    return float((z + NormalDist().inv_cdf(power)) * se)
+
+
 def encode_eval(examples, tokenizer, cfg) -> tuple[list[list[int]], list[list[int]], list]:
     """(prompt ids, reference answer ids, tasks) of the evaluation examples."""
     from .data import _prompt_ids
@@ -141,13 +171,122 @@ def evaluate_model(model, tokenizer, special, examples, cfg, *, device=None, pro
                            progress=progress, desc=f"eval {label} shift={rho:g}")
         records = []
         for i, smp in enumerate(samples):
-            rec = example_metrics(smp.tokens, references[i], smp.canvas, special.slack_id, special.eos_id)
+            rec = example_metrics(smp.tokens, references[i], smp.canvas, special.slack_id, special.eos_id,
+                                  special.stop_ids)
             rec.update(index=i, task=tasks[i], content_committed=smp.content_committed, displaced=smp.displaced,
                        blocked=smp.blocked, prediction=tokenizer.decode(smp.tokens),
                        reference=tokenizer.decode(references[i]))
             records.append(rec)
         result["fractions"][rho] = {"records": records, "summary": summarise(records, cfg, cfg.run.seed)}
     return result
+
+
+# ------------------------------------------------------------------------------ the gap test
+GAP_KINDS = ("slack", "duplicate", "eos", "other")
+GAP_METRICS = ("p_slack", "p_duplicate", "p_other", "exact_after", "exact_before", "drop") + \
+    tuple(f"top_{k}" for k in GAP_KINDS) + tuple(f"final_{k}" for k in GAP_KINDS)
+
+
+def probe_indices(references: list[list[int]], seed: int) -> list[int]:
+    """Per example, the content commit the gap test displaces: uniform over the reference's length (seeded)."""
+    return [random.Random(sample_seed(seed, i) + 104_729).randrange(max(len(ref), 1))
+            for i, ref in enumerate(references)]
+
+
+def _gap_kind(token: int, gap: dict, special) -> str:
+    if token == special.slack_id:
+        return "slack"
+    if token == gap["token"]:
+        return "duplicate"
+    return "eos" if token == special.eos_id else "other"
+
+
+def gap_test(model, tokenizer, special, examples, cfg, *, device=None, progress: bool = False,
+             label: str = "model") -> dict:
+    """Decode every prompt with one displacement and record the model's answer to the gap (module docstring)."""
+    prompts, references, tasks = encode_eval(examples, tokenizer, cfg)
+    seeds = [sample_seed(cfg.run.seed, i) for i in range(len(prompts))]
+    samples = generate(model, prompts, seeds, special, cfg.sample, device=device, progress=progress,
+                       desc=f"gap test {label}", probe=probe_indices(references, cfg.run.seed))
+    nan = float("nan")
+    records = []
+    for i, smp in enumerate(samples):
+        rec = {"index": i, "task": tasks[i], "placed": smp.gap is not None, "exact_after": float(smp.tokens == references[i]),
+               "blocked": smp.blocked, "prediction": tokenizer.decode(smp.tokens),
+               "reference": tokenizer.decode(references[i])}
+        if smp.gap is None:
+            rec.update(p_slack=nan, p_duplicate=nan, p_other=nan, top=None, final=None)
+        else:
+            g = smp.gap
+            rec.update(p_slack=g["p_slack"], p_duplicate=g["p_duplicate"], p_other=g["p_other"],
+                       top=_gap_kind(g["top"], g, special), final=_gap_kind(g["final"], g, special),
+                       position=g["position"], token=tokenizer.convert_ids_to_tokens(g["token"]))
+        records.append(rec)
+    return {"label": label, "records": records}
+
+
+def _gap_grid(gap_runs: list[dict], plain_runs: list[dict] | None, rho0, key: str) -> np.ndarray:
+    """``[S, N]`` of one gap-test metric; NaN where no displacement could be made."""
+    rows = []
+    for s, run in enumerate(gap_runs):
+        row = []
+        for i, r in enumerate(run["records"]):
+            if not r["placed"]:
+                row.append(np.nan)
+                continue
+            before = plain_runs[s]["fractions"][rho0]["records"][i]["exact"] if plain_runs is not None else np.nan
+            if key == "exact_before":
+                row.append(before)
+            elif key == "drop":
+                row.append(before - r["exact_after"])
+            elif key.startswith(("top_", "final_")):
+                where, kind = key.split("_", 1)
+                row.append(float(r[where] == kind))
+            else:
+                row.append(r[key])
+        rows.append(row)
+    return np.asarray(rows, dtype=np.float64)
+
+
+def gap_stats(gap_results: dict[str, dict], results: dict[str, dict], rho0: float, baseline: str, *,
+              samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """The gap test's statistics over seeds and examples (:func:`crossed_bootstrap`, NaN-aware).
+
+    ``gap_results[label][seed]`` is :func:`gap_test`'s output, ``results[label][seed]`` the same model's
+    :func:`evaluate_model` output (its undisturbed decoding at ``rho0``). Per family: every metric of
+    :data:`GAP_METRICS` over the examples where a displacement was made, and the fraction where it was.
+    Against ``baseline`` (paired seeds and examples): the differences of ``p_slack`` and ``exact_after``
+    (this family's minus the baseline's) and ``drop_diff`` (the baseline's drop minus this family's: > 0
+    means this family loses less to one displacement).
+    """
+    kw = dict(samples=samples, confidence=confidence, seed=seed)
+    out = {"baseline": baseline, "families": {}, "pairs": {}}
+    for label, by_seed in gap_results.items():
+        seeds = sorted(by_seed)
+        gaps = [by_seed[s] for s in seeds]
+        plain = [results[label][s] for s in seeds] if label in results else None
+        placed = np.asarray([[float(r["placed"]) for r in run["records"]] for run in gaps])
+        fam = {"seeds": seeds, "placed": crossed_bootstrap(placed, **kw)}
+        for key in GAP_METRICS:
+            if plain is None and key in ("exact_before", "drop"):
+                continue
+            fam[key] = crossed_bootstrap(_gap_grid(gaps, plain, rho0, key), **kw)
+        out["families"][label] = fam
+    if baseline not in gap_results:
+        return out
+    base = gap_results[baseline]
+    for label, by_seed in gap_results.items():
+        common = sorted(set(by_seed) & set(base))
+        if label == baseline or not common:
+            continue
+        pair = {"seeds": common}
+        for key, name in (("p_slack", "p_slack"), ("exact_after", "exact_after"), ("drop", "drop_diff")):
+            a = _gap_grid([by_seed[s] for s in common], [results[label][s] for s in common], rho0, key)
+            b = _gap_grid([base[s] for s in common], [results[baseline][s] for s in common], rho0, key)
+            pair[name] = crossed_bootstrap(b - a if key == "drop" else a - b, **kw)
+            pair[name]["detectable"] = detectable_difference(pair[name], confidence)
+        out["pairs"][label] = pair
+    return out
 
 
 def compare_results(results: dict[str, dict], cfg) -> dict:
@@ -199,13 +338,23 @@ def crossed_bootstrap(values, samples: int = 1000, confidence: float = 0.95, see
     if v.ndim == 1:
         v = v[None, :]
     S, N = v.shape
-    if N == 0:
-        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0, "seeds": S, "seed_means": []}
+    if N == 0 or np.isnan(v).all():
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0, "seeds": S,
+                "seed_means": [float("nan")] * S}
     rng = np.random.RandomState(seed)
     si = rng.randint(0, S, size=(samples, S))
     ei = rng.randint(0, N, size=(samples, N))
-    means = v[si[:, :, None], ei[:, None, :]].mean(axis=(1, 2))
     alpha = (1 - confidence) / 2
+    if np.isnan(v).any():  # NaN marks a missing cell (e.g. no displacement possible): means over the others
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(v[si[:, :, None], ei[:, None, :]], axis=(1, 2))
+            means = means[np.isfinite(means)]
+            seed_means = np.nanmean(v, axis=1)
+        return {"mean": float(np.nanmean(v)), "lo": float(np.quantile(means, alpha)),
+                "hi": float(np.quantile(means, 1 - alpha)), "n": int(np.isfinite(v).sum(axis=1).max()), "seeds": int(S),
+                "seed_means": [float(x) for x in seed_means]}
+    means = v[si[:, :, None], ei[:, None, :]].mean(axis=(1, 2))
     return {"mean": float(v.mean()), "lo": float(np.quantile(means, alpha)), "hi": float(np.quantile(means, 1 - alpha)),
             "n": int(N), "seeds": int(S), "seed_means": [float(x) for x in v.mean(axis=1)]}
 
@@ -259,11 +408,13 @@ def compare_seeded(results: dict[str, dict], fractions: list[float], baseline: s
             outcomes = np.asarray([pairwise_outcomes(x["fractions"][rho]["records"], y["fractions"][rho]["records"])
                                    for x, y in zip(mine, theirs)])
             entry = {"exact_diff": crossed_bootstrap(a - b, **kw), "win_rate": crossed_bootstrap(outcomes, **kw)}
+            entry["exact_diff"]["detectable"] = detectable_difference(entry["exact_diff"], confidence)
             entry["win_rate"].update(wins=int((outcomes == 1).sum()), losses=int((outcomes == 0).sum()),
                                      ties=int((outcomes == 0.5).sum()))
             if rho != rho0:
                 a0, b0 = _grid(mine, rho0, "exact"), _grid(theirs, rho0, "exact")
                 entry["drop_diff"] = crossed_bootstrap((b0 - b) - (a0 - a), **kw)
+                entry["drop_diff"]["detectable"] = detectable_difference(entry["drop_diff"], confidence)
             pair[rho] = entry
         out["pairs"][label] = pair
     return out

@@ -12,14 +12,24 @@
   126081) unless ``--eos-token`` names another. ``--mask-id`` / ``--eos-id`` give ids directly; a
   LLaDA config (``model_type`` llada) that names neither falls back to LLaDA's 126336 / 126081.
 * **Remote code** (``--trust-remote-code``, LLaDA's path): ``AutoConfig`` / ``AutoModel*`` load the
-  folder's own classes through its ``auto_map``; LLaDA's ``base_model`` is a plain module that returns
-  logits, so the fused head reads the final hidden states by letting the model's own forward call a
-  pass-through in place of its LM-head module for that call (nothing vocabulary-sized is computed).
+  folder's own classes through its ``auto_map``, with the compatibility layer of ``remote_code``
+  (LLaDA's and Dream's files were written for transformers 4.x; the files are never edited); LLaDA's
+  ``base_model`` is a plain module that returns logits, so the fused head reads the final hidden
+  states by letting the model's own forward call a pass-through in place of its LM-head module for
+  that call (nothing vocabulary-sized is computed).
+* **The answer's terminator** (``--answer-end``, default ``auto``): the token(s) the tokenizer's chat
+  template closes an assistant turn with, when that is not EOS (LLaDA-8B-Instruct: ``<|eot_id|>``;
+  Qwen/Dream: ``<|im_end|>`` and its newline). The training canvas is then the answer, the terminator
+  and EOS padding, with ``--wrap-chat`` and without (what SFT on LLaDA's chat format with EOS padding
+  gives, and what its chat loop expects the model to write), and the sampler's answer stops at the
+  terminator or EOS, whichever comes first. Templates without one (the embedded model's) leave the canvas answer + EOS.
 * **`<slack>`** (``--slack-token``). If the vocabulary has it, it is used as is. Otherwise it is added
   to the tokenizer as a special token. Its id is the tokenizer's next id; when that id is beyond the
   embedding matrix the embeddings are resized (``resize_token_embeddings``), and when it falls into a
   spare row that the checkpoint already has (LLaDA pads its 126,464-row embedding beyond the
-  tokenizer), that row is reused. Either way the slack row of the input embedding and of the output
+  tokenizer), that row is reused. After a resize every vocabulary-size field of the config
+  (``vocab_size``, LLaDA's ``embedding_size``, padded sizes) is set to the new row count, so the saved
+  folder reloads. Either way the slack row of the input embedding and of the output
   head is set to the mean of the rows in use (what transformers' ``mean_resizing`` does), so the
   initialisation is deterministic and identical for the CE baseline and the CTC run. Alternatively,
   name a reserved token the model already has with ``--slack-token``, or reuse a reserved id with
@@ -36,11 +46,14 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .remote_code import load_remote_model, needs_own_code, remote_class_reference
+
 META_FILE = "mdlm_ctc.json"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -49,9 +62,15 @@ class SpecialIds:
     eos_id: int
     slack_id: int
     pad_id: int | None = None
+    answer_end: list[int] = field(default_factory=list)  # between the answer and its EOS padding
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Where a sampled answer ends: EOS, or the first token of the answer's terminator."""
+        return (self.eos_id, *self.answer_end[:1])
 
 
 # ------------------------------------------------------------------------------ device and precision
@@ -103,14 +122,25 @@ def _load_dtype(cfg, device):
 
 def auto_config(path: str, cfg):
     """``AutoConfig`` of ``path``; a clear error when it needs its own code and ``--trust-remote-code`` is off."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
+    if not cfg.model.trust_remote_code:
+        try:
+            raw, _ = PretrainedConfig.get_config_dict(path)
+        except OSError:
+            raw = {}  # AutoConfig below says what is wrong with the path
+        if needs_own_code(raw):
+            raise ValueError(f"`model` {path!r} needs its own code (model_type {raw.get('model_type')!r}); pass "
+                             f"--trust-remote-code to allow it")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise ValueError(f"`model` {path!r} needs its own code; pass --trust-remote-code to allow it") from None
         raise
+
+
+_SHIMS_REPORTED: set = set()  # model classes whose shims were reported (once per process)
 
 
 def load_pretrained(path: str, cfg, device: torch.device):
@@ -122,6 +152,15 @@ def load_pretrained(path: str, cfg, device: torch.device):
     if getattr(config, "is_causal", None) is True:
         warnings.warn(f"{path}: config.is_causal is True; a masked diffusion LM must attend both ways "
                       f"(set is_causal=False in its config)", stacklevel=2)
+    if trust and remote_class_reference(config) is not None:
+        model, shims = load_remote_model(path, config, dtype=_load_dtype(cfg, device))
+        if shims and type(model) not in _SHIMS_REPORTED and os.environ.get("RANK", "0") == "0":
+            import transformers
+
+            _SHIMS_REPORTED.add(type(model))
+            print(f"note: {path}: its own code loaded under transformers {transformers.__version__} with mdlm-ctc's "
+                  f"compatibility shims: {', '.join(shims)} (mdlm_ctc/mdlm/remote_code.py)")
+        return model
     kwargs = dict(trust_remote_code=trust, dtype=_load_dtype(cfg, device))
     if not trust:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
@@ -160,6 +199,34 @@ def _mean_init_row(model, row: int, n_rows_in_use: int) -> None:
                 out.bias[row] = out.bias[:n_rows_in_use].float().mean(0).to(out.bias.dtype)
 
 
+#: config fields that give a vocabulary / embedding size (LLaDA keeps ``embedding_size`` beside ``vocab_size``)
+VOCAB_SIZE_FIELDS = ("vocab_size", "embedding_size", "padded_vocab_size", "vocab_size_padded", "n_vocab")
+
+
+def sync_vocabulary_sizes(model, rows: int) -> list[str]:
+    """After a resize to ``rows`` embedding rows: raise every vocabulary-size field below ``rows`` to it.
+
+    Covers the model's config, its text sub-config and any config object a submodule keeps (LLaDA's
+    inner model holds its own copy), so that the saved ``config.json`` describes the saved weights and
+    the folder reloads (LLaDA refuses ``embedding_size < vocab_size``). Returns the fields changed.
+    """
+    configs, changed = [], []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None:
+            continue
+        for candidate in (config, getattr(config, "get_text_config", lambda: None)()):
+            if candidate is not None and all(candidate is not c for c in configs):
+                configs.append(candidate)
+    for config in configs:
+        for name in VOCAB_SIZE_FIELDS:
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value < rows:
+                setattr(config, name, rows)
+                changed.append(name)
+    return changed
+
+
 def ensure_slack_token(model, tokenizer, slack_token: str) -> tuple[int, bool]:
     """The slack id; adds the token (and an embedding row) when the vocabulary lacks it.
 
@@ -175,6 +242,7 @@ def ensure_slack_token(model, tokenizer, slack_token: str) -> tuple[int, bool]:
         rows = model.get_input_embeddings().weight.shape[0]
         if slack_id >= rows:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            sync_vocabulary_sizes(model, model.get_input_embeddings().weight.shape[0])
         _mean_init_row(model, slack_id, min(n_before, rows))
     except (NotImplementedError, AttributeError) as err:
         raise ValueError(
@@ -245,8 +313,59 @@ def resolve_special_ids(model, tokenizer, cfg, hf_config=None) -> SpecialIds:
         slack_id = _token_id(tokenizer, m.slack_token)
     if len({mask_id, eos_id, slack_id}) != 3:
         raise ValueError(f"mask ({mask_id}), EOS ({eos_id}) and slack ({slack_id}) must be three different tokens")
+    answer_end = resolve_answer_end(tokenizer, m.answer_end, eos_id)
+    if set(answer_end) & {mask_id, slack_id}:
+        raise ValueError(f"`answer_end` {m.answer_end!r} gives ids {answer_end}, which include the mask ({mask_id}) "
+                         f"or slack ({slack_id}) token")
     return SpecialIds(mask_id=int(mask_id), eos_id=int(eos_id), slack_id=int(slack_id),
-                      pad_id=tokenizer.pad_token_id)
+                      pad_id=tokenizer.pad_token_id, answer_end=[int(i) for i in answer_end])
+
+
+_ANSWER_PROBE = "mdlmctcanswerprobe"  # stands for an assistant answer when the chat template is rendered
+
+
+def chat_template_answer_end(tokenizer, eos_id: int) -> list[int]:
+    """The token(s) the chat template closes an assistant turn with, unless that is EOS.
+
+    Renders ``[user, assistant]`` with a probe answer and reads the text after it: its tokens up to and
+    including the first special token (LLaDA-8B-Instruct: ``<|eot_id|>``, after which its template always
+    opens the next assistant header), plus the whitespace tokens that follow it (Qwen/Dream:
+    ``<|im_end|>`` and ``\\n``). Nothing when the tokenizer has no template, the template cannot render a
+    two-turn chat, the turn ends without a special token (the embedded model's ``role : content``), or
+    it ends with EOS (the EOS padding already ends the answer).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _ANSWER_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001  (a template may insist on other roles; then there is nothing to read)
+        return []
+    if not isinstance(text, str) or _ANSWER_PROBE not in text:
+        return []
+    tail = list(tokenizer(text.split(_ANSWER_PROBE, 1)[1], add_special_tokens=False)["input_ids"])
+    special = {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    special |= set(getattr(tokenizer, "all_special_ids", []))
+    first = next((k for k, i in enumerate(tail) if i in special), None)
+    if first is None or tail[first] == eos_id:
+        return []
+    end = first + 1
+    while end < len(tail) and tail[end] not in special and not tokenizer.decode([tail[end]]).strip():
+        end += 1
+    return tail[:end]
+
+
+def resolve_answer_end(tokenizer, setting: str, eos_id: int) -> list[int]:
+    """Ids of ``--answer-end``: 'auto' (:func:`chat_template_answer_end`), 'none', or a token of the vocabulary."""
+    if setting == "none":
+        return []
+    if setting == "auto":
+        return chat_template_answer_end(tokenizer, eos_id)
+    token_id = _token_id(tokenizer, setting)
+    if token_id is None:
+        raise ValueError(f"`answer_end` {setting!r} is not a token of the tokenizer's vocabulary (use 'auto', "
+                         f"'none' or a token such as '<|eot_id|>')")
+    return [] if token_id == eos_id else [token_id]
 
 
 def prepare_tokenizer(path: str, cfg) -> tuple[object, SpecialIds]:
@@ -319,14 +438,31 @@ def unwrap(model):
     return model
 
 
+def predicts_next_position(config) -> bool:
+    """Dream keeps the head of the autoregressive model it starts from: the output at position ``i``
+    predicts the token at ``i + 1``, and its sampler shifts the logits right by one position."""
+    return str(getattr(config, "model_type", "")).lower() == "dream"
+
+
 class DiffusionLM(torch.nn.Module):
-    """Thin wrapper so that one (DDP-wrappable) forward returns logits or last hidden states."""
+    """Thin wrapper so that one (DDP-wrappable) forward returns logits or last hidden states.
+
+    Position ``i`` of the output always predicts the token at position ``i``: for a model whose head
+    predicts the next position (:func:`predicts_next_position`, Dream) the outputs are shifted right by
+    one as its own sampler does (position 0 keeps its own output), for logits and hidden states alike
+    (the head is applied per position, so the fused head sees the same alignment).
+    """
 
     def __init__(self, hf_model):
         super().__init__()
         self.hf = hf_model
+        self.shift = predicts_next_position(getattr(hf_model, "config", None))
 
     def forward(self, input_ids: torch.Tensor, want: str = "logits") -> torch.Tensor:
+        out = self._forward(input_ids, want)
+        return torch.cat([out[:, :1], out[:, :-1]], dim=1) if self.shift else out
+
+    def _forward(self, input_ids: torch.Tensor, want: str) -> torch.Tensor:
         if want == "hidden":
             from transformers import PreTrainedModel
 
@@ -400,13 +536,32 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
+def is_adapter_dir(path: str) -> bool:
+    """A peft adapter folder (``final/`` of a ``--lora`` run)."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def load_adapted(path: str, cfg, device: torch.device, *, merge: bool = True):
+    """(model, tokenizer, special ids) of an adapter folder: its base with the adapter (merged by default)."""
+    from peft import PeftModel
+
+    meta = read_meta(path)
+    base_path = meta.get("lora_base")
+    if base_path is None:
+        raise ValueError(f"{path} is an adapter folder without `lora_base` in its mdlm_ctc.json; cannot find "
+                         f"its base model")
+    base, _, special = load_model_dir(base_path, cfg, device)
+    model = PeftModel.from_pretrained(base, path)
+    model = model.merge_and_unload() if merge else model
+    tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg)
+    return model.to(device), tokenizer, special
+
+
 def load_model_dir(path: str, cfg, device: torch.device):
     """(model, tokenizer, special ids) from a folder written by :func:`save_model_dir` (or any HF folder).
 
     A LoRA adapter folder (``final/`` of a ``--lora`` run) is loaded onto its base and merged.
     """
-    from .lora import is_adapter_dir, load_adapted
-
     if os.path.isdir(path) and is_adapter_dir(path):
         return load_adapted(path, cfg, device)
     if not os.path.isdir(path) and not cfg.model.trust_remote_code and os.path.sep in path:

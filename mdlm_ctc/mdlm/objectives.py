@@ -1,5 +1,19 @@
 """Training objectives: LLaDA's masked cross-entropy (``ce``), slack-CTC (``ctc``) and their mix.
 
+This module is the trainer-independent objective API. The loop (``train``), the Hugging Face
+Trainer integration (``hf_trainer``) and the NeMo AutoModel strategy (``nemo``) all compute their loss
+with the same two calls, so there is one implementation:
+
+1. :func:`corrupt` -- LLaDA's forward process and the clean sequence the objective scores:
+   ``Batch`` (``input_ids`` in LLaDA layout, prompt and answer lengths, one noise seed per row) and an
+   :class:`~mdlm_ctc.mdlm.config.ObjectiveConfig` (the loop's ``objective`` options, same names) ->
+   a :class:`Corruption`: ``noisy_ids`` for the model, everything the loss needs, on the host until
+   ``.to(device)``;
+2. :func:`objective_loss` -- the model's output on ``noisy_ids`` (logits, or final hidden states with
+   the LM head for the fused path) -> the normalised loss and detached statistics.
+
+``compute_loss`` (the loop's micro-batch loss) is exactly ``corrupt`` -> model -> ``objective_loss``.
+
 Layout of a row (LLaDA SFT): ``[prompt | canvas]`` with ``L`` positions in total; the canvas of row
 ``b`` is the ``T_b = L - P_b`` positions after its prompt. ``L`` is ``max_length`` (or the longest
 row of the *global* batch plus ``canvas_extra``), so the layout never depends on how a batch is split.
@@ -35,6 +49,8 @@ slack goes is ``slack_insertion``:
 * ``probe``: with probability ``slack_rate`` per row, one slack token before a uniformly chosen answer
   token, and that position always masked: the canvas the sampler's shift probe produces (a token
   displaced one position right, its old position masked again);
+* ``probe_visible``: ``probe``, and the displaced token (the one right of the inserted slack) is always
+  visible, as the sampler leaves it;
 * ``none``: the answer, EOS, then slack (paper.md §1.5 reading (a)).
 
 The canvas is masked as above. Masked positions are *free* (``observed = -1``); every unmasked canvas
@@ -71,18 +87,28 @@ Open questions of paper.md §7 and the choices made here:
    end (``sample_slack_budget`` and ``eos_fill`` are optional constraints, measured in the ablation).
 
 Which of these settings is the default was measured, not assumed: ``mdlm-ctc ablate`` (``ablation.py``).
+
+**Band bound** (SPEC §5). Every row's band width ``min(U_b, T_b - U_b + 1)`` (and ``ctc_max_shift + 1``)
+is known on the host when the canvas is built: on the ``eos`` canvas it is at most the slack budget plus
+one. :func:`corrupt` records it as ``Corruption.band_bound`` and :func:`objective_loss` passes it to the
+loss, so the posterior tables stay band-sized without the validation sync (``validate=False``, or under
+``torch.compile``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import mdlm_ctc
+from mdlm_ctc.reference import column_band_width
 
-from .model import LMHead, lm_head_of
+from .config import ObjectiveConfig, validate_objective
+from .model import LMHead, SpecialIds, lm_head_of
 
 FUSED_VOCAB_THRESHOLD = 32768
 
@@ -90,7 +116,10 @@ FUSED_VOCAB_THRESHOLD = 32768
 # ------------------------------------------------------------------------------ batches
 @dataclass
 class Batch:
-    """A (micro-)batch in LLaDA layout; ``input_ids`` is the clean CE sequence."""
+    """A (micro-)batch in LLaDA layout; ``input_ids`` is the clean CE sequence.
+
+    Build one with :func:`make_batch` (checked) or :func:`collate` (the loop's rows).
+    """
 
     input_ids: torch.Tensor       # [B, L] prompt, answer, EOS padding
     prompt_lengths: torch.Tensor  # [B]
@@ -104,6 +133,52 @@ class Batch:
     @property
     def canvas_lengths(self) -> torch.Tensor:
         return self.input_ids.shape[1] - self.prompt_lengths
+
+
+def make_batch(input_ids: torch.Tensor, prompt_lengths, answer_lengths=None, *, eos_id: int,
+               noise_seeds) -> Batch:
+    """A checked :class:`Batch` from tensors in LLaDA layout (prompt, answer, EOS padding to ``L``).
+
+    ``answer_lengths`` defaults to the canvas less its trailing run of ``eos_id`` (the EOS padding);
+    every row needs ``prompt + answer + 1 <= L`` (its answer is followed by at least one EOS).
+    ``noise_seeds``: one integer per row; row ``b``'s noise comes from a generator seeded with it.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point \
+            or input_ids.dtype == torch.bool:
+        raise ValueError(f"`input_ids` must be a 2-D integer tensor (batch, length); got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    B, L = input_ids.shape
+    ids = input_ids.detach().cpu().long()
+
+    def lengths(value, name):
+        if value is None:
+            raise ValueError(f"`{name}` is required: the prompt of every row must be known (it is never masked)")
+        t = torch.as_tensor(value).detach().cpu()
+        if t.shape != (B,) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"`{name}` must be {B} integers (one per row of `input_ids`); got {value!r}")
+        return t.long()
+
+    prompts = lengths(prompt_lengths, "prompt_lengths")
+    for b in range(B):
+        if not 0 <= int(prompts[b]) <= L - 1:
+            raise ValueError(f"`prompt_lengths[{b}]` = {int(prompts[b])} leaves no canvas in a row of length {L}")
+    if answer_lengths is None:
+        answers = torch.empty(B, dtype=torch.long)
+        for b in range(B):
+            canvas = ids[b, int(prompts[b]):]
+            not_eos = (canvas != eos_id).nonzero()
+            answers[b] = int(not_eos[-1]) + 1 if len(not_eos) else 0
+    else:
+        answers = lengths(answer_lengths, "answer_lengths")
+    for b in range(B):
+        if not 0 <= int(answers[b]) <= L - int(prompts[b]) - 1:
+            raise ValueError(f"`answer_lengths[{b}]` = {int(answers[b])} does not fit the canvas of row {b} "
+                             f"({L - int(prompts[b])} positions after its prompt, one of them for EOS)")
+    seeds = list(noise_seeds) if not isinstance(noise_seeds, torch.Tensor) else noise_seeds.tolist()
+    if len(seeds) != B or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ValueError(f"`noise_seeds` must be {B} integers >= 0 (one per row); got {noise_seeds!r}")
+    return Batch(ids, prompts, answers, seeds)
 
 
 def layout_length(rows, data_cfg) -> int:
@@ -136,23 +211,27 @@ class Noise:
     generators: list         # per-row generators, positioned after the mask draws
 
 
-def draw_noise(batch: Batch, eps: float) -> Noise:
-    """LLaDA's forward process with one seeded generator per row."""
+def draw_noise(batch: Batch, eps: float, generators: list | None = None) -> Noise:
+    """LLaDA's forward process with one generator per row (seeded with ``batch.noise_seeds`` unless given).
+
+    Row ``b`` draws ``t`` then one uniform per position from its generator, in float64, on the
+    generator's device; the result lives on the batch's device.
+    """
     B, L = batch.input_ids.shape
-    ps, draws, gens = [], [], []
-    for seed in batch.noise_seeds:
-        g = torch.Generator().manual_seed(int(seed))
-        t = torch.rand((), generator=g, dtype=torch.float64).item()
+    if generators is None:
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in batch.noise_seeds]
+    ps, draws = [], []
+    for g in generators:
+        t = torch.rand((), generator=g, dtype=torch.float64, device=g.device).item()
         ps.append((1.0 - eps) * t + eps)
-        draws.append(torch.rand(L, generator=g, dtype=torch.float64))
-        gens.append(g)
+        draws.append(torch.rand(L, generator=g, dtype=torch.float64, device=g.device).cpu())
     p = torch.tensor(ps, dtype=torch.float64)
-    u = torch.stack(draws)
+    u = torch.stack(draws) if draws else torch.empty(0, L, dtype=torch.float64)
     positions = torch.arange(L)[None, :]
     canvas = positions >= batch.prompt_lengths.cpu()[:, None]
     masked = (u < p[:, None]) & canvas
     device = batch.input_ids.device
-    return Noise(p=p.to(device=device, dtype=torch.float32), masked=masked.to(device), generators=gens)
+    return Noise(p=p.to(device=device, dtype=torch.float32), masked=masked.to(device), generators=list(generators))
 
 
 # ------------------------------------------------------------------------------ CTC canvas
@@ -197,7 +276,8 @@ def random_slack_counts(target_length: int, room: int, rate: float, generator) -
     """Slack tokens before each target token: geometric(rate), truncated so their sum fits ``room``."""
     if rate <= 0.0 or room <= 0:
         return torch.zeros(target_length, dtype=torch.long)
-    u = torch.rand(target_length, generator=generator, dtype=torch.float64).clamp_min(1e-300)
+    u = torch.rand(target_length, generator=generator, dtype=torch.float64,
+                   device=generator.device).cpu().clamp_min(1e-300)
     k = torch.floor(torch.log(u) / torch.log(torch.tensor(rate, dtype=torch.float64))).long()
     before = torch.cumsum(k, 0) - k
     return torch.minimum(k, (room - before).clamp_min(0))
@@ -206,8 +286,8 @@ def random_slack_counts(target_length: int, room: int, rate: float, generator) -
 def probe_slack_counts(target_length: int, answer_length: int, room: int, rate: float, generator) -> torch.Tensor:
     """``probe`` insertion: with probability ``rate`` one slack token before a uniformly chosen answer token."""
     counts = torch.zeros(target_length, dtype=torch.long)
-    hit = float(torch.rand((), generator=generator, dtype=torch.float64)) < rate
-    k = int(torch.randint(max(answer_length, 1), (), generator=generator))
+    hit = float(torch.rand((), generator=generator, dtype=torch.float64, device=generator.device)) < rate
+    k = int(torch.randint(max(answer_length, 1), (), generator=generator, device=generator.device))
     if hit and room >= 1 and answer_length >= 1:
         counts[k] = 1
     return counts
@@ -233,7 +313,7 @@ def clean_ctc_canvas(batch: Batch, targets: torch.Tensor, target_lengths: torch.
         if insertion == "best":
             canvas = alignment[b, :T].cpu()
         else:
-            if insertion == "probe":
+            if insertion in ("probe", "probe_visible"):
                 counts = probe_slack_counts(U, int(alen[b]), T - U, rate, noise.generators[b])
             else:
                 counts = random_slack_counts(U, T - U, rate if insertion == "random" else 0.0, noise.generators[b])
@@ -243,6 +323,166 @@ def clean_ctc_canvas(batch: Batch, targets: torch.Tensor, target_lengths: torch.
                 inserted[b, P: P + int(positions[-1])] = canvas[: int(positions[-1])] == slack_id
         out[b, P:] = canvas.to(out.device)
     return (out, inserted.to(out.device)) if return_inserted else out
+
+
+# ------------------------------------------------------------------------------ the public API
+@dataclass
+class Corruption:
+    """A micro-batch after the forward process: the model's input and everything the loss needs.
+
+    Tensors stay where :func:`corrupt` built them (the host) until :meth:`to`; the ``int`` fields are
+    host-side facts about the layout, so the loss never reads a length back from the device.
+    """
+
+    noisy_ids: torch.Tensor            # [B, L] what the model sees: the clean sequence, mask where masked
+    clean_ids: torch.Tensor            # [B, L] the clean sequence (ce: LLaDA's; ctc, ce+ctc: the CTC canvas)
+    masked: torch.Tensor               # [B, L] bool: masked canvas positions (the prompt never is)
+    p: torch.Tensor                    # [B] float32: masking probability of every row (the 1/p weight)
+    prompt_lengths: torch.Tensor       # [B]
+    canvas_lengths: torch.Tensor       # [B] T_b = L - P_b
+    targets: torch.Tensor | None       # [B, U_max] CTC targets (ctc, ce+ctc), right-padded
+    target_lengths: torch.Tensor | None  # [B]
+    spec: ObjectiveConfig              # the objective options the corruption was built for
+    special: SpecialIds
+    band_bound: int | None             # max over rows of min(U_b, T_b - U_b + 1) (and ctc_max_shift + 1)
+    canvas_width: int                  # max_b T_b
+    shared_prompt_length: int | None   # P when every row's prompt has that length (the canvas is then a view)
+    rows: int                          # this micro-batch's rows ...
+    tokens: int                        # ... and canvas positions: its own normalisers
+
+    def to(self, device, non_blocking: bool = False) -> "Corruption":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Corruption":
+        """Page-locked host copies (what a DataLoader with ``pin_memory=True`` asks of a batch)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> "Corruption":
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    @property
+    def denominators(self) -> dict:
+        """This micro-batch's own normalisers (the global batch's when it is the whole step)."""
+        return {"rows": float(self.rows), "tokens": float(self.tokens)}
+
+
+@torch.compiler.disable  # host-side bookkeeping (per-row generators, Python loops): nothing to compile
+def corrupt(batch: Batch, spec: ObjectiveConfig, special: SpecialIds, *, noise: Noise | None = None,
+            align: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Corruption:
+    """LLaDA's forward process and the objective's clean sequence for one micro-batch.
+
+    Args:
+        batch: rows in LLaDA layout (:func:`make_batch`, :func:`collate`).
+        spec: the objective and its options (``spec.objective`` is ``"ce"``, ``"ctc"`` or ``"ce+ctc"``;
+            the other fields are the loop's ``objective`` options, same names and meanings).
+        special: mask, EOS and slack ids (``model.resolve_special_ids``, ``hf_trainer.add_slack_token``).
+        noise: a draw of the forward process; default: :func:`draw_noise` with the batch's seeds.
+        align: ``slack_insertion="best"`` only: maps the fully masked ``[B, L]`` ids to the model's logits
+            ``[B, L, V]`` (called without gradient); the clean canvas is the model's Viterbi alignment.
+
+    Returns:
+        A :class:`Corruption` on the batch's device; feed ``noisy_ids`` to the model and its output to
+        :func:`objective_loss`.
+    """
+    validate_objective(spec)
+    if not isinstance(special, SpecialIds):
+        raise TypeError(f"`special` must be a SpecialIds (mask, EOS and slack ids); got {type(special).__name__}")
+    if noise is None:
+        noise = draw_noise(batch, spec.mask_eps)
+    p, masked = noise.p, noise.masked
+    prompts = batch.prompt_lengths.cpu()
+    L = batch.input_ids.shape[1]
+    shared = int(prompts[0]) if len(prompts) and bool((prompts == prompts[0]).all()) else None
+    targets = target_lengths = band_bound = None
+    if spec.objective == "ce":
+        clean = batch.input_ids
+    else:
+        targets, target_lengths = ctc_targets(batch, special.eos_id, spec)
+        alignment = None
+        if spec.slack_insertion == "best":
+            if align is None:
+                raise ValueError("slack_insertion='best' needs `align` (the model's logits on the fully masked "
+                                 "canvas) to find the model's own alignment")
+            alignment = best_alignment_of(align, batch, targets, target_lengths, special, spec.ctc_max_shift)
+        clean, inserted = clean_ctc_canvas(batch, targets, target_lengths, noise, slack_id=special.slack_id,
+                                           insertion=spec.slack_insertion, rate=spec.slack_rate,
+                                           alignment=alignment, return_inserted=True)
+        if spec.slack_insertion in ("probe", "probe_visible"):
+            masked = masked | inserted  # the probe re-masks the position a token was displaced from
+        if spec.slack_insertion == "probe_visible":  # and the displaced token is visible, as in the sampler
+            masked = masked & ~F.pad(inserted[:, :-1], (1, 0))
+        widths = column_band_width(L - prompts, target_lengths.cpu(), spec.ctc_max_shift)
+        band_bound = max(int(widths.max()), 1) if len(widths) else 1
+    noisy = torch.where(masked, torch.full_like(clean, special.mask_id), clean)
+    canvas = L - prompts
+    return Corruption(noisy_ids=noisy, clean_ids=clean, masked=masked, p=p, prompt_lengths=batch.prompt_lengths,
+                      canvas_lengths=batch.canvas_lengths, targets=targets, target_lengths=target_lengths, spec=spec,
+                      special=special, band_bound=band_bound, canvas_width=int(canvas.max()) if len(canvas) else 0,
+                      shared_prompt_length=shared, rows=len(canvas), tokens=int(canvas.sum()))
+
+
+def objective_loss(output: torch.Tensor, corruption: Corruption, *, head: LMHead | None = None,
+                   denominators: dict | None = None, validate: bool = True) -> tuple[torch.Tensor, dict]:
+    """The normalised loss of one micro-batch, and detached statistics.
+
+    Args:
+        output: the model's output on ``corruption.noisy_ids``: logits ``[B, L, V]``, or with ``head``
+            the final hidden states ``[B, L, D]`` (the fused path: no ``B x L x V`` logits for CTC).
+        corruption: from :func:`corrupt`, on the output's device.
+        head: the LM head (``weight`` ``[V, D]``, ``bias``) for the fused path.
+        denominators: ``{"rows", "tokens"}`` of the *global* batch (all micro-batches and processes of the
+            optimizer step); default: the micro-batch's own (right when it is the whole step).
+        validate: let the CTC loss check its inputs (one host sync). Without it, ``band_bound`` keeps the
+            posterior tables band-sized.
+
+    Returns:
+        ``(loss, stats)``: ``stats`` holds ``mask_rate`` and ``ce`` and/or ``ctc`` (the normalised terms),
+        ``slack_fraction`` for the CTC objectives, all detached.
+    """
+    c = corruption
+    if not isinstance(c, Corruption):
+        raise TypeError(f"`corruption` must be the Corruption that corrupt() returns; got {type(c).__name__}")
+    B, L = c.noisy_ids.shape
+    if not isinstance(output, torch.Tensor) or output.dim() != 3 or tuple(output.shape[:2]) != (B, L) \
+            or not output.dtype.is_floating_point:
+        raise ValueError(f"`output` must be the model's {'hidden states' if head is not None else 'logits'} on "
+                         f"`noisy_ids`, a float tensor of shape ({B}, {L}, {'D' if head is not None else 'V'}); got "
+                         f"{getattr(output, 'dtype', type(output).__name__)} of shape "
+                         f"{tuple(getattr(output, 'shape', ()))}")
+    if output.device != c.masked.device:
+        raise ValueError(f"`corruption` is on {c.masked.device} but `output` is on {output.device}; move it with "
+                         f"corruption.to(device)")
+    denoms = c.denominators if denominators is None else denominators
+    spec, mode = c.spec, c.spec.normalization
+    stats = {"mask_rate": c.p.mean().detach()}
+    if spec.objective == "ce":
+        row_sums = _masked_ce_row_sums(output, head, c.clean_ids, c.masked, c.p)
+        loss = _normalise(row_sums, c.canvas_lengths, mode, denoms)
+        stats["ce"] = loss.detach()
+        return loss, stats
+
+    T = c.canvas_width
+    canvas_out = _canvas_view(output, c, T)
+    canvas_clean = _canvas_view(c.clean_ids[..., None], c, T)[..., 0]
+    canvas_masked = _canvas_view(c.masked[..., None], c, T)[..., 0]
+    inside = torch.arange(T, device=output.device)[None, :] < c.canvas_lengths[:, None]
+    observed = torch.where(canvas_masked | ~inside, torch.full_like(canvas_clean, -1), canvas_clean)
+    nll = slack_ctc_nll(canvas_out, head, c.targets, c.target_lengths, c.canvas_lengths, observed,
+                        slack_id=c.special.slack_id, max_shift=spec.ctc_max_shift, band_bound=c.band_bound,
+                        validate=validate)
+    ctc_loss = _normalise(nll.float() / c.p, c.canvas_lengths, mode, denoms)
+    stats["ctc"] = ctc_loss.detach()
+    in_canvas = torch.arange(L, device=output.device)[None] >= c.prompt_lengths[:, None]
+    stats["slack_fraction"] = (((c.clean_ids == c.special.slack_id) & in_canvas).float().sum().detach()
+                               / c.canvas_lengths.sum())
+    if spec.objective == "ctc":
+        return ctc_loss, stats
+    ce_rows = _masked_ce_row_sums(output, head, c.clean_ids, c.masked, c.p)
+    ce_loss = _normalise(ce_rows, c.canvas_lengths, mode, denoms)
+    stats["ce"] = ce_loss.detach()
+    w = spec.ctc_weight
+    return (1.0 - w) * ce_loss + w * ctc_loss, stats
 
 
 # ------------------------------------------------------------------------------ the loss switch
@@ -261,10 +501,11 @@ def resolve_fused_lm_head(setting: str, model) -> LMHead | None:
 
 
 def slack_ctc_nll(canvas_out: torch.Tensor, head: LMHead | None, targets, target_lengths, input_lengths,
-                  observed, *, slack_id: int, max_shift: int | None) -> torch.Tensor:
+                  observed, *, slack_id: int, max_shift: int | None, band_bound: int | None = None,
+                  validate: bool = True) -> torch.Tensor:
     """Per-row slack-CTC negative log-likelihood ``[B]``, from logits or (hidden states, LM head)."""
     common = dict(slack_id=slack_id, input_lengths=input_lengths, collapse="preserve", max_shift=max_shift,
-                  observed=observed, reduction="none")
+                  observed=observed, reduction="none", validate=validate, band_bound=band_bound)
     if head is not None:
         return mdlm_ctc.linear_slack_ctc_loss(canvas_out, head.weight, targets, target_lengths, bias=head.bias,
                                               **common)
@@ -272,13 +513,12 @@ def slack_ctc_nll(canvas_out: torch.Tensor, head: LMHead | None, targets, target
 
 
 # ------------------------------------------------------------------------------ helpers
-def _canvas_view(x: torch.Tensor, prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
+def _canvas_view(x: torch.Tensor, c: Corruption, width: int) -> torch.Tensor:
     """``x[b, P_b : P_b + width]`` for every row (a view when all prompts have one length)."""
+    if c.shared_prompt_length is not None:
+        return x[:, c.shared_prompt_length: c.shared_prompt_length + width]
     L = x.shape[1]
-    P = prompt_lengths
-    if bool((P == P[0]).all()):
-        return x[:, int(P[0]): int(P[0]) + width]
-    idx = (P[:, None] + torch.arange(width, device=x.device)[None, :]).clamp(max=L - 1)
+    idx = (c.prompt_lengths[:, None] + torch.arange(width, device=x.device)[None, :]).clamp(max=L - 1)
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
@@ -301,76 +541,52 @@ def _masked_ce_row_sums(out, head, clean, masked, p) -> torch.Tensor:
     return torch.zeros(masked.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce / p[rows])
 
 
-# ------------------------------------------------------------------------------ the objective
+# ------------------------------------------------------------------------------ the loop's micro-batch loss
 def compute_loss(model, batch: Batch, *, objective: str, special, obj_cfg, denoms: dict,
-                 head: LMHead | None = None, align_model=None) -> tuple[torch.Tensor, dict]:
-    """The (already normalised) loss of one micro-batch, and detached statistics.
+                 head: LMHead | None = None, align_model=None, device=None) -> tuple[torch.Tensor, dict]:
+    """The (already normalised) loss of one micro-batch, and detached statistics: :func:`corrupt`, the
+    model, :func:`objective_loss`.
 
     ``model`` is the (possibly DDP-wrapped) :class:`~mdlm_ctc.mdlm.model.DiffusionLM`; it returns
     hidden states when ``head`` is given (fused path), logits otherwise. ``align_model`` is the
-    unwrapped model used without gradient for ``slack_insertion="best"``.
+    unwrapped model used without gradient for ``slack_insertion="best"``. The batch may stay on the
+    host; ``device`` (default: the batch's) is where the model runs.
     """
-    want = "hidden" if head is not None else "logits"
-    noise = draw_noise(batch, obj_cfg.mask_eps)
-    p, masked = noise.p, noise.masked
-    canvas_lengths = batch.canvas_lengths
-    stats = {"mask_rate": p.mean().detach()}
-    mode = obj_cfg.normalization
+    spec = obj_cfg if obj_cfg.objective == objective else dataclasses.replace(obj_cfg, objective=objective)
+    device = batch.input_ids.device if device is None else torch.device(device)
+    align = None
+    if spec.objective != "ce" and spec.slack_insertion == "best":
+        def align(ids):
+            return _logits(align_model or model, ids.to(device), head)
+    corruption = corrupt(batch, spec, special, align=align).to(device)
+    out = model(corruption.noisy_ids, want="hidden" if head is not None else "logits")
+    return objective_loss(out, corruption, head=head, denominators=denoms)
 
-    if objective == "ce":
-        clean = batch.input_ids
-        noisy = torch.where(masked, torch.full_like(clean, special.mask_id), clean)
-        out = model(noisy, want=want)
-        row_sums = _masked_ce_row_sums(out, head, clean, masked, p)
-        loss = _normalise(row_sums, canvas_lengths, mode, denoms)
-        stats["ce"] = loss.detach()
-        return loss, stats
 
-    targets, target_lengths = ctc_targets(batch, special.eos_id, obj_cfg)
-    alignment = None
-    if obj_cfg.slack_insertion == "best":
-        alignment = best_canvas_alignment(align_model or model, batch, targets, target_lengths, special,
-                                          obj_cfg.ctc_max_shift, head)
-    clean, inserted = clean_ctc_canvas(batch, targets, target_lengths, noise, slack_id=special.slack_id,
-                                       insertion=obj_cfg.slack_insertion, rate=obj_cfg.slack_rate,
-                                       alignment=alignment, return_inserted=True)
-    if obj_cfg.slack_insertion == "probe":
-        masked = masked | inserted  # the probe re-masks the position a token was displaced from
-    noisy = torch.where(masked, torch.full_like(clean, special.mask_id), clean)
-    out = model(noisy, want=want)
-    T = int(canvas_lengths.max())
-    canvas_out = _canvas_view(out, batch.prompt_lengths, T)
-    canvas_clean = _canvas_view(clean[..., None], batch.prompt_lengths, T)[..., 0]
-    canvas_masked = _canvas_view(masked[..., None], batch.prompt_lengths, T)[..., 0]
-    inside = torch.arange(T, device=clean.device)[None, :] < canvas_lengths[:, None]
-    observed = torch.where(canvas_masked | ~inside, torch.full_like(canvas_clean, -1), canvas_clean)
-    nll = slack_ctc_nll(canvas_out, head, targets, target_lengths, canvas_lengths, observed,
-                        slack_id=special.slack_id, max_shift=obj_cfg.ctc_max_shift)
-    ctc_loss = _normalise(nll.float() / p, canvas_lengths, mode, denoms)
-    stats["ctc"] = ctc_loss.detach()
-    in_canvas = torch.arange(clean.shape[1], device=clean.device)[None] >= batch.prompt_lengths[:, None]
-    stats["slack_fraction"] = ((clean == special.slack_id) & in_canvas).float().sum().detach() / canvas_lengths.sum()
-    if objective == "ctc":
-        return ctc_loss, stats
-    ce_rows = _masked_ce_row_sums(out, head, clean, masked, p)
-    ce_loss = _normalise(ce_rows, canvas_lengths, mode, denoms)
-    stats["ce"] = ce_loss.detach()
-    w = obj_cfg.ctc_weight
-    return (1.0 - w) * ce_loss + w * ctc_loss, stats
+def _logits(model, ids: torch.Tensor, head: LMHead | None) -> torch.Tensor:
+    if head is None:
+        return model(ids, want="logits")
+    return F.linear(model(ids, want="hidden"), head.weight, head.bias)
 
 
 @torch.no_grad()
-def best_canvas_alignment(model, batch: Batch, targets, target_lengths, special, max_shift, head) -> torch.Tensor:
-    """Viterbi canvas ``[B, T_max]`` of the model on the fully masked canvas (no gradient)."""
+def best_alignment_of(align: Callable[[torch.Tensor], torch.Tensor], batch: Batch, targets, target_lengths, special,
+                      max_shift) -> torch.Tensor:
+    """Viterbi canvas ``[B, T_max]`` of the logits ``align`` gives on the fully masked canvas (no gradient)."""
     L = batch.input_ids.shape[1]
     positions = torch.arange(L, device=batch.input_ids.device)[None, :]
     fully_masked = torch.where(positions >= batch.prompt_lengths[:, None],
                                torch.full_like(batch.input_ids, special.mask_id), batch.input_ids)
-    want = "hidden" if head is not None else "logits"
-    out = model(fully_masked, want=want)
-    if head is not None:
-        out = F.linear(out, head.weight, head.bias)
+    logits = align(fully_masked)
     T = int(batch.canvas_lengths.max())
-    logits = _canvas_view(out, batch.prompt_lengths, T)
-    return mdlm_ctc.best_alignment(logits.float(), targets, target_lengths, slack_id=special.slack_id,
-                                   input_lengths=batch.canvas_lengths, max_shift=max_shift)
+    prompts = batch.prompt_lengths.to(logits.device)
+    idx = (prompts[:, None] + torch.arange(T, device=logits.device)[None, :]).clamp(max=L - 1)
+    canvas = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+    return mdlm_ctc.best_alignment(canvas.float(), targets.to(logits.device), target_lengths.to(logits.device),
+                                   slack_id=special.slack_id, input_lengths=batch.canvas_lengths.to(logits.device),
+                                   max_shift=max_shift)
+
+
+def best_canvas_alignment(model, batch: Batch, targets, target_lengths, special, max_shift, head) -> torch.Tensor:
+    """Viterbi canvas ``[B, T_max]`` of the model on the fully masked canvas (no gradient)."""
+    return best_alignment_of(lambda ids: _logits(model, ids, head), batch, targets, target_lengths, special, max_shift)

@@ -4,6 +4,9 @@ Nothing is loaded but ``config.json`` (or, for the embedded model, the ``tiny_*`
 setting (``ddp``, ``fsdp``, ``lora``, ``lora+fsdp``) at the job's world size the plan estimates, per
 process:
 
+* **LoRA's trainable parameters**: the job's ``lora_target_modules`` resolved by ``lora``'s own rules
+  on the linear layers the config implies (module paths of Llama-style models or of LLaDA's code), so
+  the count is the one peft reports for the loaded model;
 * **weights**: full fine-tuning keeps fp32 master weights (4 B/param); on GPU, bf16 autocast caches a
   2 B copy of every weight it casts for the whole forward (DDP), while FSDP2 with
   ``MixedPrecisionPolicy(param_dtype=bf16)`` holds the fp32 shard (4/N B) plus the all-gathered bf16
@@ -43,14 +46,20 @@ from ..linear import default_chunk_size
 GIB = 1024 ** 3
 HEADROOM = 0.9          # a plan "fits" when its total is at most 90% of the GPU's memory
 
-# linear layers of a decoder layer: name -> (in, out) as functions of (h, kv, I); Llama and LLaDA names
-_LINEARS = {
-    "q_proj": lambda h, kv, i: (h, h), "k_proj": lambda h, kv, i: (h, kv), "v_proj": lambda h, kv, i: (h, kv),
-    "o_proj": lambda h, kv, i: (h, h), "attn_out": lambda h, kv, i: (h, h),
-    "gate_proj": lambda h, kv, i: (h, i), "ff_proj": lambda h, kv, i: (h, i), "up_proj": lambda h, kv, i: (h, i),
-    "down_proj": lambda h, kv, i: (i, h), "ff_out": lambda h, kv, i: (i, h),
+# the linear layers of one decoder layer, by module path under the layer, as (in, out) of (h, kv, I); and
+# where the layers and the LM head sit: Hugging Face Llama-style models (Llama, Qwen2, Dream, the
+# embedded model) and LLaDA's own code (OLMo-style ``model.transformer.blocks``, LLaDALlamaBlock)
+_LAYOUTS = {
+    "llama": ("model.layers.{i}.", "lm_head", {
+        "self_attn.q_proj": lambda h, kv, i: (h, h), "self_attn.k_proj": lambda h, kv, i: (h, kv),
+        "self_attn.v_proj": lambda h, kv, i: (h, kv), "self_attn.o_proj": lambda h, kv, i: (h, h),
+        "mlp.gate_proj": lambda h, kv, i: (h, i), "mlp.up_proj": lambda h, kv, i: (h, i),
+        "mlp.down_proj": lambda h, kv, i: (i, h)}),
+    "llada": ("model.transformer.blocks.{i}.", "model.transformer.ff_out", {
+        "q_proj": lambda h, kv, i: (h, h), "k_proj": lambda h, kv, i: (h, kv), "v_proj": lambda h, kv, i: (h, kv),
+        "attn_out": lambda h, kv, i: (h, h), "ff_proj": lambda h, kv, i: (h, i), "up_proj": lambda h, kv, i: (h, i),
+        "ff_out": lambda h, kv, i: (i, h)}),
 }
-_LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -65,6 +74,23 @@ class ModelShape:
     vocab: int
     tied: bool
     source: str = ""
+    layout: str = "llama"   # a key of _LAYOUTS: where the linear layers sit, by module path
+
+    @property
+    def head_path(self) -> str | None:
+        """Module path of the LM head (``None`` when tied to the input embedding)."""
+        return None if self.tied else _LAYOUTS[self.layout][1]
+
+    def linear_layers(self) -> dict[str, tuple[int, int]]:
+        """``{full module path: (in, out)}`` of the linear layers the model has (what ``lora.linear_layers``
+        reads from the loaded model), the LM head included unless tied."""
+        prefix, head, per_layer = _LAYOUTS[self.layout]
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        layers = {prefix.format(i=n) + name: shape(h, kv, i) for n in range(self.layers)
+                  for name, shape in per_layer.items()}
+        if not self.tied:
+            layers[head] = (h, self.vocab)
+        return layers
 
     @property
     def kv_dim(self) -> int:
@@ -98,12 +124,17 @@ def shape_from_config(config: dict, source: str = "") -> ModelShape:
     """A :class:`ModelShape` from a ``config.json`` dict (Llama-style or LLaDA/OLMo-style keys)."""
     hidden = int(_first(config, "hidden_size", "d_model", "n_embd"))
     heads = int(_first(config, "num_attention_heads", "n_heads"))
+    layout = "llada" if config.get("hidden_size") is None and config.get("d_model") is not None else "llama"
+    if layout == "llada" and config.get("block_type", "llama") != "llama":
+        raise ValueError(f"the model config has block_type {config['block_type']!r}; the plan knows LLaDA's 'llama' "
+                         f"blocks only")
     return ModelShape(
         hidden=hidden, layers=int(_first(config, "num_hidden_layers", "n_layers")), heads=heads,
         kv_heads=int(_first(config, "num_key_value_heads", "n_kv_heads", default=heads)),
         intermediate=int(_first(config, "intermediate_size", "mlp_hidden_size", default=4 * hidden)),
         vocab=int(_first(config, "embedding_size", "vocab_size")),
-        tied=bool(_first(config, "tie_word_embeddings", "weight_tying", default=False)), source=source)
+        tied=bool(_first(config, "tie_word_embeddings", "weight_tying", default=False)), source=source,
+        layout=layout)
 
 
 def model_shape(cfg, root: str | None = None) -> ModelShape:
@@ -133,12 +164,18 @@ def model_shape(cfg, root: str | None = None) -> ModelShape:
     return shape_from_config(config.to_dict(), path)
 
 
-def lora_params(shape: ModelShape, rank: int, targets) -> int:
-    """Trainable parameters of LoRA at ``rank`` on ``targets`` (names or 'all-linear'), plus the slack rows."""
-    names = _LLAMA_LINEARS if targets == "all-linear" else [t for t in targets if t in _LINEARS]
-    h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
-    per_layer = sum(rank * sum(_LINEARS[n](h, kv, i)) for n in names)
-    return shape.layers * per_layer + shape.hidden * (1 if shape.tied else 2)
+def lora_params(shape: ModelShape, rank: int, targets: str) -> int:
+    """Trainable parameters of LoRA at ``rank`` on ``targets`` (``lora_target_modules``), plus the slack rows.
+
+    The targets are resolved exactly as ``lora.apply_lora`` resolves them on the loaded model (same
+    function, on :meth:`ModelShape.linear_layers`): ``r * (in + out)`` per adapted layer, and one
+    ``hidden``-sized slack row in the embedding and one in the head unless tied.
+    """
+    from .lora import resolve_lora_targets
+
+    layers = shape.linear_layers()
+    paths, _ = resolve_lora_targets(targets, layers, shape.head_path, f"the model of {shape.source or 'this job'}")
+    return sum(rank * (layers[p][0] + layers[p][1]) for p in paths) + shape.hidden * (1 if shape.tied else 2)
 
 
 @dataclass
@@ -177,7 +214,7 @@ class Job:
     gradient_checkpointing: bool
     eager_attention: bool
     lora_rank: int
-    lora_targets: object
+    lora_targets: str       # ``lora_target_modules``
     base_bytes: int         # bytes per frozen base weight under LoRA
 
 
@@ -223,7 +260,8 @@ def estimate(job: Job, setting: str) -> Estimate:
             base = job.base_bytes * p / n + (2 if job.gpu else 4) * (root + 2 * layer)
         weights = base + 4 * trainable + (2 * trainable if job.gpu else 0)
         gradients, optimizer = 4 * trainable, 8 * trainable
-        notes.append(f"{trainable / 1e6:.1f}M trainable parameters (LoRA r={job.lora_rank} + slack rows)")
+        notes.append(f"{trainable / 1e6:.1f}M trainable parameters (LoRA r={job.lora_rank} on "
+                     f"{job.lora_targets} + slack rows)")
     return Estimate(setting, float(weights), float(gradients), float(optimizer), act_full, act_ckpt, head,
                     job.gradient_checkpointing, notes)
 
@@ -235,6 +273,7 @@ class Plan:
     estimates: dict
     gpu_memory_gb: float
     suggestion: str | None = None
+    skipped: str | None = None  # why the LoRA settings are not estimated (their targets do not fit the model)
 
     @property
     def fits(self) -> bool | None:
@@ -257,6 +296,8 @@ class Plan:
             lines.append(f"  {name:<10} {e.weights / GIB:8.2f} {e.gradients / GIB:8.2f} {e.optimizer / GIB:8.2f} "
                          f"{e.activations_full / GIB:8.2f} {e.activations_checkpointed / GIB:9.2f} "
                          f"{e.head / GIB:8.2f} {e.total / GIB:8.2f}{mark}")
+        if self.skipped:
+            lines.append(f"  lora, lora+fsdp: not estimated ({self.skipped})")
         chosen = self.estimates[self.chosen]
         lines.append(f"  total uses activations {'with' if j.gradient_checkpointing else 'without'} gradient "
                      f"checkpointing; {'; '.join(chosen.notes) if chosen.notes else ''}".rstrip("; "))
@@ -290,7 +331,7 @@ def _suggest(estimates: dict, job: Job, chosen: str, budget: float) -> str | Non
     options = {"ddp": "--distributed ddp", "fsdp": "--distributed fsdp", "lora": "--lora",
                "lora+fsdp": "--lora --distributed fsdp"}
     ckpt_choices = [True] if job.gradient_checkpointing else [False, True]
-    for name in [chosen, *(n for n in ("fsdp", "lora+fsdp", "lora", "ddp") if n != chosen)]:
+    for name in [chosen, *(n for n in ("fsdp", "lora+fsdp", "lora", "ddp") if n != chosen and n in estimates)]:
         e = estimates[name]
         for ckpt in ckpt_choices:
             if name == chosen and ckpt == job.gradient_checkpointing:
@@ -314,16 +355,20 @@ def plan_job(cfg, *, world: int | None = None, gpu: bool | None = None, root: st
     micro = t.micro_batch_size or per_rank
     fused = m.fused_lm_head == "on" or (m.fused_lm_head == "auto" and shape.vocab >= 32768)
     fused = fused and cfg.objective.objective != "ce"
-    from .lora import target_module_list
-
     base_bytes = 4 if (not gpu or m.load_dtype == "float32") else 2
     job = Job(shape=shape, world=world, tokens=micro * cfg.data.max_length, seq_len=cfg.data.max_length, gpu=gpu,
               fused_head=fused, gradient_checkpointing=m.gradient_checkpointing,
               eager_attention=m.attn_implementation == "eager", lora_rank=t.lora_rank,
-              lora_targets=target_module_list(t.lora_target_modules), base_bytes=base_bytes)
-    estimates = {name: estimate(job, name) for name in ("ddp", "fsdp", "lora", "lora+fsdp")}
+              lora_targets=t.lora_target_modules, base_bytes=base_bytes)
     chosen = chosen_setting(cfg, world)
-    plan = Plan(job, chosen, estimates, t.gpu_memory_gb)
+    estimates, skipped = {name: estimate(job, name) for name in ("ddp", "fsdp")}, None
+    try:
+        estimates.update({name: estimate(job, name) for name in ("lora", "lora+fsdp")})
+    except ValueError as err:  # the LoRA targets do not fit this model: an error only for a LoRA job
+        if chosen.startswith("lora"):
+            raise
+        skipped = str(err)
+    plan = Plan(job, chosen, estimates, t.gpu_memory_gb, skipped=skipped)
     if plan.fits is False:
         plan.suggestion = _suggest(estimates, job, chosen, HEADROOM * t.gpu_memory_gb * GIB)
     return plan

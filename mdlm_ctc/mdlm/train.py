@@ -142,8 +142,8 @@ def prepare(cfg: Config, root: str, *, need_train: bool = True, log=print, is_ma
         tokenizer, special = prepare_tokenizer(cfg.model.model, cfg)
         init_source = cfg.model.model
     rows, dropped = data_mod.encode_examples(train_ex, tokenizer, max_length=cfg.data.max_length,
-                                             too_long=cfg.data.too_long, wrap_chat=cfg.data.wrap_chat) \
-        if need_train else ([], 0)
+                                             too_long=cfg.data.too_long, wrap_chat=cfg.data.wrap_chat,
+                                             answer_end=special.answer_end) if need_train else ([], 0)
     info.update(train_examples=len(train_ex), train_rows=len(rows), dropped_too_long=dropped,
                 eval_examples=len(eval_ex))
     if dropped and is_main:
@@ -266,7 +266,8 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
     if t_cfg.lora:
         from .lora import apply_lora
 
-        peft_model = apply_lora(hf, cfg, special.slack_id)  # adapters injected into ``hf`` in place
+        peft_model = apply_lora(hf, cfg, special.slack_id,  # adapters injected into ``hf`` in place
+                                log=log if dist_info.main else None)
     if cfg.model.gradient_checkpointing:
         dist_mod.enable_activation_checkpointing(hf)
     net = DiffusionLM(hf).to(device)
@@ -282,6 +283,7 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
     rows = prepared.train_rows
     data_fp = _fingerprint_rows(rows)
     start_step = 0
+    earlier_seconds = 0.0  # training time of the sessions before a resume
     if t_cfg.resume:
         ckpt = find_resumable(ckpt_root, warn=log if dist_info.main else (lambda *a, **k: None))
         if ckpt is not None:
@@ -290,6 +292,7 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             if state["data"].get("fingerprint") != data_fp:
                 raise ValueError(f"the training data differ from those of checkpoint {ckpt}; cannot resume")
             start_step = int(state["step"])
+            earlier_seconds = float(state["data"].get("train_seconds", 0.0))
             if dist_info.main:
                 log(f"[{objective}] resuming from {ckpt} (step {start_step})")
     _barrier(dist_info)
@@ -324,11 +327,12 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             for k in range(accumulation):
                 positions = mine[k * micro:(k + 1) * micro]
                 batch = collate([global_rows[j] for j in positions], length, special.eos_id,
-                                [data_mod.noise_seed(cfg.run.seed, step, j) for j in positions]).to(device)
+                                [data_mod.noise_seed(cfg.run.seed, step, j) for j in positions])
                 with dist_mod.gradient_sync(model, mode, enabled=k == accumulation - 1):
                     with autocast_context(cfg.model.precision, device):
                         loss, stats = compute_loss(model, batch, objective=objective, special=special,
-                                                   obj_cfg=cfg.objective, denoms=denoms, head=head, align_model=net)
+                                                   obj_cfg=cfg.objective, denoms=denoms, head=head, align_model=net,
+                                                   device=device)
                     (loss * dist_info.world).backward()
                 step_stats[0] += float(loss.detach())
                 for i, key in enumerate(keys[1:], 1):
@@ -370,7 +374,8 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             if t_cfg.checkpoint_every and done_steps % t_cfg.checkpoint_every == 0 and done_steps < t_cfg.steps:
                 save_checkpoint(ckpt_root, done_steps, hf, optimizer, scheduler,
                                 {"step": done_steps, "rows_seen": done_steps * t_cfg.batch_size,
-                                 "epoch": order.epoch_of(done_steps), "fingerprint": data_fp},
+                                 "epoch": order.epoch_of(done_steps), "fingerprint": data_fp,
+                                 "train_seconds": earlier_seconds + time.time() - t_start},
                                 t_cfg.keep_checkpoints, cfg.to_dict(), sharded_model=sharded,
                                 trainable_only=t_cfg.lora)
     finally:
@@ -379,10 +384,13 @@ def train_run(cfg: Config, prepared: Prepared, run_dir: str, *, objective: str |
             metrics_file.close()
     elapsed = time.time() - t_start
     summary = {"objective": objective, "steps": t_cfg.steps, "resumed_from": start_step,
-               "train_seconds": round(elapsed, 1), "final": last, "world_size": dist_info.world,
+               "train_seconds": round(earlier_seconds + elapsed, 1), "session_seconds": round(elapsed, 1),
+               "final": last, "world_size": dist_info.world, "threads": torch.get_num_threads(),
                "fused_lm_head": head is not None, "device": str(device)}
     _save_final(net, hf, peft_model, sharded, prepared, special, os.path.join(run_dir, "final"),
-                {"objective": objective, "steps": t_cfg.steps, "seed": cfg.run.seed}, dist_info)
+                {"objective": objective, "steps": t_cfg.steps, "seed": cfg.run.seed,
+                 **({"synthetic_max_len": cfg.data.synthetic_max_len} if cfg.data.train_file is None else {})},
+                dist_info)
     if dist_info.main:
         tmp = f"{done_path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
