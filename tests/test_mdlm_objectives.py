@@ -326,6 +326,7 @@ def test_fused_lm_head_switch(setup, monkeypatch):
 
     def fake_linear(hidden, weight, targets, target_lengths=None, *, bias=None, **kwargs):
         calls.append(hidden.shape)
+        kwargs["weight"] = kwargs.pop("row_weight", None)  # the fused loss's name for the per-row weight
         return mdlm_ctc.slack_ctc_loss(F.linear(hidden, weight, bias), targets, target_lengths, **kwargs)
 
     monkeypatch.setattr(mdlm_ctc, "linear_slack_ctc_loss", fake_linear, raising=False)
@@ -391,3 +392,40 @@ def test_fused_lm_head_with_the_real_fused_loss(setup):
     assert fused_grads.keys() == plain_grads.keys()
     for name in plain_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("normalization", ["sequence", "token", "batch"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_ctc_weight_inside_the_op_equals_weighting_afterwards(setup, normalization, fused):
+    """The CTC term passes 1/p and the normalisation to the loss as its per-row ``weight=`` (the gradient is
+    final in the forward); loss and gradients equal the per-row losses weighted afterwards."""
+    _, _, hf, special, rows = setup
+    obj = Config.from_dict(dict(TINY, max_length=16, normalization=normalization)).objective
+    net = M.DiffusionLM(hf)
+    head = O.resolve_fused_lm_head("on", hf) if fused else None
+    denoms = O.denominators(rows, 16)
+    c = O.corrupt(_batch(rows, special), obj, special)
+    results = []
+    for weighted_in_op in (True, False):
+        net.zero_grad(set_to_none=True)
+        out = net(c.noisy_ids, want="hidden" if fused else "logits")
+        if weighted_in_op:
+            loss, _ = O.objective_loss(out, c, head=head, denominators=denoms)
+        else:
+            T = c.canvas_width
+            canvas = O._canvas_view(out, c, T)
+            clean = O._canvas_view(c.clean_ids[..., None], c, T)[..., 0]
+            masked = O._canvas_view(c.masked[..., None], c, T)[..., 0]
+            inside = torch.arange(T)[None, :] < c.canvas_lengths[:, None]
+            observed = torch.where(masked | ~inside, -1, clean)
+            nll = O.slack_ctc_nll(canvas, head, c.targets, c.target_lengths, c.canvas_lengths, observed,
+                                  slack_id=special.slack_id, max_shift=obj.ctc_max_shift)
+            assert nll.shape == (len(rows),)
+            loss = O._normalise(nll.float() / c.p, c.canvas_lengths, normalization, denoms)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (inside_op, grads), (afterwards, expected) = results
+    torch.testing.assert_close(inside_op, afterwards, rtol=1e-6, atol=1e-7)
+    assert grads.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)

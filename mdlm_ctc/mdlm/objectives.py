@@ -79,7 +79,9 @@ Open questions of paper.md §7 and the choices made here:
    EOS at decoding.
 4. visible tokens are anchors (observed); the lattice runs over the whole response canvas, masked and
    visible positions alike (visible ones contribute factor 1 and no gradient).
-5. weighting: the same ``1 / p`` per row as CE; normalisation as above, the same for both.
+5. weighting: the same ``1 / p`` per row as CE; normalisation as above, the same for both. For CTC both
+   are one per-row ``weight=`` of the loss (``reduction="sum"``), known in the forward: the two-pass
+   gradient is then final when the loss is backpropagated as is (no dense rescaling pass).
 6. mixing: pure CTC by default; ``ce+ctc`` with ``ctc_weight``.
 7. slack is a vocabulary token (added with a mean-initialised row when missing, see ``model.py``);
    it never appears in prompts.
@@ -468,10 +470,10 @@ def objective_loss(output: torch.Tensor, corruption: Corruption, *, head: LMHead
     canvas_masked = _canvas_view(c.masked[..., None], c, T)[..., 0]
     inside = torch.arange(T, device=output.device)[None, :] < c.canvas_lengths[:, None]
     observed = torch.where(canvas_masked | ~inside, torch.full_like(canvas_clean, -1), canvas_clean)
-    nll = slack_ctc_nll(canvas_out, head, c.targets, c.target_lengths, c.canvas_lengths, observed,
-                        slack_id=c.special.slack_id, max_shift=spec.ctc_max_shift, band_bound=c.band_bound,
-                        validate=validate)
-    ctc_loss = _normalise(nll.float() / c.p, c.canvas_lengths, mode, denoms)
+    row_weight = 1.0 / (c.p.float() * _row_denominators(c.canvas_lengths, mode, denoms))
+    ctc_loss = slack_ctc_nll(canvas_out, head, c.targets, c.target_lengths, c.canvas_lengths, observed,
+                             slack_id=c.special.slack_id, max_shift=spec.ctc_max_shift, band_bound=c.band_bound,
+                             validate=validate, weight=row_weight)
     stats["ctc"] = ctc_loss.detach()
     in_canvas = torch.arange(L, device=output.device)[None] >= c.prompt_lengths[:, None]
     stats["slack_fraction"] = (((c.clean_ids == c.special.slack_id) & in_canvas).float().sum().detach()
@@ -502,14 +504,16 @@ def resolve_fused_lm_head(setting: str, model) -> LMHead | None:
 
 def slack_ctc_nll(canvas_out: torch.Tensor, head: LMHead | None, targets, target_lengths, input_lengths,
                   observed, *, slack_id: int, max_shift: int | None, band_bound: int | None = None,
-                  validate: bool = True) -> torch.Tensor:
-    """Per-row slack-CTC negative log-likelihood ``[B]``, from logits or (hidden states, LM head)."""
+                  validate: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row slack-CTC negative log-likelihood ``[B]``, from logits or (hidden states, LM head); with
+    ``weight`` (``[B]``), the scalar ``sum_b weight_b * nll_b`` computed inside the loss op."""
     common = dict(slack_id=slack_id, input_lengths=input_lengths, collapse="preserve", max_shift=max_shift,
-                  observed=observed, reduction="none", validate=validate, band_bound=band_bound)
+                  observed=observed, reduction="none" if weight is None else "sum", validate=validate,
+                  band_bound=band_bound)
     if head is not None:
         return mdlm_ctc.linear_slack_ctc_loss(canvas_out, head.weight, targets, target_lengths, bias=head.bias,
-                                              **common)
-    return mdlm_ctc.slack_ctc_loss(canvas_out, targets, target_lengths, **common)
+                                              row_weight=weight, **common)
+    return mdlm_ctc.slack_ctc_loss(canvas_out, targets, target_lengths, weight=weight, **common)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -520,6 +524,14 @@ def _canvas_view(x: torch.Tensor, c: Corruption, width: int) -> torch.Tensor:
     L = x.shape[1]
     idx = (c.prompt_lengths[:, None] + torch.arange(width, device=x.device)[None, :]).clamp(max=L - 1)
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _row_denominators(canvas_lengths: torch.Tensor, mode: str, denoms: dict) -> torch.Tensor:
+    """What :func:`_normalise` divides each row's sum by, per row (float32 ``[B]``)."""
+    if mode == "sequence":
+        return canvas_lengths.float() * denoms["rows"]
+    return torch.full(canvas_lengths.shape, denoms["tokens" if mode == "token" else "rows"],
+                      dtype=torch.float32, device=canvas_lengths.device)
 
 
 def _normalise(row_sums: torch.Tensor, canvas_lengths: torch.Tensor, mode: str, denoms: dict) -> torch.Tensor:
