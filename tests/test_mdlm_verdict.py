@@ -148,6 +148,10 @@ def test_gap_stats_and_the_mechanism_line():
     assert "the mechanism is weak here" in mechanism_line(stats)
     same = gap_stats({"ce": ce, "ctc": ce}, {"ce": plain, "ctc": plain}, 0.0, "ce", samples=100)
     assert "no sign of the mechanism" in mechanism_line(same)
+    # a rise far below a point of probability (both print 0.000) is no rise
+    tiny = {s: _gap_run([1e-6] * n, ["duplicate"] * n, [0.0] * n) for s in (1, 2)}
+    stats = gap_stats({"ce": ce, "ctc": tiny}, {"ce": plain, "ctc": plain}, 0.0, "ce", samples=100)
+    assert stats["pairs"]["ctc"]["p_slack"]["lo"] > 0 and "no sign of the mechanism" in mechanism_line(stats)
     # nothing could be displaced: said, not a row of nan
     empty = {s: _gap_run([0.0] * 3, ["other"] * 3, [0.0] * 3, placed=[False] * 3) for s in (1,)}
     stats = gap_stats({"ce": empty, "ctc": empty}, {"ce": {1: _plain([0.0] * 3)}, "ctc": {1: _plain([0.0] * 3)}},

@@ -251,8 +251,12 @@ def claims(stats: dict, ctc: str = "ctc", margin: float = 0.02) -> list[str]:
     return out
 
 
+MATERIAL_P_SLACK = 0.01  # a rise of p(<slack>) at the gap smaller than this is no rise (1 point of probability)
+
+
 def mechanism_line(gap: dict, ctc: str = "ctc") -> str:
-    """The gap test's verdict: does the CTC model answer a displacement with ``<slack>`` where CE duplicates?"""
+    """The gap test's verdict: does the CTC model answer a displacement with ``<slack>`` where CE duplicates?
+    A rise in p(``<slack>``) counts when its interval's lower end is at least :data:`MATERIAL_P_SLACK`."""
     import math
 
     base = gap["baseline"]
@@ -260,7 +264,7 @@ def mechanism_line(gap: dict, ctc: str = "ctc") -> str:
     if any(math.isnan(x) for x in (a["p_slack"]["mean"], b["p_slack"]["mean"], pair["p_slack"]["mean"])):
         return ("* **Mechanism (the gap test)**: not measured: no displacement could be made (the models committed "
                 "no content token with a free right neighbour).")
-    raised = pair["p_slack"]["lo"] > 0
+    raised = pair["p_slack"]["lo"] >= MATERIAL_P_SLACK
     fills = a["final_slack"]["mean"] > max(a["final_duplicate"]["mean"], a["final_other"]["mean"],
                                            a["final_eos"]["mean"])
     spared = pair["drop_diff"]["lo"] > 0
@@ -273,7 +277,8 @@ def mechanism_line(gap: dict, ctc: str = "ctc") -> str:
         verdict = ("CTC fills the gap with slack more than CE, but its exact match after the displacement is not "
                    "shown to suffer less")
     else:
-        verdict = "no sign of the mechanism: CTC gives slack no more probability at the gap than CE"
+        verdict = (f"no sign of the mechanism: CTC gives slack no more probability at the gap than CE (not shown "
+                   f"to exceed it by {MATERIAL_P_SLACK:g})")
     return (f"* **Mechanism (the gap test)**: after one displacement, p(`<slack>`) at the gap is "
             f"{_ci(a['p_slack'])} for `{ctc}` and {_ci(b['p_slack'])} for `{base}` (difference "
             f"{_ci_mde(pair['p_slack'])}); p(duplicate) {a['p_duplicate']['mean']:.3f} and "
