@@ -28,7 +28,9 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
 def machine() -> dict:
-    info = {"host_cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from mdlm_ctc.mdlm.base import cpu_model  # the machine line the fine-tuning reports print too
+
+    info = {"host_cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -50,17 +52,6 @@ def gpu_clocks() -> dict:
     except (OSError, ValueError, subprocess.SubprocessError):
         return {}
     return dict(zip(("sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "mem_clock_max_mhz"), values))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def versions() -> dict:
