@@ -98,7 +98,7 @@ MDLM_HD float logaddexp2f(float a, float b) {
 
 // 2^x for any x: 0 for x <= -127 (and -inf), NaN stays NaN, saturates at 2^127.
 MDLM_HD float exp2f_any(float x) {
-  const float below = x < 127.0f ? x : 127.0f;  // two one-instruction clamps (minps, maxps)
+  const float below = x < 127.0f ? x : 127.0f;  // a NaN becomes 127 here; the select below returns it as NaN
   const float c = below > -127.0f ? below : -127.0f;
   const float y = exp2_clamped<exp2_reduced6>(c);
   return x != x ? x : y;

@@ -74,7 +74,7 @@ inline c10::BFloat16 store_as<c10::BFloat16, float>(float value) {
 // Float: 2^((x - m) log2 e) with the lattice's base-2 polynomial (lattice_cpu.h, 1e-7 relative on the
 // reduced argument): x - m is exact near the maximum, and the one rounding of the product costs at most
 // |x - m| 6e-8 relative, i.e. < 3e-8 of the frame's sum at any x. Fewer instructions than logspace.h's
-// general exp (no natural-log range reduction, one clamp), which was a third of these passes.
+// general exp (no natural-log range reduction), which was about a third of these passes' time at C1.
 template <typename acc_t>
 inline acc_t exp_below(acc_t x, acc_t m) {
   return LogMath<acc_t>::exp(x - m);
@@ -285,13 +285,14 @@ void emit_frame(const scalar_t* xr, int64_t V, int64_t i, const FrameGeometry& g
   *special = nan ? std::numeric_limits<acc_t>::quiet_NaN() : e_special;
 }
 
-// The gradient pass of one frame i over the vocabulary window [v0, v0 + v) of V tokens: reads xr [v] (the logits
-// of that window) into the acc-typed scratch `work` [v], then writes out [v] (which may be xr itself:
-// every value is read before any is written). Posteriors of tokens outside the window are skipped.
+// The gradient pass of one frame i over the vocabulary window [v0, v0 + v) of a V-token vocabulary:
+// reads xr [v] (the logits of that window) into the acc-typed scratch `work` [v], then writes out [v]
+// (which may be xr itself: every value is read before any is written). Posteriors of tokens outside the
+// window are skipped.
 template <typename scalar_t, typename acc_t>
 void gradient_frame(const scalar_t* xr, scalar_t* out, int64_t v0, int64_t v, int64_t V, int64_t i,
-                    const FrameGeometry& geo, bool observed, acc_t g, bool infeasible, bool zero_infinity, acc_t lse, acc_t post_k,
-                    const acc_t* post, int64_t W, int64_t k, bool normalize, acc_t* work) {
+                    const FrameGeometry& geo, bool observed, acc_t g, bool infeasible, bool zero_infinity,
+                    acc_t lse, acc_t post_k, const acc_t* post, int64_t W, int64_t k, bool normalize, acc_t* work) {
   if (!geo.active(i) || observed) {
     std::fill(out, out + v, scalar_t(0));
     return;
