@@ -82,7 +82,7 @@ inline acc_t exp_below(acc_t x, acc_t m) {
 
 template <>
 inline float exp_below<float>(float x, float m) {
-  return cpu::exp2f_any((x - m) * 1.44269504088896341f);
+  return cpu::exp2f_any((x - m) * cpu::LatticeMath<float>::kFromLn);
 }
 
 template <typename scalar_t>
@@ -351,7 +351,7 @@ void emit_grad_frame(const scalar_t* xr, scalar_t* out, int64_t V, int64_t i, co
     inv = acc_t(1) / sum;
   } else {
     for (int64_t v = 0; v < V; ++v)
-      work[v] = l == neg_inf<acc_t>() ? acc_t(0) : LogMath<acc_t>::exp(load_as<scalar_t, acc_t>(xr + v) - l);
+      work[v] = l == neg_inf<acc_t>() ? acc_t(0) : exp_below(load_as<scalar_t, acc_t>(xr + v), l);
   }
   const int64_t width = geo.band_count(i, W);
   for (int64_t j = 0; j < width; ++j) soft_row[j] = work[y[j]] * inv;  // the values scaled below, unrounded
