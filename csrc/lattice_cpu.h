@@ -26,6 +26,21 @@
 //   loglik formed in double. Without offsets |alpha| reaches the size of the loss (~3e4 at C2, where
 //   one fp32 ulp is 2e-3), and a posterior formed from such values was off by up to 0.08 at C2 and
 //   0.014 at C1 (float64 on the same fp32 emissions as the oracle); with them, 1e-3 and 2e-5.
+//
+// Memory (the other half of the lattice's time at C1-sized rows, whose stored alpha rows and band table
+// are tens of MB and live in DRAM, not cache):
+//
+// * The standard lattice keeps only its label rows of alpha for the backward sweep. The special
+//   token's posterior at frame t is the blanks' total occupancy, and since every path is in exactly one
+//   state at every frame, that is 1 minus the labels' posteriors (summed in double, clamped at 0):
+//   no stored blank rows and no exp per blank state. Its error is then absolute, like the labels'
+//   own: at C1 the gradient's largest difference from the float64 lattice went from 1.6e-5 at the
+//   blank (1.7e-5 at the labels) to 2.4e-5, and a blank posterior far below the lattice's rounding
+//   reads as 0 or that rounding instead of its tiny value. The preserve lattice needs its one set of
+//   alpha rows for the targets anyway and keeps the direct sum.
+// * Both sweeps of the standard lattice prefetch the next step's table row and stored alpha row while
+//   they compute the current one: each step's loads are a fresh 2-4 KB in DRAM that the hardware
+//   prefetchers find only after they have missed.
 #pragma once
 
 #include <algorithm>
@@ -154,6 +169,19 @@ struct StateRow {
   }
 };
 
+// Asks for the cache lines of [p, p + count) ahead of their use (`write`: lines about to be stored).
+template <typename acc_t>
+inline void prefetch(const acc_t* p, int64_t count, bool write = false) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(acc_t));
+  for (int64_t o = 0; o < bytes; o += 64) {
+    if (write)
+      __builtin_prefetch(c + o, 1, 3);
+    else
+      __builtin_prefetch(c + o, 0, 3);
+  }
+}
+
 // One row of the batch as the lattice sees it: the band emission table written by the vocabulary
 // pass (and overwritten with posteriors by the beta pass), and the clamped sizes.
 template <typename acc_t>
@@ -174,6 +202,14 @@ struct Row {
 #pragma omp simd
     for (int64_t u = from; u <= to; ++u) e[u] = x[u] * scale - shift;
     for (int64_t u = std::max(to + 1, lo); u <= hi; ++u) e[u] = -shift;
+  }
+
+  // prefetch() of what load_targets(t, lo, hi, ...) will read
+  void prefetch_targets(int64_t t, int64_t lo, int64_t hi) const {
+    if (t < 1 || t > T) return;
+    const int64_t c_lo = column_lo(t, T, U, max_shift);
+    const int64_t from = std::max(lo, c_lo), to = std::min({hi, column_hi(t, U), c_lo + W - 1});
+    if (from <= to) prefetch(table + (t - 1) * W - c_lo + from, to - from + 1);
   }
 };
 
@@ -353,8 +389,9 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
                      [&](int64_t t) { return standard_blank_hi(t, U); });
   const Bands labels(T, [&](int64_t t) { return standard_label_lo(t, T, U); },
                      [&](int64_t t) { return standard_label_hi(t, U); });
-  // the factored form of lattice.h's split recurrences (one exp fewer per state)
-  Rows<acc_t> alpha_b(blanks, U + 1, need_grad, 0), alpha_l(labels, U + 1, need_grad, 1);
+  // the factored form of lattice.h's split recurrences (one exp fewer per state). Only the label rows
+  // are kept for the posteriors: the blanks' total is the complement of the labels' (see below).
+  Rows<acc_t> alpha_b(blanks, U + 1, false), alpha_l(labels, U + 1, need_grad);
   std::vector<double> offset(need_grad ? T + 1 : 0);  // alpha_t = stored rows t + offset[t] (lattice units)
   StateRow<acc_t> emit(U + 2), merged(U + 1);
   acc_t* e = emit.at();
@@ -383,6 +420,10 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
       mx = cb[u] > mx ? cb[u] : mx;
     }
     row.load_targets(t, l_lo, l_hi, M::kFromLn, shift, e);
+    if (t < T) {  // the next step's table row and (kept) label row, which it otherwise waits for
+      row.prefetch_targets(t + 1, labels.lo[t + 1], labels.hi[t + 1]);
+      if (need_grad) prefetch(alpha_l.row(t + 1) + labels.lo[t + 1], labels.hi[t + 1] - labels.lo[t + 1] + 1, true);
+    }
 #pragma omp simd reduction(max : mx)
     for (int64_t u = l_lo; u <= l_hi; ++u) {
       cl[u] = M::add(al[u], k[u] == 0 ? mg[u - 1] : ab[u - 1]) + e[u];
@@ -405,27 +446,34 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
   acc_t beta_shift = 0;  // their maximum
   for (int64_t t = T; t >= 1; --t) {
     const acc_t e_special = row.special[t - 1] * M::kFromLn - beta_shift;
-    const acc_t* ab = alpha_b.row(t);
     const acc_t* al = alpha_l.row(t);
     const acc_t* nb = beta_b.row(t);
     const acc_t* nl = beta_l.row(t);
     const int64_t lp_lo = labels.lo[t - 1], lp_hi = labels.hi[t - 1];
     const int64_t bp_lo = blanks.lo[t - 1], bp_hi = std::max(blanks.hi[t - 1], lp_hi);  // (see below)
     row.load_targets(t, std::min(lp_lo, bp_lo + 1), std::max(bp_hi + 1, labels.hi[t]), M::kFromLn, beta_shift, e);
+    if (t > 1) {  // the previous step's table row and kept label row
+      row.prefetch_targets(t - 1, std::min(labels.lo[t - 2], blanks.lo[t - 2] + 1),
+                           std::max(std::max(blanks.hi[t - 2], labels.hi[t - 2]) + 1, labels.hi[t - 1]));
+      prefetch(alpha_l.row(t - 1) + labels.lo[t - 1], labels.hi[t - 1] - labels.lo[t - 1] + 1);
+    }
 
-    // posteriors of frame t: blank occupancies sum into the special token, labels go to the table
+    // posteriors of frame t: labels go to the table, and the blanks' total, the special token's, is what
+    // the labels leave of 1 (every path is in exactly one state at frame t), their sum taken in double
     const acc_t c = static_cast<acc_t>(offset[t] + beta_base - loglik);
-    acc_t slack = 0;
-#pragma omp simd reduction(+ : slack)
-    for (int64_t u = blanks.lo[t]; u <= blanks.hi[t]; ++u) slack += M::prob(ab[u] + nb[u] + c);
-    row.special[t - 1] = slack;
     const int64_t c_lo = labels.lo[t];
     acc_t* post = row.table + (t - 1) * row.W;
     const int64_t c_hi = std::min(labels.hi[t], c_lo + row.W - 1);
     zero_outside(post, row.W, 0, c_hi - c_lo);
     post -= c_lo;
-#pragma omp simd
-    for (int64_t u = c_lo; u <= c_hi; ++u) post[u] = M::prob(al[u] + nl[u] + c);
+    double labels_total = 0;
+#pragma omp simd reduction(+ : labels_total)
+    for (int64_t u = c_lo; u <= c_hi; ++u) {
+      post[u] = M::prob(al[u] + nl[u] + c);
+      labels_total += post[u];
+    }
+    const bool no_blank = blanks.lo[t] > blanks.hi[t];  // U == T: exactly 0, not the labels' rounding
+    row.special[t - 1] = no_blank ? acc_t(0) : static_cast<acc_t>(std::max(0.0, 1.0 - labels_total));
 
     // B_{t-1}(u) over the blank band and one state past it: the label cells read it as their skip term
     // even where the blank state itself is off the band; seal() then restores the -inf guards

@@ -38,6 +38,10 @@
 
 #include "lattice_cpu.h"
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace mdlm_ctc {
 namespace {
 
@@ -83,6 +87,39 @@ inline acc_t exp_below(acc_t x, acc_t m) {
 template <>
 inline float exp_below<float>(float x, float m) {
   return cpu::exp2f_any((x - m) * cpu::LatticeMath<float>::kFromLn);
+}
+
+// out[c] = round(g * work[c]) for c < n: a gradient row. With `stream` (the whole-tensor gradient, read by
+// the next operation and not by this pass), float rows of at least kStreamMin values bypass the cache
+// (streaming stores, AVX): the gradient is as large as the logits, and ordinary stores first read every
+// line they write, a third of this pass's memory traffic. Same values either way (one multiply per
+// element). A thread that streamed ends its share with store_fence(), so that the rows are visible to
+// whoever reads them next. The fused LM head's windows are not streamed: a GEMM reads them at once.
+template <typename scalar_t, typename acc_t>
+inline void store_scaled(scalar_t* out, const acc_t* work, acc_t g, int64_t n, bool /*stream*/) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] = store_as<scalar_t, acc_t>(g * work[c]);
+}
+
+constexpr int64_t kStreamMin = 256;
+
+#if defined(__AVX__)
+template <>
+inline void store_scaled<float, float>(float* out, const float* work, float g, int64_t n, bool stream) {
+  int64_t c = 0;
+  if (stream && n >= kStreamMin) {
+    for (; (reinterpret_cast<uintptr_t>(out + c) & 31) != 0; ++c) out[c] = g * work[c];
+    const __m256 gv = _mm256_set1_ps(g);
+    for (; c + 8 <= n; c += 8) _mm256_stream_ps(out + c, _mm256_mul_ps(gv, _mm256_loadu_ps(work + c)));
+  }
+  for (; c < n; ++c) out[c] = g * work[c];
+}
+#endif
+
+inline void store_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 template <typename scalar_t>
@@ -288,11 +325,12 @@ void emit_frame(const scalar_t* xr, int64_t V, int64_t i, const FrameGeometry& g
 // The gradient pass of one frame i over the vocabulary window [v0, v0 + v) of a V-token vocabulary:
 // reads xr [v] (the logits of that window) into the acc-typed scratch `work` [v], then writes out [v]
 // (which may be xr itself: every value is read before any is written). Posteriors of tokens outside the
-// window are skipped.
+// window are skipped. `stream`: store_scaled's.
 template <typename scalar_t, typename acc_t>
 void gradient_frame(const scalar_t* xr, scalar_t* out, int64_t v0, int64_t v, int64_t V, int64_t i,
                     const FrameGeometry& geo, bool observed, acc_t g, bool infeasible, bool zero_infinity,
-                    acc_t lse, acc_t post_k, const acc_t* post, int64_t W, int64_t k, bool normalize, acc_t* work) {
+                    acc_t lse, acc_t post_k, const acc_t* post, int64_t W, int64_t k, bool normalize, acc_t* work,
+                    bool stream) {
   if (!geo.active(i) || observed) {
     std::fill(out, out + v, scalar_t(0));
     return;
@@ -318,8 +356,7 @@ void gradient_frame(const scalar_t* xr, scalar_t* out, int64_t v0, int64_t v, in
     for (int64_t j = 0; j < width; ++j)
       if (y[j] >= v0 && y[j] < v0 + v) work[y[j] - v0] -= post[j];
   }
-#pragma omp simd
-  for (int64_t c = 0; c < v; ++c) out[c] = store_as<scalar_t, acc_t>(g * work[c]);
+  store_scaled<scalar_t, acc_t>(out, work, g, v, stream);
 }
 
 // ---- the two-pass path: the gradient's softmax written in the vocabulary pass -----------------------
@@ -535,11 +572,12 @@ struct GradientInputs {
 
 // The gradient pass over frames first .. first + n - 1 (flat b*T + t) and the vocabulary window
 // [v0, v0 + v) of a V-token vocabulary. x(r) / out(r) are the logits / gradient rows of window frame r;
-// the per-frame inputs (lse, posteriors) are indexed by r, observed by the flat frame.
+// the per-frame inputs (lse, posteriors) are indexed by r, observed by the flat frame. `stream`: see
+// store_scaled.
 template <typename scalar_t, typename XRow, typename OutRow>
 void gradient_frames(const GradientInputs& in, int64_t first, int64_t n, int64_t T, int64_t v0, int64_t v,
                      int64_t V, int64_t special_id, int64_t max_shift, bool zero_infinity, bool normalize,
-                     XRow x_row, OutRow out_row) {
+                     bool stream, XRow x_row, OutRow out_row) {
   using acc_t = typename AccOf<scalar_t>::type;
   const FrameGeometry geo = in.geometry(T, max_shift);
   const int64_t W = in.post_target.size(-1), k = std::min<int64_t>(std::max<int64_t>(special_id, 0), V - 1);
@@ -555,8 +593,9 @@ void gradient_frames(const GradientInputs& in, int64_t first, int64_t n, int64_t
       const int64_t i = first + r, b = geo.row(i);
       gradient_frame<scalar_t, acc_t>(x_row(r), out_row(r), v0, v, V, i, geo, obs != nullptr && obs[i] >= 0, g[b],
                                       nll[b] == std::numeric_limits<acc_t>::infinity(), zero_infinity, lse[r], ps[r],
-                                      pt + r * W, W, k, normalize, work.data());
+                                      pt + r * W, W, k, normalize, work.data(), stream);
     }
+    if (stream) store_fence();
   });
 }
 
@@ -581,7 +620,7 @@ at::Tensor gradient_cpu(const at::Tensor& grad_nll_in, const at::Tensor& logits,
     const int64_t sb = logits.stride(0), st = logits.stride(1);
     scalar_t* out = grad.data_ptr<scalar_t>();
     gradient_frames<scalar_t>(
-        in, 0, B * T, T, 0, V, V, special_id, max_shift, zero_infinity, normalize,
+        in, 0, B * T, T, 0, V, V, special_id, max_shift, zero_infinity, normalize, /*stream=*/true,
         [&](int64_t i) { return x + (i / T) * sb + (i % T) * st; }, [&](int64_t i) { return out + i * V; });
   });
   return grad;
@@ -679,7 +718,7 @@ void gradient_window_cpu(const at::Tensor& grad_nll, const at::Tensor& logits, i
     const int64_t sx = logits.stride(0), so = out.stride(0);
     gradient_frames<scalar_t>(
         in, frame_offset, n, T, vocab_offset, v, vocab_size, special_id, max_shift, zero_infinity, normalize,
-        [&](int64_t r) { return x + r * sx; }, [&](int64_t r) { return o + r * so; });
+        /*stream=*/false, [&](int64_t r) { return x + r * sx; }, [&](int64_t r) { return o + r * so; });
   });
 }
 

@@ -145,6 +145,46 @@ def test_cpu_stages_match_reference_stages(mode, max_shift, dtype):
         assert_close_report(cpu[2](*args), ref[2](*args), what="gradient", **tol)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+def test_cpu_standard_blank_posterior_is_the_labels_complement():
+    """The float standard lattice does not keep its blank rows: the special token's posterior is 1 minus the
+    labels' (lattice_cpu.h). Against the float64 lattice on the same emissions, at rows where blanks
+    dominate, where labels dominate, with no blank state at all (U = T: exactly 0) and no label (U = 0:
+    exactly 1), with peaked logits; every frame's posteriors sum to 1 and none is negative."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V, U = 5, 160, 12, 160
+    logits = torch.randn(B, T, V, generator=g) * 4
+    logits[0, :, 0] += 12  # blanks dominate
+    logits[1, :, 0] -= 12  # labels dominate
+    logits[4] *= 5  # peaked
+    targets = torch.randint(1, V, (B, U), generator=g)
+    targets[2] = torch.arange(U) % (V - 1) + 1  # no repeat: feasible with U = T
+    input_lengths = torch.full((B,), T)
+    target_lengths = torch.tensor([40, 70, T, 0, 60])  # row 2: U = T; row 3: U = 0
+    width = int(reference.column_band_width(input_lengths, target_lengths, None).max())
+    cpu = backends.stages("cpu")
+    emitted = cpu[0](logits.double(), targets, input_lengths, target_lengths, None, 0, -1, width, True)
+    posteriors = {}
+    for dtype in (torch.float32, torch.float64):
+        table, special = emitted[1].to(dtype), emitted[2].to(dtype)
+        nll = cpu[1](table, special, targets, input_lengths, target_lengths, 1, -1, True)
+        assert torch.isfinite(nll).all()
+        posteriors[dtype] = (table, special)
+    table, special = posteriors[torch.float32]
+    table64, special64 = posteriors[torch.float64]
+    # the fp32 lattice's own accuracy at these sizes (the direct sum of blank posteriors was off by up to
+    # 4e-5 here too), and the complement no less accurate than the labels it is formed from
+    assert_close_report(table.double(), table64, atol=1e-4, rtol=0, what="target posteriors")
+    label_error = (table.double() - table64).abs().amax(dim=(1, 2))
+    special_error = (special.double() - special64).abs().amax(dim=1)
+    assert (special_error <= 2 * label_error + 1e-7).all(), (special_error, label_error)
+    assert (special >= 0).all()
+    assert special64[0].mean() > 0.5 and special64[1].mean() < 0.5  # the rows are what they claim
+    assert (special[2] == 0).all() and (special[3] == 1).all()
+    totals = special.double() + table.double().sum(-1)
+    assert_close_report(totals, torch.ones_like(totals), atol=1e-4, rtol=0, what="posteriors per frame")
+
+
 def test_lattice_band_rejects_a_narrow_table():
     if "cpu" not in BACKENDS:
         pytest.skip("needs the cpu backend")
