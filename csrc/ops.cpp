@@ -13,7 +13,8 @@
 // lattice_band: alpha (and with need_grad beta) over the band table. Returns nll [B] (+inf for an
 //   infeasible row, NaN for a row with NaN emissions). With need_grad it overwrites table with the
 //   posteriors of the target columns and special with the posterior of k (0 on infeasible rows and
-//   past the input length, NaN on NaN rows).
+//   past the input length, NaN on NaN rows). The slots past a frame's last column are part of the
+//   contract on the way in: emissions writes 0 there, and the CPU standard lattice leaves them.
 // gradient: g[b] * (softmax - posterior) in the logits' dtype (-g * posterior when normalize is
 //   false); 0 past the input length and at observed frames; on an infeasible row 0 with
 //   zero_infinity, NaN without (PyTorch's convention).

@@ -87,9 +87,12 @@ def _key(*parts):
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
+PARTIAL = ".partial-"  # a build in progress: never pruned (a concurrent prune removed one mid-build once)
+
+
 def _compile(compiler, command, out):
     """Runs `command` writing to a temporary file, then moves it to `out` (atomic: builds may race)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), suffix=os.path.splitext(out)[1])
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=PARTIAL, suffix=os.path.splitext(out)[1])
     os.close(fd)
     try:
         result = subprocess.run([compiler, *command, "-o", tmp], capture_output=True, text=True, timeout=900)
@@ -105,7 +108,8 @@ def _prune(cache, keep=()):
     """Removes the oldest entries beyond CACHE_ENTRIES, never one in ``keep`` (objects in use are touched on
     every use, so the shared runtime object stays among the newest while mutants are built beside it)."""
     entries = sorted((os.path.join(cache, n) for n in os.listdir(cache)
-                      if n.endswith((".o", ".so")) and os.path.join(cache, n) not in keep), key=os.path.getmtime)
+                      if n.endswith((".o", ".so")) and not n.startswith(PARTIAL) and os.path.join(cache, n) not in keep),
+                     key=os.path.getmtime)
     for path in entries[:-CACHE_ENTRIES]:
         try:
             os.remove(path)
