@@ -446,6 +446,11 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
   beta_l.seal(T);
   double beta_base = 0;  // the offset of beta rows t
   acc_t beta_shift = 0;  // their maximum
+  // the states whose emissions step t reads: the label cells of t - 1 and the blank cells' successors
+  const auto beta_lo = [&](int64_t t) { return std::min(labels.lo[t - 1], blanks.lo[t - 1] + 1); };
+  const auto beta_hi = [&](int64_t t) {
+    return std::max(std::max(blanks.hi[t - 1], labels.hi[t - 1]) + 1, labels.hi[t]);
+  };
   for (int64_t t = T; t >= 1; --t) {
     const acc_t e_special = row.special[t - 1] * M::kFromLn - beta_shift;
     const acc_t* al = alpha_l.row(t);
@@ -453,10 +458,9 @@ acc_t standard_row(const Row<acc_t>& row, bool need_grad) {
     const acc_t* nl = beta_l.row(t);
     const int64_t lp_lo = labels.lo[t - 1], lp_hi = labels.hi[t - 1];
     const int64_t bp_lo = blanks.lo[t - 1], bp_hi = std::max(blanks.hi[t - 1], lp_hi);  // (see below)
-    row.load_targets(t, std::min(lp_lo, bp_lo + 1), std::max(bp_hi + 1, labels.hi[t]), M::kFromLn, beta_shift, e);
+    row.load_targets(t, beta_lo(t), beta_hi(t), M::kFromLn, beta_shift, e);
     if (t > 1) {  // the previous step's table row and kept label row
-      row.prefetch_targets(t - 1, std::min(labels.lo[t - 2], blanks.lo[t - 2] + 1),
-                           std::max(std::max(blanks.hi[t - 2], labels.hi[t - 2]) + 1, labels.hi[t - 1]));
+      row.prefetch_targets(t - 1, beta_lo(t - 1), beta_hi(t - 1));
       prefetch(alpha_l.row(t - 1) + labels.lo[t - 1], labels.hi[t - 1] - labels.lo[t - 1] + 1);
     }
 

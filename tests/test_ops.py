@@ -148,10 +148,10 @@ def test_cpu_stages_match_reference_stages(mode, max_shift, dtype):
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
 def test_cpu_standard_blank_posterior_is_the_labels_complement():
     """The float standard lattice does not keep its blank rows: the special token's posterior is 1 minus the
-    labels' (lattice_cpu.h). Against the float64 lattice on the same emissions, at rows where blanks
-    dominate, where labels dominate, with no blank state at all (U = T: exactly 0) and no label (U = 0:
-    exactly 1), with peaked logits; every frame's posteriors sum to 1 (to the lattice's rounding) and none is
-    negative."""
+    labels' (lattice_cpu.h). Against the reference lattice in float64 (which sums the blank occupancies
+    themselves) on the same emissions, at rows where blanks dominate, where labels dominate, with no blank
+    state at all (U = T: exactly 0) and no label (U = 0: exactly 1), with peaked logits; every frame's
+    posteriors sum to 1 (to the lattice's rounding) and none is negative."""
     g = torch.Generator().manual_seed(3)
     B, T, V, U = 5, 160, 12, 160
     logits = torch.randn(B, T, V, generator=g) * 4
@@ -166,9 +166,9 @@ def test_cpu_standard_blank_posterior_is_the_labels_complement():
     cpu = backends.stages("cpu")
     emitted = cpu[0](logits.double(), targets, input_lengths, target_lengths, None, 0, -1, width, True)
     posteriors = {}
-    for dtype in (torch.float32, torch.float64):
+    for dtype, lattice in ((torch.float32, cpu[1]), (torch.float64, backends.stages("reference")[1])):
         table, special = emitted[1].to(dtype).clone(), emitted[2].to(dtype).clone()  # overwritten in place
-        nll = cpu[1](table, special, targets, input_lengths, target_lengths, 1, -1, True)
+        nll = lattice(table, special, targets, input_lengths, target_lengths, 1, -1, True)
         assert torch.isfinite(nll).all()
         posteriors[dtype] = (table, special)
     table, special = posteriors[torch.float32]
