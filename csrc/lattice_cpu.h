@@ -218,13 +218,11 @@ struct Row {
 // The band of states for every frame t = 0..T, inclusive [lo[t], hi[t]].
 struct Bands {
   std::vector<int64_t> lo, hi;
-  int64_t width = 0;
   template <typename Lo, typename Hi>
   Bands(int64_t T, Lo lo_of, Hi hi_of) : lo(T + 1), hi(T + 1) {
     for (int64_t t = 0; t <= T; ++t) {
       lo[t] = lo_of(t);
       hi[t] = hi_of(t);
-      width = std::max(width, hi[t] - lo[t] + 1);
     }
   }
 };
@@ -245,25 +243,31 @@ acc_t* thread_scratch(int slot, size_t count, std::unique_ptr<acc_t[]>& fallback
 }
 
 // Lattice rows for t = 0..T, each addressable by absolute state over [lo[t] - 2, hi[t] + 2] (two -inf
-// guards each side, set by seal). keep_all stores every row, band-sized (the posteriors need every
-// alpha_{t-1}); otherwise two rows alternate.
+// guards each side, set by seal). keep_all stores every row (the posteriors need every alpha_{t-1}),
+// each in its own band's width plus the guards, back to back: a band is a parallelogram whose rows are
+// often much narrower than its widest (half as wide on average at C1), and these rows are what the
+// backward sweep reads back from memory. Otherwise two full-width rows alternate.
 template <typename acc_t>
 class Rows {
  public:
   // keep_all rows live in the calling thread's scratch `slot` (one slot per live Rows object).
   Rows(const Bands& bands, int64_t num_states, bool keep_all, int slot = 0) : bands_(bands), keep_all_(keep_all) {
-    stride_ = keep_all ? std::max<int64_t>(bands.width, 0) + 4 : num_states + 4;
     if (keep_all) {
-      data_ = thread_scratch<acc_t>(slot, bands.lo.size() * stride_, owned_);
+      start_.resize(bands.lo.size());
+      int64_t total = 0;
+      for (size_t t = 0; t < bands.lo.size(); ++t) {
+        start_[t] = total + 2 - bands.lo[t];
+        total += std::max<int64_t>(bands.hi[t] - bands.lo[t] + 1, 0) + 4;
+      }
+      data_ = thread_scratch<acc_t>(slot, static_cast<size_t>(total), owned_);
     } else {
+      stride_ = num_states + 4;
       owned_.reset(new acc_t[2 * stride_]);
       data_ = owned_.get();
       std::fill(data_, data_ + 2 * stride_, neg_inf<acc_t>());
     }
   }
-  acc_t* row(int64_t t) {
-    return keep_all_ ? data_ + t * stride_ + 2 - bands_.lo[t] : data_ + (t & 1) * stride_ + 2;
-  }
+  acc_t* row(int64_t t) { return keep_all_ ? data_ + start_[t] : data_ + (t & 1) * stride_ + 2; }
   void seal(int64_t t) {
     acc_t* r = row(t);
     const int64_t lo = bands_.lo[t], hi = std::max(bands_.hi[t], lo - 1);
@@ -273,7 +277,8 @@ class Rows {
  private:
   const Bands& bands_;
   bool keep_all_;
-  int64_t stride_;
+  int64_t stride_ = 0;          // the alternating rows' length
+  std::vector<int64_t> start_;  // keep_all: state u of row t is data_[start_[t] + u]
   acc_t* data_;
   std::unique_ptr<acc_t[]> owned_;  // keep_all rows are uninitialised: only written cells are read
 };
