@@ -146,6 +146,36 @@ def test_cpu_stages_match_reference_stages(mode, max_shift, dtype):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_band_gather_matches_reference_and_flags_nan(normalize, dtype):
+    """Bands of 12 and 11 slots: the fp32 vocabulary pass gathers them 8 at a time with AVX2 where it has it
+    and the rest one by one, the other types one by one. The table equals the reference's, and a NaN at a
+    band token in either part makes that frame's special emission NaN (without normalisation nothing else
+    would carry it: the logsumexp is not taken)."""
+    g = torch.Generator().manual_seed(7)
+    B, T, V, U = 2, 24, 40, 12
+    logits = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
+    targets = torch.stack([torch.randperm(V - 1, generator=g)[:U] + 1 for _ in range(B)])
+    input_lengths = torch.tensor([24, 23])
+    target_lengths = torch.tensor([12, 11])
+    # frame 11 of row 0 (t + 1 = 12): band columns 1..12, slot j holds token targets[0, j]
+    logits[0, 11, targets[0, 2]] = float("nan")  # in the first 8 slots
+    logits[1, 11, targets[1, 9]] = float("nan")  # past them (row 1's band at frame 11: columns 1..11)
+    width = int(reference.column_band_width(input_lengths, target_lengths).max())
+    assert width == 12
+    out_cpu = backends.stages("cpu")[0](logits, targets, input_lengths, target_lengths, None, 0, -1, width, normalize)
+    out_ref = backends.stages("reference")[0](logits, targets, input_lengths, target_lengths, None, 0, -1, width,
+                                              normalize)
+    tol = dict(atol=2e-5, rtol=2e-5) if normalize else dict(atol=0, rtol=0)  # unnormalised: the logits themselves
+    for name, a, b in zip(("lse", "table", "special"), out_cpu, out_ref):
+        assert_close_report(a, b, what=f"emissions: {name}", **tol)
+    special = out_cpu[2]
+    assert special[0, 11].isnan() and special[1, 11].isnan()
+    assert special.isnan().sum() == 2
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
 def test_cpu_standard_blank_posterior_is_the_labels_complement():
     """The float standard lattice does not keep its blank rows: the special token's posterior is 1 minus the
     labels' (lattice_cpu.h). Against the reference lattice in float64 (which sums the blank occupancies
