@@ -90,8 +90,8 @@ inline float exp_below<float>(float x, float m) {
 }
 
 // exp_below where x - m is finite or -inf and at most a rounding above 0: a frame with no NaN and no +inf
-// logit, m its maximum or its finite logsumexp. The same values without the NaN and overflow selects
-// (three of the float version's ~16 instructions per 8 values).
+// logit, m its maximum or its finite logsumexp. The same values without the NaN test, its select and the
+// upper clamp (the float version's other instructions are the polynomial's).
 template <typename acc_t>
 inline acc_t exp_below_finite(acc_t x, acc_t m) {
   return exp_below(x, m);
@@ -397,7 +397,8 @@ void gradient_frame(const scalar_t* xr, scalar_t* out, int64_t v0, int64_t v, in
   }
   // the frame's posterior row, a fresh page of the band table that the scatter below would wait for
   cpu::prefetch(post, geo.band_count(i, W));
-  // a finite logsumexp comes from a frame with no NaN and no +inf logit (these logits: ops.cpp)
+  // a finite logsumexp comes from a frame with no NaN and no +inf logit: the vocabulary pass took it over
+  // these logits (ops.cpp)
   if (normalize && lse > neg_inf<acc_t>() && lse < std::numeric_limits<acc_t>::infinity()) {
 #pragma omp simd
     for (int64_t c = 0; c < v; ++c) work[c] = exp_below_finite(load_as<scalar_t, acc_t>(xr + c), lse);
