@@ -309,17 +309,23 @@ struct FrameGeometry {
   const int64_t* tokens_from(int64_t i) const { return tokens + row(i) * U_max + (band_lo(i) - 1); }
 };
 
-// The band's emissions of a free frame: row[j] = x[y[j]] - l for j < width (y: token ids, already clamped
-// to the vocabulary); returns whether any is NaN.
+// The band's emissions of a free frame, slots [from, width) one by one: row[j] = x[y[j]] - l (y: token ids,
+// already clamped to the vocabulary); returns whether any is NaN.
 template <typename scalar_t, typename acc_t>
-inline bool gather_band(const scalar_t* x, const int64_t* y, int64_t width, acc_t l, acc_t* row) {
+inline bool gather_band_from(const scalar_t* x, const int64_t* y, int64_t from, int64_t width, acc_t l, acc_t* row) {
   bool nan = false;
 #pragma omp simd reduction(| : nan)
-  for (int64_t j = 0; j < width; ++j) {
+  for (int64_t j = from; j < width; ++j) {
     row[j] = load_as<scalar_t, acc_t>(x + y[j]) - l;
     nan |= row[j] != row[j];
   }
   return nan;
+}
+
+// All width slots of the band (one by one, or below with AVX2).
+template <typename scalar_t, typename acc_t>
+inline bool gather_band(const scalar_t* x, const int64_t* y, int64_t width, acc_t l, acc_t* row) {
+  return gather_band_from(x, y, 0, width, l, row);
 }
 
 // Float logits with AVX2: hardware gathers, 8 tokens per iteration. GCC does not emit gathers when it
@@ -338,12 +344,7 @@ inline bool gather_band<float, float>(const float* x, const int64_t* y, int64_t 
     _mm256_storeu_ps(row + j, v);
     bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
-  bool nan = _mm256_movemask_ps(bad) != 0;
-  for (; j < width; ++j) {
-    row[j] = x[y[j]] - l;
-    nan |= row[j] != row[j];
-  }
-  return nan;
+  return gather_band_from(x, y, j, width, l, row) || _mm256_movemask_ps(bad) != 0;  // the rest one by one
 }
 #endif
 
